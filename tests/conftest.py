@@ -1,0 +1,63 @@
+"""Shared fixtures. Everything is offline and CPU-only; `slow` and `gpu` tests are opt-in."""
+
+import os
+
+# Set before any hub-aware library is imported: tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption("--rungpu", action="store_true", default=False, help="run tests marked gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or os.environ.get("RUN_SLOW") == "1"
+    run_gpu = config.getoption("--rungpu") or os.environ.get("RUN_GPU") == "1"
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow or RUN_SLOW=1"))
+        if "gpu" in item.keywords and not run_gpu:
+            item.add_marker(pytest.mark.skip(reason="gpu: run with --rungpu or RUN_GPU=1"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Build tokenizer/tiny-model caches in a per-session folder, never in the user's home."""
+    if "SAFER_DIFFUSION_CACHE" not in os.environ:
+        os.environ["SAFER_DIFFUSION_CACHE"] = str(tmp_path_factory.mktemp("safer_diffusion_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    from safer_diffusion.testing import clip_tokenizer as build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """(base_folder, safe_clip_folder) of the tiny SD 1.x pipeline and tiny safe CLIPModel."""
+    from safer_diffusion.testing import tiny_pipeline_folders
+
+    return tiny_pipeline_folders(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folders_sd2(tmp_path_factory):
+    from safer_diffusion.testing import tiny_pipeline_folders
+
+    return tiny_pipeline_folders(tmp_path_factory.mktemp("tiny_models_sd2"), variant="sd2")
+
+
+@pytest.fixture(scope="session")
+def sample_pairs_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "assets" / "sample_pairs.jsonl"
