@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# ONE command that runs every benchmark at real size on a single H100/H200-class GPU (about 8 min)
+# and writes results.json and results.md into the folder given as its argument.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR
+#
+# The GPU machine needs torch (CUDA), transformers, accelerate, safetensors, numpy, pillow, peft,
+# psutil; diffusers and open_clip_torch (and optionally xformers) can be brought as wheels:
+# run `bash benchmarks/fetch_gpu_wheels.sh` where a package registry is reachable, copy .whl/
+# beside the repository, and this script installs them offline (`pip install --no-index`).
+# Environment: SUITE_SKIP="train targets" skips parts; SUITE_QUICK=1 uses fewer repeats.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export SAFER_DIFFUSION_CACHE=${SAFER_DIFFUSION_CACHE:-/tmp/safer_diffusion_cache}
+PY=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  echo "== installing carried wheels from .whl/"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+echo "== environment check"
+$PY - <<'PYEOF' | tee "$OUT/environment.txt"
+import importlib, sys
+need = ["torch", "transformers", "accelerate", "safetensors", "numpy", "PIL", "diffusers", "peft", "psutil"]
+optional = ["open_clip", "xformers"]
+missing = []
+for name in need + optional:
+    try:
+        mod = importlib.import_module(name)
+        print(f"  ok       {name:<13} {getattr(mod, '__version__', '')}")
+    except Exception as e:
+        print(f"  {'MISSING' if name in need else 'absent':<8} {name:<13} ({type(e).__name__}: {e})")
+        if name in need:
+            missing.append(name)
+import torch
+print(f"  cuda     {torch.cuda.is_available()} {torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''}")
+if missing or not torch.cuda.is_available():
+    print(f"missing required: {missing or ['a CUDA GPU']}; bring wheels with benchmarks/fetch_gpu_wheels.sh", file=sys.stderr)
+    sys.exit(2)
+PYEOF
+[[ ${PIPESTATUS[0]} -eq 0 ]] || exit 2
+
+REPEATS=${SUITE_QUICK:+2}
+REPEATS=${REPEATS:-3}
+skip() { [[ " ${SUITE_SKIP:-} " == *" $1 "* ]]; }
+run() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  tail -n 1 "$OUT/$name.log" > "$OUT/$name.json.tmp"
+  if [[ $rc -eq 0 ]] && $PY -c "import json,sys; json.load(open(sys.argv[1]))" "$OUT/$name.json.tmp" 2>/dev/null; then
+    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+  else
+    echo "{\"error\": \"$name exited with $rc\"}" > "$OUT/$name.json"; rm -f "$OUT/$name.json.tmp"
+  fi
+}
+
+skip pipeline || run pipeline 200 $PY -m benchmarks.bench_pipeline --size sd15 --device cuda --dtype fp16 --steps 25 --height 512 --width 512 --repeats "$REPEATS"
+skip targets  || run targets 60   $PY -m benchmarks.bench_targets --n 200000 --dim 768 --device cuda
+skip train    || run train 200    $PY -m benchmarks.bench_train --size vit-l14 --device cuda --batch_size 256 --repeats "$REPEATS"
+skip eval     || run eval 60      $PY -m benchmarks.bench_eval --tiny --device cuda
+
+echo "== writing $OUT/results.json and $OUT/results.md"
+$PY - "$OUT" <<'PYEOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+from benchmarks.timing import environment
+res = {"environment": environment(), "results": {}}
+for name in ("pipeline", "targets", "train", "eval"):
+    p = out / f"{name}.json"
+    if p.exists():
+        res["results"][name] = json.loads(p.read_text())
+(out / "results.json").write_text(json.dumps(res, indent=2))
+goals = {
+    "safe_over_vanilla": ("<=", 1.01), "compare_over_single": ("<=", 1.3), "compare_peak_mem_over_single": ("<=", 1.15),
+    "bf16_sdpa_over_fp32": (">=", 3.0), "mfu_bf16_sdpa": (">=", 0.35), "precomputed_over_live": (">=", 2.0),
+    "search_200k_seconds": ("<=", 2.0), "eval_over_generation": ("<=", 1.05),
+}
+lines = [f"# GPU suite results ({res['environment'].get('date')}, {res['environment'].get('device')})", "",
+         "| benchmark | metric | value | goal | met |", "|---|---|---|---|---|"]
+for name, r in res["results"].items():
+    for k, v in r.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            g = goals.get(k)
+            met = "" if g is None else ("yes" if (v <= g[1] if g[0] == "<=" else v >= g[1]) else "NO")
+            lines.append(f"| {name} | {k} | {v:.4g} | {'' if g is None else g[0] + ' ' + str(g[1])} | {met} |")
+lines += ["", "Environment: `" + json.dumps(res["environment"]) + "`"]
+(out / "results.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PYEOF
