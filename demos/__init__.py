@@ -1,0 +1,1 @@
+"""The Gradio demo (`python demos/app.py`); a thin UI over :mod:`safer_diffusion`."""
