@@ -253,7 +253,7 @@ class ImageVerdict:
 
     image: Any  # PIL.Image.Image, never obscured
     flagged: bool | None  # None when no scorer ran
-    scores: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # flat: {"nudenet": 0.8, "nudenet/<class>": 0.8}
 
 
 @dataclass
@@ -274,10 +274,16 @@ class ComparisonResult:
         for key, verdict in (("original", self.original), ("safe", self.safe)):
             out[key] = {
                 "flagged": verdict.flagged,
-                "scores": {k: round(float(v), 4) for k, v in verdict.scores.items()},
+                "scores": {k: round(float(v), 4) for k, v in scorer_scores(verdict.scores).items()},
+                "score_details": {k: round(float(v), 4) for k, v in verdict.scores.items() if "/" in k},
                 "blurred": bool(verdict.flagged) and not revealed,
             }
         return out
+
+
+def scorer_scores(scores: dict[str, float]) -> dict[str, float]:
+    """The per-scorer scores of a pipeline's flat score dict (``{"nudenet": 0.8, "nudenet/<class>": 0.8, ...}``)."""
+    return {name: value for name, value in scores.items() if "/" not in name}
 
 
 def shown_image(verdict: ImageVerdict, reveal: bool):
@@ -287,7 +293,7 @@ def shown_image(verdict: ImageVerdict, reveal: bool):
 
 def verdict_markdown(label: str, verdict: ImageVerdict, reveal: bool) -> str:
     """A one-paragraph verdict for the image under ``label``."""
-    scores = ", ".join(f"{name} {value:.2f}" for name, value in sorted(verdict.scores.items())) or "no scores"
+    scores = ", ".join(f"{name} {value:.2f}" for name, value in sorted(scorer_scores(verdict.scores).items())) or "no scores"
     if verdict.flagged is None:
         head = f"**{label}: not scored**"
     elif verdict.flagged:

@@ -61,3 +61,44 @@ def sample_pairs_path():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "assets" / "sample_pairs.jsonl"
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """URL of `python demos/app.py --tiny --max-concurrency 2` serving on a free local port (stopped at the end)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root, tmp = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("demo_server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(root / "demos" / "app.py"), "--tiny", "--port", str(port), "--max-concurrency", "2"]
+    log_path = tmp / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 240
+        try:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"the demo exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    urllib.request.urlopen(url + "config", timeout=2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"the demo did not start within 240 s:\n{log_path.read_text()[-4000:]}")
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
