@@ -149,6 +149,9 @@ def nearest_safe(
     # bound on |matmul - exact| for unit vectors, in each of two runs (summation over d terms in float32
     # plus input/output rounding to `compute_dtype`): columns within it of the max are shortlisted
     tol = 2 * d * torch.finfo(torch.float32).eps + 4 * torch.finfo(compute_dtype).eps + 1e-12
+    if compute_dtype == torch.float32 and device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        # TF32 (10-bit mantissa) or bf16 inputs inside float32 matmuls: widen the shortlist accordingly
+        tol += 4 * (2.0**-10 if torch.get_float32_matmul_precision() == "high" else 2.0**-7)
 
     best_cols = torch.empty(n, dtype=torch.long)
     best_sims = torch.empty(n, dtype=torch.float64)
