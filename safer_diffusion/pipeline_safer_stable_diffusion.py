@@ -1,0 +1,592 @@
+"""`SaferStableDiffusionPipeline`: Stable Diffusion with a safe text encoder, NSFW scores on every image,
+and an original-vs-safe comparison from one UNet pass."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+
+from .encoders import DEFAULT_SAFE_TEXT_ENCODER, check_text_encoder, load_safe_text_encoder, truncate_layers
+from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SAFETY_MODES", "SaferStableDiffusionPipeline"]
+
+#: What happens to flagged images: "flag" leaves them untouched, "blur" blurs them heavily, "black" blanks them.
+SAFETY_MODES = ("flag", "blur", "black")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from safer_diffusion import SaferStableDiffusionPipeline
+
+        >>> pipe = SaferStableDiffusionPipeline.from_pretrained(
+        ...     "CompVis/stable-diffusion-v1-4",
+        ...     safe_text_encoder="Adeely93/SafeR_CLIP",
+        ...     nsfw_scorer="nudenet",
+        ...     keep_original_text_encoder=True,
+        ...     torch_dtype=torch.float16,
+        ... ).to("cuda")
+        >>> out = pipe("a photo of an astronaut riding a horse", generator=torch.Generator("cuda").manual_seed(0))
+        >>> out.images[0], out.nsfw_content_detected, out.nsfw_scores
+        >>> cmp = pipe.compare("a photo of an astronaut riding a horse", generator=torch.Generator("cuda").manual_seed(0))
+        >>> cmp.original_images[0], cmp.safe_images[0]
+        ```
+"""
+
+
+def _check_safety_mode(safety_mode: Any) -> str:
+    if safety_mode not in SAFETY_MODES:
+        raise ValueError(f"`safety_mode` must be one of {list(SAFETY_MODES)}, got {safety_mode!r}.")
+    return safety_mode
+
+
+def _json_or_none(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return None
+
+
+def _clone_generator(generator):
+    """An independent generator in the same state (so a second branch draws the same noise)."""
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        return [_clone_generator(g) for g in generator]
+    clone = torch.Generator(device=generator.device)
+    clone.set_state(generator.get_state())
+    return clone
+
+
+def _blur(images: torch.Tensor) -> torch.Tensor:
+    """Heavy blur of ``(N, C, H, W)`` images in [0, 1]: area-downsample 32x, then bilinear upsample."""
+    height, width = images.shape[-2:]
+    small = torch.nn.functional.interpolate(images.float(), size=(max(1, height // 32), max(1, width // 32)), mode="area")
+    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).to(images.dtype)
+
+
+class SaferStableDiffusionPipeline(StableDiffusionPipeline):
+    r"""Stable Diffusion conditioned by a safe (SaFeR-CLIP) text encoder, scoring every image it makes.
+
+    Identical to [`~diffusers.StableDiffusionPipeline`] (same components, same ``__call__``
+    arguments and defaults) except that
+
+    * ``text_encoder`` is the **safe** encoder; the base model's own encoder can be kept as
+      ``original_text_encoder`` to enable :meth:`compare`;
+    * images are scored by ``nsfw_scorer`` (any :mod:`safer_diffusion.scoring` scorer; falls back
+      to the base model's ``safety_checker`` when one is loaded), and the scores are returned;
+    * ``safety_mode`` decides what happens to flagged images: ``"flag"`` (default, untouched),
+      ``"blur"`` or ``"black"``.
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder:
+            as in `StableDiffusionPipeline`; ``text_encoder`` is the safe encoder.
+        original_text_encoder (`CLIPTextModel`, *optional*): the base model's text encoder, for :meth:`compare`.
+        requires_safety_checker (`bool`, defaults to `False`): as in the parent; this pipeline scores
+            images itself, so a missing safety checker is not warned about by default.
+        nsfw_scorer: `None`, a scorer name (``"nudenet"``, ``"q16"``, ``"safety_checker"``), a list of
+            names (any-of), a config dict, or a scorer object (see :func:`safer_diffusion.scoring.get_scorer`).
+            Names and dicts are saved by ``save_pretrained``; objects only when they have ``to_config()``.
+        safety_mode (`str`, defaults to `"flag"`): one of ``"flag"``, ``"blur"``, ``"black"``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->original_text_encoder->image_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "original_text_encoder"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        original_text_encoder=None,
+        requires_safety_checker: bool = False,
+        nsfw_scorer: Any = None,
+        safety_mode: str = "flag",
+    ):
+        _check_safety_mode(safety_mode)
+        cross_attention_dim = unet.config.cross_attention_dim if unet is not None else None
+        check_text_encoder(text_encoder, cross_attention_dim, tokenizer, argument="text_encoder")
+        if original_text_encoder is not None:
+            check_text_encoder(original_text_encoder, cross_attention_dim, tokenizer, argument="original_text_encoder")
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.register_modules(original_text_encoder=original_text_encoder)
+        self.register_to_config(safety_mode=safety_mode)
+        self._last_nsfw_scores = None
+        self.nsfw_scorer = nsfw_scorer
+
+    # ------------------------------------------------------------------ options
+    @property
+    def nsfw_scorer(self):
+        """The scorer applied to every generated image (or `None`). Settable with anything `__init__` accepts."""
+        return self.__dict__.get("_nsfw_scorer")
+
+    @nsfw_scorer.setter
+    def nsfw_scorer(self, value: Any) -> None:
+        from .scoring import get_scorer, scorer_config
+
+        if value is None:
+            scorer, spec = None, None
+        elif value == "safety_checker" or (isinstance(value, dict) and value.get("name") == "safety_checker" and len(value) == 1):
+            scorer = self._safety_checker_scorer(required=False) or get_scorer("safety_checker")
+            spec = "safety_checker"
+        else:
+            scorer = get_scorer(value)
+            spec = _json_or_none(value) if isinstance(value, (str, list, tuple, dict)) else scorer_config(scorer)
+        self.__dict__["_nsfw_scorer"] = scorer
+        self.__dict__["_nsfw_scorer_savable"] = scorer is None or spec is not None
+        self.register_to_config(nsfw_scorer=list(spec) if isinstance(spec, tuple) else spec)
+
+    @property
+    def safety_mode(self) -> str:
+        """What happens to flagged images: ``"flag"``, ``"blur"`` or ``"black"``. Settable."""
+        return self.config.safety_mode
+
+    @safety_mode.setter
+    def safety_mode(self, value: str) -> None:
+        self.register_to_config(safety_mode=_check_safety_mode(value))
+
+    def _safety_checker_scorer(self, required: bool = True):
+        from .scoring import SafetyCheckerScorer
+
+        if getattr(self, "safety_checker", None) is None or getattr(self, "feature_extractor", None) is None:
+            return None
+        cached = self.__dict__.get("_checker_scorer")
+        if cached is None or cached.model is not self.safety_checker:
+            cached = SafetyCheckerScorer(self.safety_checker, self.feature_extractor)
+            self.__dict__["_checker_scorer"] = cached
+        return cached
+
+    def _active_scorer(self):
+        return self.nsfw_scorer if self.nsfw_scorer is not None else self._safety_checker_scorer()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """As `DiffusionPipeline.save_pretrained`; the scorer is saved as its name/options in ``model_index.json``."""
+        if not self.__dict__.get("_nsfw_scorer_savable", True):
+            logger.warning(
+                "The NSFW scorer %r has no serialisable config; it is not saved. Pass `nsfw_scorer=` again when loading.",
+                self.nsfw_scorer,
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        safe_text_encoder: Any = None,
+        keep_original_text_encoder: bool = False,
+        **kwargs,
+    ):
+        r"""Load a base Stable Diffusion model and swap in a safe text encoder.
+
+        Args:
+            pretrained_model_name_or_path: hub id or local folder of a Stable Diffusion (1.x/2.x)
+                pipeline, or of a folder saved by this pipeline's ``save_pretrained``.
+            safe_text_encoder: anything :func:`~safer_diffusion.encoders.load_safe_text_encoder`
+                accepts (hub id, folder, open_clip file, module). Defaults to
+                ``"Adeely93/SafeR_CLIP"`` for a plain Stable Diffusion base; for a folder saved by
+                this pipeline, to the safe encoder saved in it. An encoder with exactly one layer
+                more than the base model's (OpenCLIP for SD 2.x) is cut to the base's depth.
+            keep_original_text_encoder (`bool`, defaults to `False`): also load the base model's own
+                text encoder as ``original_text_encoder`` (needed by :meth:`compare`).
+            nsfw_scorer, safety_mode, torch_dtype, and any other keyword: as for `__init__` /
+                `DiffusionPipeline.from_pretrained`. When a scorer other than ``"safety_checker"``
+                is given, the base model's safety checker is not loaded.
+
+        Returns:
+            `SaferStableDiffusionPipeline`
+        """
+        from .hub import resolve_model_source
+
+        if "nsfw_scorer" in kwargs:
+            scorer = kwargs["nsfw_scorer"]
+            uses_checker = scorer == "safety_checker" or (isinstance(scorer, (list, tuple)) and "safety_checker" in scorer)
+            if scorer is not None and not uses_checker:
+                kwargs.setdefault("safety_checker", None)
+                kwargs.setdefault("requires_safety_checker", False)
+        if "safety_mode" in kwargs:
+            _check_safety_mode(kwargs["safety_mode"])
+        source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path")
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        config = cls.load_config(source, **hub_kwargs)
+        saved_by_us = config.get("_class_name") == cls.__name__ or "original_text_encoder" in config
+        torch_dtype = kwargs.get("torch_dtype")
+
+        if "text_encoder" in kwargs and safe_text_encoder is not None:
+            raise ValueError("Pass the safe encoder either as `safe_text_encoder` or as `text_encoder`, not both.")
+        if "text_encoder" not in kwargs and (safe_text_encoder is not None or not saved_by_us):
+            from transformers import CLIPTextConfig
+
+            base_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", **hub_kwargs)
+            encoder = load_safe_text_encoder(
+                safe_text_encoder if safe_text_encoder is not None else DEFAULT_SAFE_TEXT_ENCODER,
+                torch_dtype=torch_dtype,
+                argument="safe_text_encoder",
+            )
+            if encoder.config.num_hidden_layers == base_config.num_hidden_layers + 1:
+                logger.info(
+                    "The safe encoder has %d layers, the base %d: using its penultimate layer, as Stable Diffusion 2 does.",
+                    encoder.config.num_hidden_layers, base_config.num_hidden_layers,
+                )
+                truncate_layers(encoder, base_config.num_hidden_layers)
+            kwargs["text_encoder"] = encoder
+
+        if not keep_original_text_encoder:
+            kwargs["original_text_encoder"] = None
+        elif "original_text_encoder" not in kwargs:
+            saved = config.get("original_text_encoder")
+            if not (saved_by_us and saved and saved[0] is not None):
+                if saved_by_us:
+                    raise ValueError(
+                        f"`keep_original_text_encoder=True`, but {os.fspath(pretrained_model_name_or_path)!r} was saved without "
+                        "an original text encoder. Load the base model instead, or pass `original_text_encoder=`."
+                    )
+                from transformers import CLIPTextModel
+
+                kwargs["original_text_encoder"] = CLIPTextModel.from_pretrained(
+                    source, subfolder="text_encoder", torch_dtype=torch_dtype, **hub_kwargs
+                ).eval()
+        return super().from_pretrained(source, **kwargs)
+
+    def to(self, *args, **kwargs):
+        """As `DiffusionPipeline.to`; also moves a scorer that has a ``to`` method to the new device."""
+        pipe = super().to(*args, **kwargs)
+        device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
+        scorer = self.nsfw_scorer
+        if device is not None and scorer is not None and hasattr(scorer, "to"):
+            scorer.to(device)
+        return pipe
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def _text_encoder_swapped(self, encoder: str):
+        """Temporarily make ``self.text_encoder`` the original encoder (without touching the config)."""
+        if encoder not in ("safe", "original"):
+            raise ValueError(f"`encoder` must be 'safe' or 'original', got {encoder!r}.")
+        if encoder == "safe":
+            yield self.text_encoder
+            return
+        if self.original_text_encoder is None:
+            raise ValueError(
+                "`encoder='original'` needs the base model's text encoder: load the pipeline with "
+                "`keep_original_text_encoder=True` (or pass `original_text_encoder=`)."
+            )
+        safe = self.__dict__["text_encoder"]
+        self.__dict__["text_encoder"] = self.original_text_encoder
+        try:
+            yield self.original_text_encoder
+        finally:
+            self.__dict__["text_encoder"] = safe
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+        encoder: str = "safe",
+    ):
+        r"""`StableDiffusionPipeline.encode_prompt`, with the choice of text encoder.
+
+        Args:
+            encoder (`str`, defaults to `"safe"`): ``"safe"`` (``text_encoder``) or ``"original"``
+                (``original_text_encoder``).
+            (all other arguments as in the parent)
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)` as in the parent.
+        """
+        with self._text_encoder_swapped(encoder) as module:
+            shim = clip_skip is not None and "text_model" not in dir(module) and hasattr(module, "final_layer_norm")
+            if shim:  # transformers>=5 flattened CLIPTextModel; diffusers' clip_skip still reads `.text_model.final_layer_norm`
+                module.__dict__["text_model"] = types.SimpleNamespace(final_layer_norm=module.final_layer_norm)
+            try:
+                return super().encode_prompt(
+                    prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                    lora_scale=lora_scale, clip_skip=clip_skip,
+                )  # fmt: skip
+            finally:
+                if shim:
+                    module.__dict__.pop("text_model", None)
+
+    def score_images(self, image: torch.Tensor):
+        """Score decoded images and apply ``safety_mode``.
+
+        Args:
+            image (`torch.Tensor`): ``(N, 3, H, W)`` VAE output in [-1, 1].
+
+        Returns:
+            `(image, flags, scores)`: flagged images are returned already in [0, 1] (blurred or
+            black per ``safety_mode``), as the parent's post-processing expects for flagged images;
+            ``flags`` is `list[bool]` and ``scores`` `list[dict[str, float]]`, or both `None`
+            when there is no scorer.
+        """
+        scorer = self._active_scorer()
+        if scorer is None:
+            return image, None, None
+        pil = self.image_processor.postprocess(image.detach(), output_type="pil")
+        results = scorer.score(pil)
+        flags = [bool(r.flagged) for r in results]
+        scores = [r.flat_scores(scorer.name) for r in results]
+        if any(flags):
+            image = image.clone()
+            for i, flagged in enumerate(flags):
+                if not flagged:
+                    continue
+                unit = (image[i : i + 1] / 2 + 0.5).clamp(0, 1)  # the parent skips denormalising flagged images
+                if self.safety_mode == "blur":
+                    unit = _blur(unit)
+                elif self.safety_mode == "black":
+                    unit = torch.zeros_like(unit)
+                image[i : i + 1] = unit
+            logger.info("%d of %d images flagged by %s (safety_mode=%s).", sum(flags), len(flags), scorer.name, self.safety_mode)
+        return image, flags, scores
+
+    def run_safety_checker(self, image, device, dtype):
+        """Hook called by the parent's ``__call__`` after decoding: score with ``nsfw_scorer`` and keep the scores."""
+        if not torch.is_tensor(image):  # numpy input (legacy callers): score as the parent would
+            image = torch.from_numpy(image).permute(0, 3, 1, 2) * 2 - 1
+        image, flags, scores = self.score_images(image)
+        self._last_nsfw_scores = scores
+        return image, flags
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - the parent's default, kept
+        **kwargs,
+    ) -> SaferStableDiffusionPipelineOutput | tuple:
+        r"""Generate images with the safe text encoder and score them.
+
+        All arguments are those of `StableDiffusionPipeline.__call__`, with the same defaults.
+
+        Returns:
+            [`SaferStableDiffusionPipelineOutput`] (``images``, ``nsfw_content_detected``,
+            ``nsfw_scores``), or with ``return_dict=False`` the tuple of those three in that order.
+            Flags and scores are `None` when no scorer ran (no scorer, or ``output_type="latent"``).
+        """
+        _check_prompt(prompt)
+        self._last_nsfw_scores = None
+        out = super().__call__(
+            prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds, output_type=output_type, return_dict=True,
+            cross_attention_kwargs=cross_attention_kwargs, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            **kwargs,
+        )  # fmt: skip
+        result = SaferStableDiffusionPipelineOutput(
+            images=out.images, nsfw_content_detected=out.nsfw_content_detected, nsfw_scores=self._last_nsfw_scores
+        )
+        self._last_nsfw_scores = None
+        return result if return_dict else result.to_tuple()
+
+    @torch.no_grad()
+    def compare(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        score: bool = True,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ) -> SaferComparisonOutput:
+        r"""Generate the same seeds with the original and the safe text encoder, in one denoising loop.
+
+        Both encodings go through the one shared UNet in a single batch per step (with guidance:
+        ``[uncond_original, uncond_safe, cond_original, cond_safe]``, i.e. 4x the prompt batch),
+        from the same initial latents. Each branch has its own copy of the scheduler state and of
+        the generator state, so the images equal — within float tolerance — those of two separate
+        calls (one with ``original_text_encoder``, one with the safe encoder) with the same seeds,
+        for stochastic schedulers too. Images are decoded one branch at a time.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s); must not be empty.
+            negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+            generator, latents, output_type, eta, guidance_rescale, clip_skip, cross_attention_kwargs:
+                as in `__call__`.
+            score (`bool`, defaults to `True`): score both sets with the pipeline's scorer (and apply
+                ``safety_mode``); `False` skips scoring.
+
+        Returns:
+            [`SaferComparisonOutput`]
+        """
+        if self.original_text_encoder is None:
+            raise ValueError(
+                "`compare()` needs the base model's text encoder: load the pipeline with `keep_original_text_encoder=True` "
+                "(or pass `original_text_encoder=`)."
+            )
+        _check_prompt(prompt, required=True)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        if not height or not width:
+            size = self.unet.config.sample_size
+            height = height or (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+            width = width or (size if isinstance(size, int) else size[1]) * self.vae_scale_factor
+        self.check_inputs(prompt, height, width, None, negative_prompt)
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        cfg = self.do_classifier_free_guidance
+        batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
+        device = self._execution_device
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+
+        # 1. Encode with both encoders
+        embeds = {}
+        for which in ("original", "safe"):
+            embeds[which] = self.encode_prompt(
+                prompt, device, num_images_per_prompt, cfg, negative_prompt, lora_scale=lora_scale, clip_skip=clip_skip,
+                encoder=which,
+            )  # fmt: skip
+        (cond_o, uncond_o), (cond_s, uncond_s) = embeds["original"], embeds["safe"]
+        dtype = cond_s.dtype
+        cond_o = cond_o.to(dtype)
+        encoder_states = torch.cat([uncond_o.to(dtype), uncond_s, cond_o, cond_s]) if cfg else torch.cat([cond_o, cond_s])
+
+        # 2. Timesteps, one scheduler state per branch
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        schedulers = [self.scheduler, copy.deepcopy(self.scheduler)]
+
+        # 3. Shared initial latents; per-branch generator copies for the scheduler's noise
+        latents = self.prepare_latents(
+            batch, self.unet.config.in_channels, height, width, dtype, device, generator, latents
+        )
+        generators = [generator, _clone_generator(generator)]
+        extra = [self.prepare_extra_step_kwargs(g, eta) for g in generators]
+        branch = [latents, latents.clone()]
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            w = torch.tensor(self.guidance_scale - 1).repeat(2 * batch)
+            timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim).to(
+                device=device, dtype=latents.dtype
+            )
+
+        # 4. One denoising loop, one UNet call per step
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for t in timesteps:
+                scaled = [s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x for s, x in zip(schedulers, branch)]
+                model_input = torch.cat(scaled * 2) if cfg else torch.cat(scaled)
+                noise = self.unet(
+                    model_input, t, encoder_hidden_states=encoder_states, timestep_cond=timestep_cond,
+                    cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
+                )[0]  # fmt: skip
+                if cfg:
+                    noise_uncond, noise_text = noise.chunk(2)
+                    noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                    if self.guidance_rescale > 0.0:
+                        noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=self.guidance_rescale)
+                branch = [
+                    s.step(n, t, x, **kw, return_dict=False)[0] for s, n, x, kw in zip(schedulers, noise.chunk(2), branch, extra)
+                ]
+                progress_bar.update()
+
+        # 5. Decode branch by branch (peak memory of one generation), score, post-process
+        outputs = []
+        for latent in branch:
+            if output_type == "latent":
+                outputs.append((latent, None, None))
+                continue
+            image = self.vae.decode(latent / self.vae.config.scaling_factor, return_dict=False)[0]
+            flags = scores = None
+            if score:
+                image, flags, scores = self.score_images(image)
+            denormalize = [True] * image.shape[0] if flags is None else [not f for f in flags]
+            outputs.append((self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), flags, scores))
+        self.maybe_free_model_hooks()
+        (orig_images, orig_flags, orig_scores), (safe_images, safe_flags, safe_scores) = outputs
+        return SaferComparisonOutput(
+            original_images=orig_images,
+            safe_images=safe_images,
+            original_nsfw_content_detected=orig_flags,
+            safe_nsfw_content_detected=safe_flags,
+            original_nsfw_scores=orig_scores,
+            safe_nsfw_scores=safe_scores,
+        )
+
+
+def _check_prompt(prompt: Any, required: bool = False) -> None:
+    if prompt is None and not required:
+        return
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ValueError("`prompt` is an empty list; pass at least one prompt string.")
+        bad = [i for i, p in enumerate(prompt) if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"`prompt[{bad[0]}]` is a {type(prompt[bad[0]]).__name__}; every prompt must be a string.")
+    elif not isinstance(prompt, str):
+        raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
