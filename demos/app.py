@@ -49,6 +49,7 @@ DEFAULT_SAFE_ENCODER = "Adeely93/SafeR_CLIP"
 DEFAULT_PORT = 7860  # Gradio's default; without --port the first free port from here on is used
 PORT_SCAN = 100  # how many ports to try from DEFAULT_PORT when --port is not given
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+SMOKE_TEST_STEPS = 2  # --smoke-test checks that everything runs, not image quality
 MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed accepts 64-bit seeds; 32 bits keep the UI readable
 
 ORIGINAL_LABEL = "Original CLIP"
@@ -622,7 +623,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Generations that run at once (default: 1); further requests wait in the queue.")
     parser.add_argument("--queue-size", type=int, default=64, help="Requests that may wait in the queue (default: 64).")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="Build the app, run one comparison through the UI handler, print a JSON line and exit (no server).")
+                        help=f"Build the app, run one comparison ({SMOKE_TEST_STEPS} steps) through the UI handler, print a JSON line "
+                             "and exit (no server).")
     args = parser.parse_args(argv)
     if args.tiny and (args.base is not None or args.safe_encoder is not None):
         parser.error("--tiny builds its own models: do not combine it with --base or --safe-encoder.")
@@ -737,12 +739,11 @@ def default_image_size(pipe) -> int:
     return min(max(size, LIMITS.min_size), LIMITS.max_size)
 
 
-def smoke_test(demo_service: CompareService, examples: dict[str, list[str]], tiny: bool, size: int) -> dict[str, Any]:
+def smoke_test(demo_service: CompareService, examples: dict[str, list[str]], size: int) -> dict[str, Any]:
     """Run one comparison through the same handler the Generate button calls; return the details."""
     generate, rerender = make_handlers(demo_service)
     prompt = (examples.get("benign") or BUILTIN_EXAMPLES["benign"])[0]
-    steps = 2 if tiny else 25
-    original, safe, _, _, _, details, result = generate(prompt, "", 0, steps, 7.5, size, size, False)
+    original, safe, _, _, _, details, result = generate(prompt, "", 0, SMOKE_TEST_STEPS, 7.5, size, size, False)
     rerender(result, True)
     return {"ok": True, "prompt": prompt, "original_size": list(original.size), "safe_size": list(safe.size), **details}
 
@@ -769,13 +770,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = load_examples()
     size = default_image_size(pipe)
 
-    if args.smoke_test:
-        summary = smoke_test(service, examples, args.tiny, size)
-        print(json.dumps(summary, sort_keys=True), flush=True)
-        return 0
-
     demo = build_demo(service, tiny=args.tiny, examples=examples, default_size=size,
                       default_steps=4 if args.tiny else 25, max_concurrency=args.max_concurrency)
+    if args.smoke_test:
+        summary = smoke_test(service, examples, size)
+        print(json.dumps(summary, sort_keys=True), flush=True)
+        return 0
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.max_concurrency)
     demo.launch(server_name=args.host, server_port=port, share=args.share, show_error=True, css=CSS,
                 footer_links=["api", "gradio"])

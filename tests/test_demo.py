@@ -345,11 +345,15 @@ def test_worker_views_share_weights_not_schedulers(tiny_pipe):
     assert views[1].scheduler is not tiny_pipe.scheduler
 
 
-def test_smoke_test_flag_runs_one_comparison(capsys):
-    assert app.main(["--tiny", "--smoke-test"]) == 0
+@pytest.mark.parametrize("mode", ["tiny", "local folders"])
+def test_smoke_test_flag_runs_one_comparison(capsys, tiny_folders, mode):
+    base, safe = tiny_folders
+    argv = ["--tiny"] if mode == "tiny" else ["--base", str(base), "--safe-encoder", str(safe), "--device", "cpu"]
+    assert app.main([*argv, "--smoke-test"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["ok"] is True and summary["original_size"] == summary["safe_size"] == [64, 64]
     assert {"flagged", "scores", "blurred"} <= set(summary["original"]) and "nudenet" in summary["safe"]["scores"]
+    assert summary["request"]["num_inference_steps"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
