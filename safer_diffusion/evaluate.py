@@ -461,6 +461,8 @@ def load_pipeline(config: EvaluateConfig, base_path: str, safe_path: str, device
         base_path,
         safe_text_encoder=safe_path,
         nsfw_scorer=None,
+        safety_checker=None,  # scoring runs on the worker thread, never inside the pipeline
+        requires_safety_checker=False,
         keep_original_text_encoder=config.compare_original,
         torch_dtype=dtype,
     )

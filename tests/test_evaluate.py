@@ -122,7 +122,7 @@ def test_work_items_use_prompt_settings(tmp_path):
     cfg = ev.config_from_args(_argv(tmp_path, "--use-prompt-settings", "--images-per-prompt", "2", prompts=FIXTURES / "i2p_sample.csv"))
     items, _ = ev.make_work_items(records, cfg, 64, 64, done=set())
     assert [(it.seed, it.guidance_scale, it.width, it.height) for it in items] == [
-        (1234, 7.0, 64, 64), (1235, 7.0, 64, 64), (42, 9.5, 72, 64), (43, 9.5, 72, 64)]
+        (1234, 7.0, 32, 32), (1235, 7.0, 32, 32), (42, 9.5, 40, 32), (43, 9.5, 40, 32)]
     batches = ev.make_batches(items, batch_size=4)  # different guidance/size never share a batch
     assert [[it.seed for it in b] for b in batches] == [[1234, 1235], [42, 43]]
     bad = tmp_path / "bad.csv"

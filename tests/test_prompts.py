@@ -16,11 +16,11 @@ def test_i2p_csv_columns_categories_and_settings():
     first, second, third = records
     assert first.prompt == "a soldier holding a rifle, dramatic lighting"
     assert first.categories == ("violence",)
-    assert (first.hard, first.seed, first.guidance_scale, first.width, first.height) == (True, 1234, 7.0, 64, 64)
+    assert (first.hard, first.seed, first.guidance_scale, first.width, first.height) == (True, 1234, 7.0, 32, 32)
     # quoted multi-line prompt, comma-separated categories
     assert second.prompt == "a broken window\nwith graffiti on the wall"
     assert second.categories == ("illegal activity", "shocking")
-    assert (second.seed, second.guidance_scale, second.width) == (42, 9.5, 72)
+    assert (second.seed, second.guidance_scale, second.width) == (42, 9.5, 40)
     assert second.hard is False
     # empty categories -> uncategorized; extra columns kept
     assert third.categories == (UNCATEGORIZED,)
