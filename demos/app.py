@@ -762,9 +762,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("Loading %s with safe text encoder %s on %s (%s)", base, safe_encoder, device, dtype)
     try:
         pipe = load_pipeline(base, safe_encoder, device, dtype)
-    except OSError as err:
-        print(f"error: could not load the models ({err}).\nUse --tiny for offline tiny models, or pass local folders "
-              "with --base and --safe-encoder.", file=sys.stderr)
+    except (OSError, ValueError) as err:  # not a pipeline / encoder folder, incomplete download, ...
+        print(f"error: could not load the models from --base {base} and --safe-encoder {safe_encoder}: {err}\n"
+              "Pass a Stable Diffusion pipeline folder (model_index.json) as --base and a CLIP or `finetune.export` "
+              "folder as --safe-encoder, or use --tiny for offline tiny random models.", file=sys.stderr)
         return 2
     service = CompareService(pipe, concurrency=args.max_concurrency)
     examples = load_examples()

@@ -232,6 +232,14 @@ def test_unreachable_default_models_exit_with_a_clear_message(monkeypatch, capsy
     assert "is not an existing local path" in capsys.readouterr().err
 
 
+def test_folders_that_are_not_models_exit_with_a_clear_message(tmp_path, tiny_folders, capsys):
+    base, safe = tiny_folders
+    (tmp_path / "empty").mkdir()
+    assert app.main(["--base", str(tmp_path / "empty"), "--safe-encoder", str(safe), "--smoke-test"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: could not load the models from --base {tmp_path / 'empty'}" in err and "--tiny" in err
+
+
 def test_bad_device_and_dtype_are_startup_errors():
     torch = pytest.importorskip("torch")
     assert app.resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
