@@ -120,10 +120,10 @@ def convert_open_clip_text(
     Args:
         source: an ``open_clip`` model (``CLIP`` or ``CustomTextCLIP``/``TextTransformer``) or its
             state dict (keys possibly prefixed by ``text.``, ``model.`` or ``cond_stage_model.model.``).
-        hidden_act (`str`, *optional*): ``"gelu"`` or ``"quick_gelu"``. Read from a model object;
+        hidden_act (`str`, *optional*): ``"gelu"`` or ``"quick_gelu"``. Read from a model object (ignoring this);
             for a bare state dict defaults to ``"gelu"`` (OpenCLIP ViT-H/ViT-bigG; OpenAI-trained
             towers use ``"quick_gelu"``).
-        num_attention_heads (`int`, *optional*): read from a model object; for a state dict
+        num_attention_heads (`int`, *optional*): read from a model object (ignoring this); for a state dict
             defaults to ``width // 64`` (open_clip's default head width).
         eos_token_id (`int`, defaults to 49407): the end-of-text token, where the pooled output is taken.
 
@@ -140,10 +140,11 @@ def convert_open_clip_text(
         if not hasattr(module, "token_embedding") or not hasattr(module, "transformer"):
             raise TypeError(f"`source` ({type(source).__name__}) is not an open_clip model with a text tower.")
         block = module.transformer.resblocks[0]
-        if num_attention_heads is None and hasattr(block.attn, "num_heads"):
+        # a model object knows its heads and activation: those win over the arguments (defaults for state dicts)
+        if hasattr(block.attn, "num_heads"):
             num_attention_heads = int(block.attn.num_heads)
-        if hidden_act is None:
-            act = getattr(block.mlp, "gelu", None)
+        act = getattr(block.mlp, "gelu", None)
+        if act is not None:
             hidden_act = "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
         state = {k: v for k, v in module.state_dict().items()}
         if isinstance(getattr(module, "text_projection", None), torch.nn.Linear):

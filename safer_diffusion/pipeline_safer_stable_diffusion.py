@@ -252,6 +252,9 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             encoder = load_safe_text_encoder(
                 safe_text_encoder if safe_text_encoder is not None else DEFAULT_SAFE_TEXT_ENCODER,
                 torch_dtype=torch_dtype,
+                # only used for open_clip state dicts, which do not record them: a safe encoder is a fine-tune of the base's
+                hidden_act=base_config.hidden_act,
+                num_attention_heads=base_config.num_attention_heads,
                 argument="safe_text_encoder",
             )
             if encoder.config.num_hidden_layers == base_config.num_hidden_layers + 1:
