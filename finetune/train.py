@@ -1,0 +1,624 @@
+"""Train a SaFeR-CLIP (or Safe-CLIP baseline) encoder.
+
+Single GPU (or CPU)::
+
+    python -m finetune.train --config finetune/configs/safer_clip_vit_l14.yaml --output_dir outputs/safer-clip-l14
+    safer-clip-train --config safer_clip_vit_l14.yaml --train_data pairs.jsonl --output_dir outputs/run   # same, console script
+
+Several GPUs / nodes (DDP through accelerate; ``--train_batch_size`` is per GPU)::
+
+    accelerate launch --multi_gpu --num_processes 8 -m finetune.train --config finetune/configs/safer_clip_vit_l14.yaml \\
+        --output_dir outputs/safer-clip-l14 --mixed_precision bf16
+    accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --num_processes 16 -m finetune.train ...
+
+Offline smoke run (tiny random CLIP, bundled sample pairs, < 2 min on 2 CPU cores)::
+
+    python -m finetune.train --config finetune/configs/tiny_cpu.yaml --output_dir outputs/tiny
+
+Resume: ``--resume_from_checkpoint latest`` (or a ``checkpoint-{step}`` folder). Export the result with
+``python -m finetune.export --checkpoint outputs/run --output_dir exported/``.
+
+The loop, top to bottom (:func:`train`):
+
+1. Load pairs, hold out ``val_fraction`` for end-of-training metrics.
+2. Load CLIP fp32; precompute the frozen anchors T0/V0 once (cached on disk), the nearest-safe
+   targets and the curriculum stages.
+3. Wrap CLIP: LoRA on the trained tower(s), fp32 trainable weights, frozen weights in fp16/bf16.
+4. Every step: one forward of the trainable tower on the batch's safe + unsafe captions; frozen
+   embeddings come from the anchors (or, with ``--no-precompute_anchors``, from the same weights
+   with the adapters disabled); the loss module sums the named terms; Adam step.
+5. Checkpoint every ``checkpointing_steps`` (atomically), stop on a non-finite loss, write metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig, parse_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointWriteError",
+    "NonFiniteLossError",
+    "TrainResult",
+    "find_checkpoints",
+    "latest_checkpoint",
+    "main",
+    "train",
+]
+
+CHECKPOINT_STATE = "training_state.json"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_FORMAT_VERSION = 1
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stopped before applying that step."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. disk full); no partial checkpoint was left behind."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every process; ``losses`` are this process's).
+
+    Args:
+        output_dir: the run folder.
+        global_step: optimisation steps done in total (including resumed ones).
+        losses: the loss value of each step run by this call, in order.
+        last_checkpoint: the newest complete checkpoint folder, or None.
+        metrics: end-of-training validation metrics (``metrics.json``), or {}.
+        active_terms: names of the loss terms that were active.
+        model: the trained :class:`~finetune.modeling.SaferCLIP` (unwrapped), for in-process use.
+        anchors: the frozen anchors the run used (``AnchorSet``).
+        tokenizer: the tokenizer of the run.
+    """
+
+    output_dir: Path
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    active_terms: list[str] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)
+    anchors: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- checkpoints on disk
+def find_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete ``checkpoint-{step}`` folders of ``output_dir``, oldest first (half-written temp folders are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.match(p.name)) and (p / CHECKPOINT_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``output_dir``, or None."""
+    found = find_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume_path(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """Turn ``--resume_from_checkpoint`` into a checkpoint folder (None: start fresh). A named missing path raises."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            logger.info("`--resume_from_checkpoint latest`: no checkpoint in %s yet, starting a fresh run.", output_dir)
+        return path
+    for candidate in (Path(resume).expanduser(), Path(output_dir) / resume):
+        if candidate.is_dir():
+            if not (candidate / CHECKPOINT_STATE).is_file():
+                raise ValueError(
+                    f"`--resume_from_checkpoint`={resume!r} is not a complete checkpoint (no {CHECKPOINT_STATE}); "
+                    f"complete ones in {output_dir}: {[p.name for p in find_checkpoints(output_dir)]}."
+                )
+            return candidate
+    raise FileNotFoundError(
+        f"`--resume_from_checkpoint`={resume!r} does not exist (also looked in {os.fspath(output_dir)!r}). Pass an existing "
+        f"checkpoint folder, or `latest` (available: {[p.name for p in find_checkpoints(output_dir)] or 'none'})."
+    )
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- data plan
+def _epoch_plan(curriculum, num_epochs: int, global_batch: int) -> list[int]:
+    """Steps in each epoch (1-based epochs -> list index epoch-1): ceil(curriculum pairs / global batch)."""
+    return [max(1, math.ceil(len(curriculum.indices_for_epoch(e)) / global_batch)) for e in range(1, num_epochs + 1)]
+
+
+def _epoch_order(seed: int, epoch: int, pool: torch.Tensor, n_safe: int, steps: int, global_batch: int):
+    """Deterministic data order of one epoch: (unsafe pair indices, safe preservation indices), each steps*global_batch long.
+
+    Unsafe pairs: a permutation of this epoch's curriculum pool, wrapped around to fill the last batch.
+    Safe captions (preservation, not curriculum-filtered): a permutation of all pairs, wrapped likewise.
+    Only (seed, epoch) decide the order, so resuming needs no sampler state.
+    """
+    need = steps * global_batch
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    unsafe = pool[torch.randperm(len(pool), generator=g)]
+    safe = torch.randperm(n_safe, generator=g)
+    unsafe = unsafe.repeat(math.ceil(need / len(unsafe)))[:need]
+    safe = safe.repeat(math.ceil(need / n_safe))[:need]
+    return unsafe, safe
+
+
+def _tokenize(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+def _pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int):
+    if ids.shape[1] >= length:
+        return ids, mask
+    extra = length - ids.shape[1]
+    return (torch.cat([ids, ids.new_full((ids.shape[0], extra), pad_id)], 1), torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], 1))
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor):
+    length = int(mask.sum(1).max())
+    return ids[:, :length], mask[:, :length]
+
+
+def _load_pixels(paths, image_processor, image_root=None) -> torch.Tensor:
+    from PIL import Image
+
+    images = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_absolute() and image_root:
+            path = Path(image_root) / path
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return image_processor(images=images, return_tensors="pt").pixel_values
+
+
+# --------------------------------------------------------------------------- the run
+def _check_output_dir(config: TrainConfig) -> None:
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()):
+        raise ValueError(
+            f"`--output_dir`={config.output_dir!r} exists and is not empty. Pass `--resume_from_checkpoint latest` to "
+            "continue that run, or choose a new `--output_dir`."
+        )
+
+
+def _predict_device(config: TrainConfig) -> torch.device:
+    if config.use_cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _build_loss(config: TrainConfig, gather):
+    from .losses import SafeClipLoss, SaferClipLoss
+
+    if config.loss == "safer_clip":
+        return SaferClipLoss(weights=config.loss_weights, scale=config.relative_scale, token_weight=config.token_weight, gather=gather)
+    return SafeClipLoss(weights=config.loss_weights, token_weight=config.token_weight, gather=gather)
+
+
+def _run_fingerprint(config: TrainConfig) -> dict[str, Any]:
+    keys = ("model_name_or_path", "train_data", "loss", "train_towers", "finetune", "lora_rank", "lora_target_modules", "seed",
+            "train_batch_size", "curriculum", "curriculum_boundaries", "curriculum_stage_epochs", "val_fraction")
+    return {k: getattr(config, k) for k in keys}
+
+
+def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop reads best top to bottom
+    """Run training as configured. Returns a :class:`TrainResult`; raises on bad input before any work.
+
+    Raises:
+        ValueError: bad option combination, existing output folder without resume, batch larger than the data,
+            unsupported precision / attention backend.
+        FileNotFoundError: a named `--resume_from_checkpoint` that does not exist, missing data or model.
+        NonFiniteLossError: the loss became NaN/inf (the step is not applied; the last good checkpoint is kept).
+        CheckpointWriteError: a checkpoint could not be written (no half-written checkpoint is left).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from . import anchors as anchors_mod
+    from . import curriculum as curriculum_mod
+    from . import data as data_mod
+    from . import targets as targets_mod
+    from .losses import distributed_gather
+    from .modeling import SaferCLIP, check_attention, check_mixed_precision, load_clip, weight_dtype_for
+
+    config = config.validate()
+    if not Path(config.train_data).exists() and (_REPO_ROOT / config.train_data).is_file():
+        config.train_data = str(_REPO_ROOT / config.train_data)  # bundled assets work from any working directory
+    output_dir = Path(config.output_dir)
+    # ---- 0. fail fast on bad input, before any heavy work
+    device = _predict_device(config)
+    check_mixed_precision(config.mixed_precision, device)
+    check_attention(config.attention, device)
+    _check_output_dir(config)
+    resume_path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        cpu=config.use_cpu,
+    )
+    main_process = accelerator.is_main_process
+    set_seed(config.seed)
+
+    # ---- 1. data
+    dataset = data_mod.load_pairs(config.train_data, format=config.data_format, image_root=config.image_root)
+    if config.val_fraction > 0:
+        train_set, val_set = data_mod.split_pairs(dataset, config.val_fraction, config.seed)
+    else:
+        train_set, val_set = dataset, None
+    n = len(train_set)
+    world = accelerator.num_processes
+    global_batch = config.train_batch_size * world
+    if global_batch > n:
+        raise ValueError(
+            f"`--train_batch_size` {config.train_batch_size} x {world} process(es) = {global_batch} is larger than the training "
+            f"set ({n} pairs after holding out `--val_fraction` {config.val_fraction}). Lower `--train_batch_size` or add data."
+        )
+    train_vision = config.train_towers in ("vision", "both")
+    train_text = config.train_towers in ("text", "both")
+    if train_vision and not train_set.has_images:
+        raise ValueError(
+            f"`--train_towers {config.train_towers}` trains the vision tower, but `--train_data` {config.train_data!r} has no "
+            "images. Use `--train_towers text`, or data with image paths (and `--image_root`)."
+        )
+
+    # ---- 2. model, anchors, targets, curriculum
+    loaded = load_clip(config.model_name_or_path, attention=config.attention)
+    clip, tokenizer, image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
+    weight_dtype = weight_dtype_for(config.mixed_precision)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+    use_images = train_set.has_images and image_processor is not None
+    with accelerator.main_process_first():  # the main process fills the cache, the others read it
+        clip.to(accelerator.device)
+        anchor_set = anchors_mod.compute_anchors(
+            clip, tokenizer, train_set, batch_size=config.anchor_batch_size, device=accelerator.device, dtype=torch.float32,
+            cache_dir=cache_dir, image_processor=image_processor if use_images else None,
+        )
+        if config.loss == "safer_clip":
+            targets = targets_mod.compute_targets(anchor_set, train_set, cache_dir=cache_dir)
+            target_index, difficulty = targets.index.cpu(), targets.similarity.cpu()
+        else:  # Safe-CLIP: the fixed pair is the target
+            target_index = torch.arange(n)
+            difficulty = (anchor_set.unsafe_text * anchor_set.safe_text).sum(-1).cpu()
+    curriculum = curriculum_mod.Curriculum(
+        difficulty, mode=config.curriculum, boundaries=tuple(config.curriculum_boundaries), stage_epochs=tuple(config.curriculum_stage_epochs)
+    )
+    anchor_cpu = {k: getattr(anchor_set, k) for k in ("safe_text", "unsafe_text", "safe_image", "unsafe_image")}
+    anchors_dev = {k: (v.to(accelerator.device) if v is not None else None) for k, v in anchor_cpu.items()}
+
+    safe_ids, safe_mask = _tokenize(tokenizer, train_set.safe_captions, config.max_length)
+    unsafe_ids, unsafe_mask = _tokenize(tokenizer, train_set.unsafe_captions, config.max_length)
+    length = max(safe_ids.shape[1], unsafe_ids.shape[1])
+    pad_id = tokenizer.pad_token_id
+    safe_ids, safe_mask = _pad_to(safe_ids, safe_mask, length, pad_id)
+    unsafe_ids, unsafe_mask = _pad_to(unsafe_ids, unsafe_mask, length, pad_id)
+
+    model = SaferCLIP(
+        clip, train_towers=config.train_towers, finetune=config.finetune, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules, weight_dtype=weight_dtype,
+        keep_frozen_copy=config.finetune == "full" and not config.precompute_anchors,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(
+        params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        weight_decay=config.adam_weight_decay,
+    )
+    plan = _epoch_plan(curriculum, config.num_train_epochs, global_batch)
+    max_steps = sum(plan) if config.max_train_steps is None else min(sum(plan), config.max_train_steps)
+    if config.max_train_steps is not None and config.max_train_steps > sum(plan):
+        # more steps than the epochs give: extend with full-pool epochs
+        extra = math.ceil((config.max_train_steps - sum(plan)) / plan[-1])
+        plan += [plan[-1]] * extra
+        max_steps = config.max_train_steps
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * world,
+        num_training_steps=max_steps * world,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped: SaferCLIP = accelerator.unwrap_model(model)
+
+    # trainable weights only in checkpoints (the frozen base is reloaded from its source)
+    def save_hook(models, weights, out_dir):
+        from safetensors.torch import save_file
+
+        for i, m in enumerate(models):
+            state = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(m).trainable_state_dict().items()}
+            save_file(state, os.path.join(out_dir, TRAINABLE_WEIGHTS if i == 0 else f"trainable_{i}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, in_dir):
+        from safetensors.torch import load_file
+
+        while models:
+            m = accelerator.unwrap_model(models.pop())
+            state = load_file(os.path.join(in_dir, TRAINABLE_WEIGHTS))
+            expected = set(m.trainable_state_dict())
+            if set(state) != expected:
+                raise ValueError(
+                    f"Checkpoint {in_dir} does not match this model: {len(expected - set(state))} trainable weights missing, "
+                    f"{len(set(state) - expected)} unexpected. Resume with the same --finetune/--train_towers/--lora_* options."
+                )
+            m.clip.load_state_dict(state, strict=False)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    gather = distributed_gather if world > 1 else None
+    loss_fn = _build_loss(config, gather)
+
+    # ---- resume
+    global_step = 0
+    if resume_path is not None:
+        state = json.loads((resume_path / CHECKPOINT_STATE).read_text())
+        mismatched = {k: (state["run"].get(k), v) for k, v in _run_fingerprint(config).items() if state["run"].get(k) != v}
+        if mismatched:
+            raise ValueError(
+                f"`--resume_from_checkpoint` {str(resume_path)!r} was written with different options {mismatched} "
+                "(checkpoint value, now). Resume with the original options or start a new `--output_dir`."
+            )
+        if state.get("data_fingerprint") != dataset.fingerprint():
+            raise ValueError(f"The training data changed since {resume_path} was written (fingerprint differs); resume needs the same data.")
+        accelerator.load_state(str(resume_path))
+        global_step = int(state["global_step"])
+        logger.info("Resumed from %s at step %d.", resume_path, global_step)
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / "config.yaml")
+    if config.report_to != "none":
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()}
+        accelerator.init_trackers("safer-clip", config=flat)
+
+    def save_checkpoint(step: int, epoch: int, step_in_epoch: int) -> Path:
+        final = output_dir / f"checkpoint-{step}"
+        tmp = output_dir / f".tmp-checkpoint-{step}"
+        accelerator.wait_for_everyone()
+        try:
+            if main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            if main_process:
+                state = {
+                    "format_version": CHECKPOINT_FORMAT_VERSION, "global_step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                    "steps_per_epoch": plan, "run": _run_fingerprint(config), "data_fingerprint": dataset.fingerprint(),
+                    "base_model": loaded.source, "config": config.to_dict(), "trainable_keys": sorted(unwrapped.trainable_state_dict()),
+                }
+                _fsync_write(tmp / CHECKPOINT_STATE, json.dumps(state, indent=2))  # written last: marks the folder complete
+                _fsync_dir(tmp)
+                if final.exists():
+                    old = output_dir / f".old-checkpoint-{step}"
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, final)
+                _fsync_dir(output_dir)
+        except OSError as e:
+            if main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = latest_checkpoint(output_dir)
+            raise CheckpointWriteError(
+                e.errno, f"Could not write checkpoint-{step} in {output_dir} ({e}); nothing half-written was kept. "
+                f"Last good checkpoint: {last or 'none'}. Free disk space and rerun with `--resume_from_checkpoint latest`."
+            ) from e
+        accelerator.wait_for_everyone()
+        if main_process and config.checkpoints_total_limit is not None:
+            for old in find_checkpoints(output_dir)[: -config.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        logger.info("Saved %s", final)
+        return final
+
+    # ---- 3. loop
+    logger.info(
+        "Training %s on %d pairs (%d held out), %d epochs %s, %d steps, global batch %d, loss %s, anchors %s.",
+        config.train_towers, n, 0 if val_set is None else len(val_set), config.num_train_epochs, plan, max_steps, global_batch,
+        config.loss, "precomputed" if config.precompute_anchors else "live (adapters disabled)",
+    )
+    losses: list[float] = []
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    rank = accelerator.process_index
+    B = config.train_batch_size
+    dev = accelerator.device
+    want_tokens = config.token_weight > 0
+    last_saved = global_step if resume_path is not None else None
+    log_file = open(output_dir / "train_log.jsonl", "a") if main_process else None  # noqa: SIM115
+    active_terms: list[str] = []
+    epoch, start = 1, global_step
+    try:
+        while start >= plan[epoch - 1] and epoch < len(plan):
+            start -= plan[epoch - 1]
+            epoch += 1
+        while global_step < max_steps and epoch <= len(plan):
+            pool = curriculum.indices_for_epoch(min(epoch, config.num_train_epochs))
+            order_u, order_s = _epoch_order(config.seed, epoch, pool, n, plan[epoch - 1], global_batch)
+            for step_in_epoch in range(start, plan[epoch - 1]):
+                sl = slice(step_in_epoch * global_batch + rank * B, step_in_epoch * global_batch + (rank + 1) * B)
+                u_idx, s_idx = order_u[sl], order_s[sl]
+                hat_idx = target_index[u_idx]
+                ids, mask = _trim(torch.cat([safe_ids[s_idx], unsafe_ids[u_idx]]), torch.cat([safe_mask[s_idx], unsafe_mask[u_idx]]))
+                ids, mask = ids.to(dev), mask.to(dev)
+                terms: dict[str, torch.Tensor | None] = {}
+                pixels = None
+                if train_vision or (use_images and not config.precompute_anchors):
+                    paths = [train_set[int(i)].safe_image for i in s_idx]
+                    has_unsafe_img = anchor_cpu["unsafe_image"] is not None
+                    if has_unsafe_img:
+                        paths += [train_set[int(i)].unsafe_image for i in u_idx]
+                    pixels = _load_pixels(paths, image_processor, config.image_root).to(dev)
+                with accelerator.autocast():
+                    out = model(
+                        input_ids=ids if train_text else None, attention_mask=mask if train_text else None,
+                        pixel_values=pixels if train_vision else None, output_tokens=want_tokens,
+                    )
+                    if train_text:
+                        terms["t"], terms["t_star"] = out["text"][:B], out["text"][B:]
+                    if train_vision:
+                        terms["v"] = out["image"][:B]
+                        terms["v_star"] = out["image"][B:] if out["image"].shape[0] > B else None
+                    if config.precompute_anchors:
+                        terms["t0"] = anchors_dev["safe_text"][s_idx.to(dev)]
+                        terms["t0_star"] = anchors_dev["unsafe_text"][u_idx.to(dev)]
+                        terms["t0_hat"] = anchors_dev["safe_text"][hat_idx.to(dev)]
+                        if anchors_dev["safe_image"] is not None:
+                            terms["v0"] = anchors_dev["safe_image"][s_idx.to(dev)]
+                            terms["v0_hat"] = anchors_dev["safe_image"][hat_idx.to(dev)]
+                        if anchors_dev["unsafe_image"] is not None:
+                            terms["v0_star"] = anchors_dev["unsafe_image"][u_idx.to(dev)]
+                        h0 = None
+                        if want_tokens:
+                            _, h0 = unwrapped.reference_text(ids[:B], mask[:B], output_tokens=True)
+                    else:  # Safe-CLIP style: run the frozen reference now (same weights, adapters disabled)
+                        ref_ids, ref_mask = _trim(
+                            torch.cat([safe_ids[s_idx], unsafe_ids[u_idx], safe_ids[hat_idx]]),
+                            torch.cat([safe_mask[s_idx], unsafe_mask[u_idx], safe_mask[hat_idx]]),
+                        )
+                        ref_text, ref_tokens = unwrapped.reference_text(ref_ids.to(dev), ref_mask.to(dev), output_tokens=want_tokens)
+                        terms["t0"], terms["t0_star"], terms["t0_hat"] = ref_text[:B], ref_text[B : 2 * B], ref_text[2 * B :]
+                        h0 = ref_tokens[:B, : ids.shape[1]] if want_tokens else None
+                        if use_images:
+                            ref_img = unwrapped.reference_image(pixels)
+                            terms["v0"] = ref_img[:B]
+                            terms["v0_star"] = ref_img[B:] if ref_img.shape[0] > B else None
+                            hat_px = _load_pixels([train_set[int(i)].safe_image for i in hat_idx], image_processor, config.image_root)
+                            terms["v0_hat"] = unwrapped.reference_image(hat_px.to(dev))
+                    if want_tokens:
+                        terms.update(h=out["tokens"][:B], h0=h0, token_mask=mask[:B].bool())
+                    result = loss_fn(**terms)
+                loss = result["loss"]
+                finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+                if world > 1:
+                    finite = accelerator.gather(finite).min().reshape(1)
+                if finite.item() < 1:
+                    last = latest_checkpoint(output_dir)
+                    raise NonFiniteLossError(
+                        f"The loss is {loss.item()} at step {global_step + 1} (epoch {epoch}); stopped without applying that "
+                        f"step. Last good checkpoint: {last or 'none (no checkpoint yet)'}. Lower `--learning_rate`, use "
+                        "`--mixed_precision bf16` instead of fp16, or check the data, then `--resume_from_checkpoint latest`."
+                    )
+                accelerator.backward(loss)
+                if config.max_grad_norm > 0 and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                active_terms = list(loss_fn.last_active_terms)
+                loss_value = loss.item()
+                losses.append(loss_value)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                if global_step % config.logging_steps == 0 or global_step == max_steps:
+                    logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                    logs.update({f"loss/{k}": float(v.detach()) for k, v in result.items() if k != "loss"})
+                    accelerator.log(logs, step=global_step)
+                    if log_file is not None:
+                        log_file.write(json.dumps({"step": global_step, **logs}) + "\n")
+                        log_file.flush()
+                        os.fsync(log_file.fileno())
+                if global_step % config.checkpointing_steps == 0:
+                    save_checkpoint(global_step, epoch, step_in_epoch + 1)
+                    last_saved = global_step
+                if global_step >= max_steps:
+                    break
+            epoch, start = epoch + 1, 0
+        if last_saved != global_step:
+            save_checkpoint(global_step, epoch, 0)
+    finally:
+        progress.close()
+        if log_file is not None:
+            log_file.close()
+        accelerator.end_training()
+
+    # ---- 4. end-of-training metrics on held-out pairs
+    metrics: dict[str, Any] = {}
+    if config.eval_at_end:
+        from .evaluate import text_metrics
+
+        unwrapped.eval()
+
+        def encode(captions, reference=False):
+            embs = []
+            for i in range(0, len(captions), config.anchor_batch_size):
+                ids_, mask_ = _tokenize(tokenizer, captions[i : i + config.anchor_batch_size], config.max_length)
+                with torch.no_grad(), accelerator.autocast():
+                    if reference:
+                        e, _ = unwrapped.reference_text(ids_.to(dev), mask_.to(dev))
+                    else:
+                        e = unwrapped(input_ids=ids_.to(dev), attention_mask=mask_.to(dev))["text"]
+                embs.append(e.float().cpu())
+            return torch.cat(embs)
+
+        if config.finetune == "full" and unwrapped.frozen_copy is None:
+            logger.info("Full fine-tuning without a frozen copy: end-of-training metrics are skipped (use finetune.evaluate).")
+        else:
+            # redirection of the trained pairs, and generalisation + preservation on held-out pairs
+            for split, data in (("train", train_set), ("val", val_set)):
+                if data is not None and len(data) > 1:
+                    metrics[split] = text_metrics(encode, lambda c: encode(c, reference=True), data.safe_captions, data.unsafe_captions)
+            if main_process:
+                tmp = output_dir / ".metrics.json.tmp"
+                _fsync_write(tmp, json.dumps(metrics, indent=2))
+                os.replace(tmp, output_dir / "metrics.json")
+            for split, m in metrics.items():
+                logger.info("%s: redirect_to_target_r1 %.3f (frozen %.3f), t_star_to_t_r1 %.3f (frozen %.3f), safe_cos %.4f",
+                            split, m["redirect_to_target_r1"], m["frozen"]["redirect_to_target_r1"], m["t_star_to_t_r1"],
+                            m["frozen"]["t_star_to_t_r1"], m["safe_cos"])
+    return TrainResult(output_dir, global_step, losses, latest_checkpoint(output_dir), metrics, active_terms, unwrapped, anchor_set, tokenizer)
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """Console entry point (``safer-clip-train`` / ``python -m finetune.train``); callable in-process from tests."""
+    config = parse_config(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
+    return train(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Trainer: config, model wrapper, frozen references, checkpoints/resume, failure handling (tiny CLIP, CPU)."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config import CONFIG_DIR, TrainConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small, fast runs: tiny random CLIP on the bundled sample pairs, a handful of steps.
+FAST = ["--config", "tiny_cpu.yaml", "--train_batch_size", "8", "--report_to", "none", "--no-eval_at_end"]
+
+
+def run(tmp_path, *extra, name="run"):
+    from finetune.train import main
+
+    return main(FAST + ["--output_dir", str(tmp_path / name), *extra])
+
+
+# ----------------------------------------------------------------------------- config
+def test_bundled_configs_parse_and_paper_recipe():
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"safer_clip_vit_l14.yaml", "safe_clip_vit_l14.yaml", "safer_clip_vit_h14_sd2.yaml", "tiny_cpu.yaml"} <= set(names)
+    for name in names:
+        assert isinstance(parse_config(["--config", name]), TrainConfig)
+    paper = parse_config(["--config", "safer_clip_vit_l14.yaml"])
+    assert (paper.model_name_or_path, paper.finetune, paper.lora_rank, paper.learning_rate, paper.train_batch_size,
+            paper.num_train_epochs, paper.loss) == ("openai/clip-vit-large-patch14", "lora", 16, 1e-4, 48, 9, "safer_clip")
+    assert parse_config(["--config", "safe_clip_vit_l14.yaml"]).loss == "safe_clip"
+    assert parse_config(["--config", "safer_clip_vit_h14_sd2.yaml"]).model_name_or_path == "open_clip:ViT-H-14:laion2b_s32b_b79k"
+
+
+def test_cli_overrides_yaml_and_types():
+    c = parse_config(["--config", "tiny_cpu.yaml", "--learning_rate", "0.5", "--max_train_steps", "7", "--no-precompute_anchors",
+                      "--loss_weights", '{"rel_tt": 1.0}', "--lora_target_modules", "q_proj", "v_proj"])
+    assert c.model_name_or_path == "tiny" and c.learning_rate == 0.5 and c.max_train_steps == 7
+    assert c.precompute_anchors is False and c.loss_weights == {"rel_tt": 1.0} and c.lora_target_modules == ["q_proj", "v_proj"]
+    assert parse_config([]).train_towers == "text"  # default: only the text tower
+
+
+def test_bad_options(tmp_path):
+    with pytest.raises(SystemExit):
+        parse_config(["--loss", "safer-clip"])  # argparse choices
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: infonce\n")
+    with pytest.raises(ValueError, match="`--loss` must be one of"):
+        parse_config(["--config", str(bad)])
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="Unknown option"):
+        parse_config(["--config", str(bad)])
+    with pytest.raises(FileNotFoundError, match="`--config`"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="`--relative_scale`"):
+        parse_config(["--relative_scale", "12"])
+    with pytest.raises(ValueError, match="`--train_batch_size` must be >= 1"):
+        parse_config(["--train_batch_size", "0"])
+
+
+def test_help_runs_as_module():
+    out = subprocess.run([sys.executable, "-m", "finetune.train", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and "--resume_from_checkpoint" in out.stdout and "{safer_clip,safe_clip}" in out.stdout
+
+
+# ----------------------------------------------------------------------------- model wrapper
+def test_lora_only_on_text_tower_fp32_trainable_lowp_frozen():
+    from finetune.modeling import SaferCLIP, load_clip
+
+    loaded = load_clip("tiny")
+    model = SaferCLIP(loaded.model, weight_dtype=torch.bfloat16)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    layers = loaded.model.config.text_config.num_hidden_layers
+    assert len(trainable) == layers * 6 * 2  # q,k,v,out,fc1,fc2 x (A, B)
+    assert all("text_model" in n and "lora_" in n for n in trainable)
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    both = SaferCLIP(load_clip("tiny").model, train_towers="both")
+    assert any("vision_model" in n for n, p in both.named_parameters() if p.requires_grad)
+
+
+def test_open_clip_conversion_matches(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    from finetune.modeling import convert_open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (tmp_path / "tiny-oc-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    oc = open_clip.create_model("tiny-oc-test").eval()
+    hf, size, _, _ = convert_open_clip(oc, open_clip.get_model_config("tiny-oc-test"))
+    tokens = open_clip.get_tokenizer("tiny-oc-test")(["a photo of a cat", "two dogs on a beach"])
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.get_text_features(tokens).pooler_output, oc.encode_text(tokens), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(hf.get_image_features(pixels).pooler_output, oc.encode_image(pixels), atol=1e-5, rtol=1e-4)
+    assert size == 32
+
+
+def test_model_and_backend_errors(monkeypatch):
+    from finetune.modeling import check_attention, check_mixed_precision, load_clip
+
+    with pytest.raises(FileNotFoundError, match="`--model_name_or_path`"):
+        load_clip("no-such-model")
+    with pytest.raises(ValueError, match="unknown OpenCLIP architecture"):
+        load_clip("open_clip:ViT-Nope-99")
+    with pytest.raises(ValueError, match="xformers"):
+        check_attention("xformers", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="does not support bfloat16"):
+        check_mixed_precision("bf16", "cuda")
+    with pytest.raises(ValueError, match="fp16` needs a GPU"):
+        check_mixed_precision("fp16", "cpu")
+
+
+def test_train_rejects_bad_input_before_work(tmp_path):
+    with pytest.raises(ValueError, match="larger than the training set"):
+        run(tmp_path, "--train_batch_size", "100000", name="big")
+    with pytest.raises(ValueError, match="fp16` needs a GPU"):
+        run(tmp_path, "--mixed_precision", "fp16", name="fp16")
+    with pytest.raises(ValueError, match="xformers"):
+        run(tmp_path, "--attention", "xformers", name="xf")
+    with pytest.raises(FileNotFoundError, match="`--model_name_or_path`"):
+        run(tmp_path, "--model_name_or_path", "tinyy", name="typo")
+    with pytest.raises(ValueError, match="has no images"):
+        run(tmp_path, "--train_towers", "vision", name="vision")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        run(tmp_path, name="used")
+    with pytest.raises(FileNotFoundError, match="`--resume_from_checkpoint`.*does not exist"):
+        run(tmp_path, "--resume_from_checkpoint", str(tmp_path / "nope" / "checkpoint-3"), name="fresh")
+
+
+# ----------------------------------------------------------------------------- frozen references stay frozen
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed-anchors"])
+def test_frozen_reference_bit_identical_after_training(tmp_path, precompute):
+    from finetune.modeling import load_clip
+
+    flag = "--precompute_anchors" if precompute else "--no-precompute_anchors"
+    pristine = load_clip("tiny")
+    base_state = {k: v.clone() for k, v in pristine.model.state_dict().items()}
+    result = run(tmp_path, flag, "--max_train_steps", "4", "--learning_rate", "5e-2", "--checkpointing_steps", "100")
+    model, tok = result.model, result.tokenizer
+    captions = ["a person riding a bike in the park", "a cat sleeping on a red sofa", "a woman holding a knife in a kitchen"]
+    enc = tok(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = pristine.model.get_text_features(**enc).pooler_output
+        before = torch.nn.functional.normalize(before, dim=-1)
+        after, _ = model.reference_text(enc.input_ids, enc.attention_mask)
+        trained = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)["text"]
+    assert torch.equal(before, after), "the frozen reference T0 moved during training"
+    assert not torch.allclose(trained, before, atol=1e-4), "training did not change the trainable encoder"
+    for name, value in model.clip.state_dict().items():  # every base weight is untouched
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name:
+            assert torch.equal(value, base_state[key]), name
+    # the anchors used by the run equal anchors recomputed from the trained model with adapters disabled
+    from finetune.anchors import compute_anchors
+    from finetune.data import load_pairs, split_pairs
+
+    cfg = parse_config(["--config", "tiny_cpu.yaml"])
+    train_set, _ = split_pairs(load_pairs(REPO / cfg.train_data), cfg.val_fraction, cfg.seed)
+    with model.model.disable_adapter():
+        again = compute_anchors(model.clip, tok, train_set, batch_size=64, device="cpu", dtype=torch.float32, cache_dir=tmp_path / "c2")
+    assert torch.equal(again.safe_text, result.anchors.safe_text)
+    assert torch.equal(again.unsafe_text, result.anchors.unsafe_text)
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+def test_resume_reproduces_loss_sequence_bit_exactly(tmp_path):
+    from finetune.train import find_checkpoints
+
+    straight = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3", name="straight")
+    assert len(straight.losses) == 6
+    first = run(tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "3", name="split")
+    resumed = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest", name="split")
+    assert first.losses + resumed.losses == straight.losses  # bit-exact: LoRA dropout RNG, Adam state, data order
+    assert resumed.global_step == 6
+    assert [p.name for p in find_checkpoints(tmp_path / "split")] == ["checkpoint-3", "checkpoint-6"]
+    assert (tmp_path / "split" / "config.yaml").is_file()
+    # a named checkpoint works too, relative to the output folder
+    again = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3", "--resume_from_checkpoint", "checkpoint-3", name="split")
+    assert again.losses == straight.losses[3:]
+
+
+def test_checkpoints_total_limit(tmp_path):
+    from finetune.train import find_checkpoints
+
+    run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", name="limit")
+    assert [p.name for p in find_checkpoints(tmp_path / "limit")] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from finetune import train as train_mod
+
+    real = train_mod._build_loss
+
+    def poisoned(config, gather):
+        loss = real(config, gather)
+        calls = {"n": 0}
+        forward = loss.forward
+
+        def fwd(**kw):
+            out = forward(**kw)
+            calls["n"] += 1
+            if calls["n"] == 5:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        loss.forward = fwd
+        return loss
+
+    monkeypatch.setattr(train_mod, "_build_loss", poisoned)
+    with pytest.raises(train_mod.NonFiniteLossError, match=r"loss is nan at step 5 .*checkpoint-4"):
+        run(tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2", name="nan")
+    assert train_mod.latest_checkpoint(tmp_path / "nan").name == "checkpoint-4"
+
+
+def test_disk_full_while_checkpointing_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from finetune import train as train_mod
+
+    real = Accelerator.save_state
+    calls = {"n": 0}
+
+    def flaky(self, output_dir=None, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(output_dir, "optimizer.bin").write_bytes(b"half")  # something half-written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", flaky)
+    with pytest.raises(train_mod.CheckpointWriteError, match="checkpoint-4.*No space left.*Last good checkpoint.*checkpoint-2"):
+        run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", name="full")
+    out = tmp_path / "full"
+    assert train_mod.latest_checkpoint(out).name == "checkpoint-2"
+    assert not (out / "checkpoint-4").exists()
+    assert not list(out.glob(".tmp-*"))
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    resumed = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", name="full")
+    assert resumed.global_step == 6 and len(resumed.losses) == 4
