@@ -20,6 +20,17 @@ MILD = ROOT / "assets" / "prompts" / "mild_unsafe.csv"
 I2P = Path(__file__).parent / "fixtures" / "evaluation" / "i2p_sample.csv"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads stall each other (10x slower, erratic)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     """The tiny pipeline as `--tiny` loads it (both encoders kept, so it serves compare and plain runs)."""
@@ -169,7 +180,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_pipe, n
     argv = ["--tiny", "--prompts", str(MILD), "--limit", "4", "--images-per-prompt", "2", "--batch-size", "1", "--num-inference-steps", "2",
             "--height", "32", "--width", "32", "--compare-original", "--save-images", "--no-progress", "--bootstrap", "200"]
     total = 4 * 2 * 2
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "safer_diffusion.evaluate", *argv, "--out", str(killed)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     results = killed / "results.jsonl"
