@@ -55,12 +55,13 @@ def test_generate_tiny_writes_images_and_json(tmp_path, capsys):
 
 def test_generate_tiny_compare_two_prompts(tmp_path, capsys):
     out = tmp_path / "pair.png"
-    assert main(["generate", "a cat", "a dog", "--tiny", "--out", str(out), "--steps", "2", "--compare", "--device", "cpu"]) == 0
+    argv = ["generate", "a cat", "a dog", "--out", str(out), "--tiny", "--steps", "2", "--compare", "--scorer", "nudenet"]
+    assert main(argv) == 0  # the README command, with two prompts
     records = _lines(capsys)
     assert [r["encoder"] for r in records] == ["original", "original", "safe", "safe"]
     assert [r["prompt"] for r in records] == ["a cat", "a dog"] * 2
     for r in records:
-        assert Image.open(r["path"]).size == (64, 64) and r["nsfw"] is None
+        assert Image.open(r["path"]).size == (64, 64) and r["nsfw"] is False and "nudenet" in r["scores"]
     assert (tmp_path / "pair_safe_1.png").is_file()
 
 
@@ -69,6 +70,10 @@ def test_generate_offline_hub_id_fails_fast(tmp_path, capsys, monkeypatch):
     assert main(["generate", "a cat", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "`--base`='CompVis/stable-diffusion-v1-4'" in err and "--tiny" in err
+    argv = ["generate", "a photo of a cat", "--out", str(tmp_path / "cat.png"), "--base", "CompVis/stable-diffusion-v1-4",
+            "--safe-encoder", "Adeely93/SafeR_CLIP"]  # the README command: offline it must fail fast and clearly
+    assert main(argv) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
 
 def test_generate_bad_inputs(tmp_path, capsys):
@@ -84,7 +89,7 @@ def test_generate_bad_inputs(tmp_path, capsys):
 def test_score_json_lines(astronaut_png, tmp_path, capsys):
     rgba = tmp_path / "astronaut_rgba.png"
     Image.open(astronaut_png).convert("RGBA").save(rgba)
-    assert main(["score", str(astronaut_png), str(rgba)]) == 0
+    assert main(["score", str(astronaut_png), str(rgba), "--scorer", "nudenet"]) == 0
     records = _lines(capsys)
     assert [r["flagged"] for r in records] == [False, False] and records[0]["scorer"] == "nudenet"
     assert main(["score", str(astronaut_png), "--classes", "FACE_FEMALE", "--details"]) == 0
