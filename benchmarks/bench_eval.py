@@ -11,8 +11,9 @@ Goal: ``evaluate / generate only <= 1.05`` when generation dominates (real model
 tiny random models generation takes milliseconds, so the NudeNet cost shows; ``--height/--width`` and
 ``--steps`` make the tiny generation heavier to see the overlap.
 
-    python -m benchmarks.bench_eval                       # tiny models, CPU
+    python -m benchmarks.bench_eval                                   # tiny models, CPU
     python -m benchmarks.bench_eval --tiny --device cuda
+    python -m benchmarks.bench_eval --size sd15 --device cuda --dtype float16 --steps 25   # SD 1.5-size random weights, 512 px
     python -m benchmarks.bench_eval --base PATH --safe-encoder PATH --device cuda --steps 25
 
 The last line is one JSON object.
@@ -38,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random models (the default when --base is not given)")
+    p.add_argument("--size", choices=("tiny", "sd15"), default="tiny",
+                   help="random-weight model size: tiny, or an SD 1.5-size UNet/VAE/text encoders (benchmarks.bench_pipeline)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--base", default=None, help="Stable Diffusion folder or hub id (instead of --tiny)")
     p.add_argument("--safe-encoder", default=None, help="safe text encoder folder or hub id (with --base)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from safer_diffusion import evaluate as ev
     from safer_diffusion.evaluation.prompts import load_prompts
 
@@ -70,9 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     argv_eval += ["--width", str(args.width)] if args.width else []
     config = ev.config_from_args(argv_eval)
 
-    _, _, base_path, safe_path = ev._model_sources(config)
     dtype = ev._resolve_dtype(config.dtype, device)
-    pipe = ev.load_pipeline(config, base_path, safe_path, device, dtype)
+    if tiny and args.size == "sd15":
+        from benchmarks.bench_pipeline import sd15_components
+        from safer_diffusion.pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
+
+        pipe = SaferStableDiffusionPipeline(**sd15_components()).to(device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        _, _, base_path, safe_path = ev._model_sources(config)
+        pipe = ev.load_pipeline(config, base_path, safe_path, device, dtype)
     scorers = ev.build_scorers(config)
     default_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     records = load_prompts(config.prompts, limit=config.limit)
@@ -110,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     n_images = len(items) * len(config.variants)
     print(f"\n{len(records)} prompts x {config.images_per_prompt} images x {len(config.variants)} variant(s) = {n_images} images, "
-          f"{config.num_inference_steps} steps, batch {config.batch_size}, {'tiny' if tiny else args.base}, {device}")
+          f"{config.num_inference_steps} steps, batch {config.batch_size}, {args.size if tiny else args.base}, {device}")
     print_table(timings, baseline="generate only")
     gen, serial, evaluation = (timings[k].median for k in ("generate only", "generate, then score (serial)", "evaluate"))
     result = last["result"]
     dump_json_line({
         "benchmark": "bench_eval",
-        "models": "tiny" if tiny else args.base,
+        "models": args.size if tiny else args.base,
         "device": str(device),
         "n_images": n_images,
         "steps": config.num_inference_steps,

@@ -653,7 +653,7 @@ def run_evaluation(
     wait_for_everyone()
 
     if summarize:
-        if num_processes > 1:
+        if any(p.name != RESULTS_NAME for p in results_files(out)):  # rank files, also from an earlier multi-process run
             merge_results(out, order=[r.prompt_id for r in records])
         rows = read_results(out)
         summary = write_summary(out, rows, n_bootstrap=config.bootstrap)

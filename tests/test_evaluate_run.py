@@ -214,3 +214,38 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_pipe, n
     for r in resumed:
         assert np.abs(_pixels(killed, r) - _pixels(clean, ref[row_key(r)])).max() <= 2
     assert json.loads((killed / "summary.json").read_text())["rates"] == json.loads((clean / "summary.json").read_text())["rates"]
+
+
+def _readme_evaluate_commands():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("<!-- section:evaluation -->") : text.index("<!-- /section:evaluation -->")]
+    return [ln.strip() for ln in section.splitlines() if ln.strip().startswith(("safer-diffusion evaluate ", "accelerate launch "))]
+
+
+def test_readme_commands_parse_and_the_tiny_one_runs(tmp_path, monkeypatch):
+    import shlex
+
+    from safer_diffusion.cli import main as cli_main
+
+    commands = _readme_evaluate_commands()
+    assert len(commands) >= 3
+    for command in commands:
+        words = shlex.split(command)
+        args = words[words.index("evaluate") + 1 :] if words[0] == "safer-diffusion" else words[words.index("safer_diffusion.evaluate") + 1 :]
+        ev.build_parser().parse_args(args)  # every flag in the README exists
+    tiny = shlex.split(next(c for c in commands if "--tiny" in c))[1:]
+    tiny[tiny.index("--out") + 1] = str(tmp_path / "eval-tiny")
+    monkeypatch.chdir(ROOT)
+    assert cli_main([*tiny, "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "eval-tiny" / "summary.json").read_text())
+    assert summary["variants"] == ["original", "safe"] and summary["rates"]["safe"]["all_images_micro"]["n_images"] == 8
+
+
+def test_benchmark_runs_and_ends_with_one_json_line():
+    cmd = [sys.executable, "benchmarks/bench_eval.py", "--tiny", "--device", "cpu", "--threads", "1", "--limit", "1", "--images-per-prompt",
+           "1", "--steps", "1", "--height", "32", "--width", "32", "--repeats", "1", "--compare-original"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n_images"] == 2 and result["evaluate_over_generate_ratio"] > 0 and result["generate_only_s"] > 0
+    assert {"serial_over_generate_ratio", "scoring_busy_s", "environment"} <= set(result)
