@@ -98,7 +98,9 @@ def main(argv=None) -> dict:
     from safer_diffusion.pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
 
     parts = sd15_components() if sd15 else tiny_components()
-    safer = SaferStableDiffusionPipeline(**parts).to(args.device, dtype)
+    safer = SaferStableDiffusionPipeline(**parts).to(args.device)
+    if dtype != torch.float32:
+        safer.to(dtype=dtype)
     vanilla = StableDiffusionPipeline(
         vae=safer.vae, text_encoder=safer.text_encoder, tokenizer=safer.tokenizer, unet=safer.unet, scheduler=safer.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
