@@ -225,7 +225,7 @@ def load_eval_model(model: str, attention: str = "sdpa"):
 
         loaded = load_clip(base, attention)
         text = CLIPTextModel.from_pretrained(str(path / "text_encoder")).float()
-        loaded.model.text_model.load_state_dict(text.text_model.state_dict(), strict=False)
+        loaded.model.text_model.load_state_dict(text.state_dict())
         if (path / "text_projection.safetensors").is_file():
             loaded.model.text_projection.weight.data.copy_(load_file(str(path / "text_projection.safetensors"))["weight"])
         return loaded.model.eval(), loaded.tokenizer, loaded.image_processor, base
