@@ -59,6 +59,9 @@ class TrainConfig:
         "Pairs: a local .csv/.jsonl/.json/.parquet file or a hub dataset id (see finetune.data.load_pairs).", group="data",
     )
     data_format: str = _opt("auto", "Column layout of `train_data`.", ("auto", "visu", "nsfwcaps", "generic"), "data")
+    column_map: str | None = _opt(
+        None, "Column names for generic tables, e.g. 'safe=caption,unsafe=nsfw_caption,safe_image=path'.", group="data"
+    )
     image_root: str | None = _opt(None, "Folder that relative image paths in the data are resolved against.", group="data")
     val_fraction: float = _opt(
         0.05, "Fraction of pairs held out (deterministically, by `seed`) for end-of-training validation metrics.", group="data"

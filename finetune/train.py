@@ -285,7 +285,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     set_seed(config.seed)
 
     # ---- 1. data
-    dataset = data_mod.load_pairs(config.train_data, format=config.data_format, image_root=config.image_root)
+    dataset = data_mod.load_pairs(
+        config.train_data, format=config.data_format, column_map=data_mod.parse_column_map(config.column_map), image_root=config.image_root
+    )
     if config.val_fraction > 0:
         train_set, val_set = data_mod.split_pairs(dataset, config.val_fraction, config.seed)
     else:
@@ -340,7 +342,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     model = SaferCLIP(
         clip, train_towers=config.train_towers, finetune=config.finetune, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules, weight_dtype=weight_dtype,
-        keep_frozen_copy=config.finetune == "full" and not config.precompute_anchors,
+        # full fine-tuning has no adapters to switch off: a live reference (or token states) needs a frozen copy
+        keep_frozen_copy=config.finetune == "full" and (not config.precompute_anchors or config.token_weight > 0),
         gradient_checkpointing=config.gradient_checkpointing,
     )
     model.train()
@@ -424,6 +427,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp), safe_serialization=True)
+            accelerator.wait_for_everyone()  # every rank has written its RNG state before the folder is published
             if main_process:
                 state = {
                     "format_version": CHECKPOINT_FORMAT_VERSION, "global_step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,

@@ -250,3 +250,69 @@ def test_disk_full_while_checkpointing_leaves_no_partial_checkpoint(tmp_path, mo
     monkeypatch.setattr(Accelerator, "save_state", real)
     resumed = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", name="full")
     assert resumed.global_step == 6 and len(resumed.losses) == 4
+
+
+# ----------------------------------------------------------------------------- other modes
+@pytest.fixture(scope="module")
+def image_pairs(tmp_path_factory):
+    """24 pairs with safe and unsafe images (random 40x40 PNGs), generic JSONL with relative paths."""
+    import json
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("image_pairs")
+    (root / "img").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(24):
+        for kind in ("safe", "unsafe"):
+            arr = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / "img" / f"{kind}{i}.png")
+        rows.append({"safe": f"a person number {i} walking a dog", "unsafe": f"a person number {i} hitting a dog",
+                     "safe_image": f"img/safe{i}.png", "unsafe_image": f"img/unsafe{i}.png"})
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root / "pairs.jsonl"
+
+
+@pytest.mark.parametrize("precompute", ["--precompute_anchors", "--no-precompute_anchors"])
+def test_both_towers_with_images(tmp_path, image_pairs, precompute):
+    result = run(tmp_path, "--train_data", str(image_pairs), "--train_towers", "both", "--train_batch_size", "4",
+                 "--max_train_steps", "3", precompute, "--val_fraction", "0")
+    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert {"rel_img", "rel_txt", "rel_tt", "uni_img", "pres_img", "pres_x"} <= set(result.active_terms)
+    assert any("vision_model" in k for k in result.model.trainable_state_dict())
+
+
+def test_full_finetune_token_loss_and_live_copy(tmp_path):
+    live = run(tmp_path, "--finetune", "full", "--no-precompute_anchors", "--token_weight", "0.5", "--max_train_steps", "2", name="a")
+    assert "token_pres" in " ".join(live.active_terms) and live.model.frozen_copy is not None
+    pre = run(tmp_path, "--finetune", "full", "--token_weight", "0.5", "--max_train_steps", "2", name="b")
+    assert live.losses[0] == pytest.approx(pre.losses[0], abs=1e-5)  # same first step with anchors or a live reference
+    lean = run(tmp_path, "--finetune", "full", "--max_train_steps", "1", name="c")
+    assert lean.model.frozen_copy is None  # precomputed anchors, no token term: no second copy of the model
+
+
+def test_bench_train_cpu_tiny_runs():
+    import json
+
+    cmd = [sys.executable, "benchmarks/bench_train.py", "--repeats", "1", "--warmup", "0", "--batch_size", "8"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["anchors_steps_per_s"] > 0 and last["live_reference_steps_per_s"] > 0 and last["size"] == "tiny"
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_checkpoint_and_resume(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): per-rank RNG states in the checkpoint, then resume."""
+    out = tmp_path / "ddp"
+    base = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "finetune.train",
+            "--config", "finetune/configs/tiny_cpu.yaml", "--output_dir", str(out), "--checkpointing_steps", "2", "--no-eval_at_end"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(base + ["--max_train_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoint-2" / "random_states_0.pkl").is_file() and (out / "checkpoint-2" / "random_states_1.pkl").is_file()
+    again = subprocess.run(base + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"], cwd=REPO, capture_output=True,
+                           text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "checkpoint-4" / "training_state.json").is_file()
