@@ -316,3 +316,27 @@ def test_ddp_two_cpu_processes_checkpoint_and_resume(tmp_path):
                            text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "checkpoint-4" / "training_state.json").is_file()
+
+
+def test_readme_training_commands_parse():
+    """Every command in the README's training section names real modules, configs and flags."""
+    import shlex
+
+    from finetune import evaluate, export
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("<!-- section:training -->"): text.index("<!-- /section:training -->")]
+    block = "\n".join(section.split("```bash")[i].split("```")[0] for i in range(1, section.count("```bash") + 1))
+    commands = [shlex.split(c) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    parsers = {"finetune.train": lambda a: parse_config(a), "finetune.export": lambda a: export.build_parser().parse_args(a),
+               "finetune.evaluate": lambda a: evaluate.build_parser().parse_args(a)}
+    seen = set()
+    for argv in commands:
+        argv = argv[: argv.index("#")] if "#" in argv else argv
+        module = argv[argv.index("-m") + 1]
+        args = argv[argv.index("-m") + 2:]
+        args = [str(REPO / a) if a.startswith("finetune/configs/") else a for a in args]
+        parsers[module](args)
+        seen.add(module)
+    assert seen == set(parsers)
+    assert "safer-clip-train = \"finetune.train:main\"" in (REPO / "pyproject.toml").read_text()
