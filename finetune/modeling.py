@@ -250,7 +250,9 @@ def convert_open_clip(oc_model: nn.Module, model_cfg: dict) -> tuple[Any, int, t
     text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
     if "hf_model_name" in text_cfg or not isinstance(vision_cfg.get("layers"), int) or vision_cfg.get("timm_model_name"):
         raise ValueError("Only OpenCLIP models with a standard ViT vision tower and transformer text tower can be converted.")
-    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    # OpenAI weights use QuickGELU even when the architecture config does not say so (open_clip forces it for them)
+    mlp_act = type(getattr(oc_model.transformer.resblocks[0].mlp, "gelu", None)).__name__
+    act = "quick_gelu" if model_cfg.get("quick_gelu") or mlp_act == "QuickGELU" else "gelu"
     tw, vw = text_cfg["width"], vision_cfg["width"]
     image_size = vision_cfg["image_size"] if isinstance(vision_cfg["image_size"], int) else vision_cfg["image_size"][0]
     config = CLIPConfig(

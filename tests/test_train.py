@@ -84,20 +84,24 @@ def test_lora_only_on_text_tower_fp32_trainable_lowp_frozen():
     assert any("vision_model" in n for n, p in both.named_parameters() if p.requires_grad)
 
 
-def test_open_clip_conversion_matches(tmp_path):
+@pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])
+def test_open_clip_conversion_matches(tmp_path, quick_gelu):
     open_clip = pytest.importorskip("open_clip")
     import json
 
     from finetune.modeling import convert_open_clip
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    name = f"tiny-oc-test-{int(quick_gelu)}"
+    cfg = {"embed_dim": 16, "quick_gelu": quick_gelu,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (tmp_path / "tiny-oc-test.json").write_text(json.dumps(cfg))
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path)
     torch.manual_seed(0)
-    oc = open_clip.create_model("tiny-oc-test").eval()
-    hf, size, _, _ = convert_open_clip(oc, open_clip.get_model_config("tiny-oc-test"))
-    tokens = open_clip.get_tokenizer("tiny-oc-test")(["a photo of a cat", "two dogs on a beach"])
+    oc = open_clip.create_model(name).eval()
+    hf, size, _, _ = convert_open_clip(oc, open_clip.get_model_config(name))
+    assert hf.config.text_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    tokens = open_clip.get_tokenizer(name)(["a photo of a cat", "two dogs on a beach"])
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(hf.get_text_features(tokens).pooler_output, oc.encode_text(tokens), atol=1e-5, rtol=1e-4)
