@@ -275,6 +275,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     _check_output_dir(config)
     resume_path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
 
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # in-process reruns (tests, notebooks) may change the precision; keeps the process group
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,

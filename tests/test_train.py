@@ -344,3 +344,24 @@ def test_readme_training_commands_parse():
         seen.add(module)
     assert seen == set(parsers)
     assert "safer-clip-train = \"finetune.train:main\"" in (REPO / "pyproject.toml").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory):
+    from finetune.train import main
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    return main(FAST + ["--output_dir", str(out), "--max_train_steps", "2"]).losses
+
+
+@pytest.mark.parametrize("flags,tol", [
+    (["--gradient_checkpointing"], 1e-6),
+    (["--attention", "eager"], 1e-5),
+    (["--mixed_precision", "bf16"], 5e-2),
+], ids=["grad-checkpointing", "eager", "bf16"])
+def test_memory_and_precision_options_train_the_same(tmp_path, reference_losses, flags, tol):
+    result = run(tmp_path, *flags, "--max_train_steps", "2")
+    assert result.losses == pytest.approx(reference_losses, abs=tol)
+    dtypes_frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
+    assert {p.dtype for p in result.model.parameters() if p.requires_grad} == {torch.float32}
+    assert dtypes_frozen == ({torch.bfloat16} if "bf16" in flags else {torch.float32})
