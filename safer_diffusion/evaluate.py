@@ -538,6 +538,8 @@ def run_evaluation(
     Raises:
         SettingsMismatchError: ``config.out`` holds results produced with other settings.
     """
+    import torch
+
     from .evaluation.prompts import load_prompts
     from .evaluation.results import (
         RESULTS_NAME,
@@ -554,17 +556,21 @@ def run_evaluation(
     from .evaluation.summary import format_table, make_grid, write_summary
     from .evaluation.worker import ScoringWorker
 
-    state = None
     if process_index is None or num_processes is None:
         from accelerate import PartialState
 
-        state = PartialState()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        # without GPUs, accelerate forms a process group only when asked for the CPU explicitly (gloo)
+        state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
+        if state.num_processes != launched:
+            raise RuntimeError(
+                f"WORLD_SIZE={launched} processes were launched, but accelerate formed a group of {state.num_processes}; "
+                "they would all write the same results. Launch with `accelerate launch` (or torchrun) on a configured machine."
+            )
         process_index, num_processes = state.process_index, state.num_processes
         wait_for_everyone = wait_for_everyone or state.wait_for_everyone
         device = state.device
     else:
-        import torch
-
         device = torch.device("cuda", process_index % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
     if pipe is not None:
         device = pipe.device
