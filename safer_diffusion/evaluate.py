@@ -586,7 +586,7 @@ def run_evaluation(
     dtype = pipe.unet.dtype if pipe is not None else _resolve_dtype(config.dtype, device)
     dtype_name = str(dtype).replace("torch.", "")
     if scorers is None:
-        scorers = build_scorers(config, device=None)
+        scorers = build_scorers(config, device=device)  # Q16 / safety checker run beside the UNet; NudeNet on the CPU
     settings = settings_of(config, base_id, safe_id, dtype_name, scorers)
     resuming = check_settings(out, settings)  # every rank checks (read-only), so all fail alike
     if is_main:

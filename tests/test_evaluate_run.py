@@ -249,3 +249,28 @@ def test_benchmark_runs_and_ends_with_one_json_line():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n_images"] == 2 and result["evaluate_over_generate_ratio"] > 0 and result["generate_only_s"] > 0
     assert {"serial_over_generate_ratio", "scoring_busy_s", "environment"} <= set(result)
+
+
+def test_scorer_failure_stops_the_run_and_keeps_finished_rows(tmp_path, tiny_pipe, nudenet):
+    class FailingOnSecondBatch:
+        name = "nudenet"
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def score(self, images):
+            self.calls += 1
+            if self.calls == 2:
+                raise OSError("disk of the scorer model vanished")
+            return self.inner.score(images)
+
+        def describe(self):
+            return self.inner.describe()
+
+    out = tmp_path / "out"
+    cfg = _config(out, "--limit", "3", "--images-per-prompt", "1", "--batch-size", "1")
+    with pytest.raises(RuntimeError, match="The scoring worker failed: OSError"):
+        _run(cfg, tiny_pipe, {"nudenet": FailingOnSecondBatch(nudenet["nudenet"])})
+    assert [r["prompt_id"] for r in read_results(out)] == ["0"]  # the first batch was written durably
+    result = _run(cfg, tiny_pipe, nudenet)  # a rerun finishes the rest
+    assert (result.n_generated, result.n_skipped) == (2, 1) and len(read_results(out)) == 3
