@@ -623,7 +623,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
     """Console entry point (``safer-clip-train`` / ``python -m finetune.train``); callable in-process from tests."""
     config = parse_config(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
+        main_rank = int(os.environ.get("RANK", "0")) == 0  # other ranks log warnings only
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if main_rank else logging.WARNING,
+                            stream=sys.stderr)
     return train(config)
 
 

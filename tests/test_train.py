@@ -307,19 +307,27 @@ def test_bench_train_cpu_tiny_runs():
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_checkpoint_and_resume(tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): per-rank RNG states in the checkpoint, then resume."""
+def test_ddp_two_cpu_processes_checkpoint_and_resume(tmp_path, image_pairs):
+    """DDP with 2 CPU processes (gloo, launched like `accelerate launch` does, via torch.distributed.run): both towers with
+    images, so the in-batch InfoNCE term gathers across ranks; per-rank RNG states in the checkpoint; then resume."""
+    import json
+    import os
+
     out = tmp_path / "ddp"
-    base = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "finetune.train",
-            "--config", "finetune/configs/tiny_cpu.yaml", "--output_dir", str(out), "--checkpointing_steps", "2", "--no-eval_at_end"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "finetune.train",
+            "--config", "finetune/configs/tiny_cpu.yaml", "--output_dir", str(out), "--checkpointing_steps", "2", "--no-eval_at_end",
+            "--train_data", str(image_pairs), "--train_towers", "both", "--train_batch_size", "4", "--val_fraction", "0",
+            "--logging_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(base + ["--max_train_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "checkpoint-2" / "random_states_0.pkl").is_file() and (out / "checkpoint-2" / "random_states_1.pkl").is_file()
     again = subprocess.run(base + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"], cwd=REPO, capture_output=True,
                            text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (out / "checkpoint-4" / "training_state.json").is_file()
+    assert json.loads((out / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and all("loss/pres_x" in r for r in logged)
 
 
 def test_readme_training_commands_parse():
