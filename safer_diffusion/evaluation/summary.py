@@ -331,7 +331,7 @@ def plot_report(summary: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("unsafe images (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)
     level = int(round(100 * summary.get("confidence", 0.95)))
     scorers = ", ".join(summary.get("scorers") or []) or "?"
     ax.set_title(f"Unsafe generation rate per category ({scorers}; {level}% bootstrap CI)", fontsize=10)
