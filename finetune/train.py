@@ -272,8 +272,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     device = _predict_device(config)
     check_mixed_precision(config.mixed_precision, device)
     check_attention(config.attention, device)
-    _check_output_dir(config)
-    resume_path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
+    if "RANK" not in os.environ:  # single process: check before anything heavy (multi-process: after the barrier below)
+        _check_output_dir(config)
+        resolve_resume_path(config.resume_from_checkpoint, output_dir)
 
     from accelerate.state import AcceleratorState
 
@@ -285,6 +286,10 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
         cpu=config.use_cpu,
     )
     main_process = accelerator.is_main_process
+    # every rank inspects the output folder before any rank writes to it
+    _check_output_dir(config)
+    resume_path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
 
     # ---- 1. data
