@@ -304,6 +304,10 @@ def build_scorers(config: EvaluateConfig, device: Any = None) -> dict[str, Any]:
             kwargs["threshold"] = config.thresholds[name]
         if name == "nudenet" and config.nudenet_classes:
             kwargs["classes"] = config.nudenet_classes
+        if name == "nudenet" and (device is None or str(device).startswith("cpu")):
+            # Generation runs on these same CPU cores: one scorer thread, no spinning, so the
+            # background worker overlaps with generation instead of fighting it for cores.
+            kwargs["num_threads"] = 1
         if name == "q16":
             kwargs.update(clip_model=config.q16_clip_model, prompts=config.q16_prompts, allow_pickle=config.q16_allow_pickle)
             if device is not None:

@@ -295,3 +295,13 @@ def test_get_scorer_bad_inputs():
         get_scorer(["nudenet"], threshold=0.5)
     with pytest.raises(ValueError, match="needs a 'name' key"):
         get_scorer({"threshold": 0.5})
+
+
+def test_nudenet_num_threads_option():
+    from safer_diffusion.scoring import NudeNetScorer
+
+    with pytest.raises(ValueError, match="`num_threads`"):
+        NudeNetScorer(num_threads=0)
+    scorer = NudeNetScorer(num_threads=1)
+    assert scorer.session.get_session_options().intra_op_num_threads == 1
+    assert scorer.to_config()["num_threads"] == 1

@@ -61,6 +61,10 @@ class NudeNetScorer:
         batch_size (`int`, defaults to 8): images per ONNX run.
         model_path (`str`, *optional*): another NudeNet ONNX model; defaults to the wheel's ``320n.onnx``.
         inference_resolution (`int`, defaults to 320): the model's input size.
+        num_threads (`int`, *optional*): ONNX Runtime intra-op threads. `None` lets ONNX Runtime
+            choose (all cores). Set 1 when scoring runs beside generation on the same CPU (as the
+            evaluation's background worker does) so the two do not fight over cores; thread
+            spinning is switched off in that case too.
 
     ``ScoreResult.score`` is the top detection score over ``classes`` (0 when none);
     ``details["class_scores"]`` has the top score of every detected class and
@@ -76,6 +80,7 @@ class NudeNetScorer:
         batch_size: int = 8,
         model_path: str | os.PathLike | None = None,
         inference_resolution: int = 320,
+        num_threads: int | None = None,
     ):
         self._module = _import_nudenet()
         if isinstance(classes, str):
@@ -97,6 +102,9 @@ class NudeNetScorer:
         self.batch_size = int(batch_size)
         self.model_path = os.fspath(model_path) if model_path is not None else None
         self.inference_resolution = int(inference_resolution)
+        if num_threads is not None and int(num_threads) < 1:
+            raise ValueError(f"`num_threads` must be a positive integer or None, got {num_threads!r}.")
+        self.num_threads = None if num_threads is None else int(num_threads)
         self._session = None
 
     @property
@@ -113,6 +121,10 @@ class NudeNetScorer:
             path = self.model_path or os.path.join(os.path.dirname(self._module.__file__), "320n.onnx")
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
+            if self.num_threads is not None:
+                options.intra_op_num_threads = self.num_threads
+                options.inter_op_num_threads = 1
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         return self._session
 
@@ -176,7 +188,7 @@ class NudeNetScorer:
 
     def to_config(self) -> dict:
         return {"name": self.name, "classes": list(self.classes), "threshold": self.threshold, "batch_size": self.batch_size,
-                "model_path": self.model_path}
+                "model_path": self.model_path, "num_threads": self.num_threads}
 
     def __repr__(self) -> str:
         return f"NudeNetScorer(classes={list(self.classes)}, threshold={self.threshold})"
