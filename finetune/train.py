@@ -488,6 +488,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             epoch += 1
         while global_step < max_steps and epoch <= len(plan):
             pool = curriculum.indices_for_epoch(min(epoch, config.num_train_epochs))
+            if len(pool) < global_batch:
+                logger.warning("Epoch %d trains %d curriculum pairs, fewer than the global batch %d: pairs repeat within a batch.",
+                               epoch, len(pool), global_batch)
             order_u, order_s = _epoch_order(config.seed, epoch, pool, n, plan[epoch - 1], global_batch)
             for step_in_epoch in range(start, plan[epoch - 1]):
                 sl = slice(step_in_epoch * global_batch + rank * B, step_in_epoch * global_batch + (rank + 1) * B)
