@@ -15,8 +15,8 @@ Redirection is measured on the trained pairs, preservation on the held-out safe 
 * ``safe_cos`` = mean cos(T(t), T0(t)) and ``knn_overlap@10`` on held-out safe captions.
 
 Two variants: the default (fast) one, 136 steps with no curriculum, lr 2e-2 and no LoRA dropout, and
-the full ``tiny_cpu.yaml`` recipe (curriculum, 323/340 steps; marked slow: ~10 s on idle cores but
-over a minute on this shared 2-core machine). Measured (seed 42, CPU, 2026-11); thresholds below
+the full ``tiny_cpu.yaml`` recipe (curriculum, 323/340 steps; marked slow: about 5 s on idle cores
+but over a minute on this shared, busy 2-core machine). Measured (seed 42, CPU, 2026-11); thresholds below
 are set with margin under these values:
 
 ==========  =======  =================================  =====================  ================
