@@ -352,9 +352,13 @@ def _worker_view(pipe):
 
     diffusers pipelines keep per-call state on the instance (``_guidance_scale``, ``_num_timesteps``)
     and in the scheduler (timesteps, step index), so two concurrent calls must not share an instance.
+    The fast tokenizer is copied too: its Rust backend keeps the padding/truncation mode of the last
+    call, and ``encode_prompt`` tokenizes twice with different modes, so a shared tokenizer lets one
+    request's ``padding="longest"`` leak into another's ``padding="max_length"``.
     """
     view = copy.copy(pipe)
     view.scheduler = copy.deepcopy(pipe.scheduler)
+    view.tokenizer = copy.deepcopy(pipe.tokenizer)
     return view
 
 

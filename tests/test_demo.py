@@ -441,3 +441,15 @@ def test_twenty_concurrent_requests_all_succeed(demo_server, client, record_prop
     record_property("latency_p95_s", round(p95, 3))
     print(f"\n20 concurrent /compare requests (--tiny, 2 steps, 64x64, --max-concurrency 2): "
           f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {latencies[-1]:.2f} s")
+
+
+def test_worker_views_do_not_share_per_call_state(tiny_pipe):
+    """Concurrent requests must not share the scheduler or the fast tokenizer: the Rust tokenizer keeps
+    the padding mode of its last call, and ``encode_prompt`` tokenizes with two different modes."""
+    view = app._worker_view(tiny_pipe)
+    assert view.unet is tiny_pipe.unet and view.text_encoder is tiny_pipe.text_encoder  # weights shared
+    assert view.scheduler is not tiny_pipe.scheduler
+    assert view.tokenizer is not tiny_pipe.tokenizer and view.tokenizer._tokenizer is not tiny_pipe.tokenizer._tokenizer
+    tiny_pipe.tokenizer("a cat", padding="longest")  # leaves the shared backend in "longest" mode
+    ids = view.tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(ids) == 77
