@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= train,eval,demo,dev
-DEMO_ARGS ?=
+# Offline by default (tiny random models, with a banner saying so). Real models (Hub access, a GPU):
+#   make demo DEMO_ARGS="--base CompVis/stable-diffusion-v1-4 --safe-encoder Adeely93/SafeR_CLIP"
+DEMO_ARGS ?= --tiny
 BENCH_ARGS ?=
 # open_clip needs torchvision. On x86_64 machines without CUDA the only PyPI pair that imports is
 # torch 2.14.1 + torchvision 0.29.1 (CUDA builds that also run on the CPU); on aarch64 2.9.1 + 0.24.1.
@@ -14,7 +16,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo smoke test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +29,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/python demos/app.py $(DEMO_ARGS)
+
+smoke: setup
+	$(BIN)/python demos/app.py --tiny --smoke-test
 
 lint: setup
 	$(BIN)/ruff check .

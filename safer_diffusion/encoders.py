@@ -264,7 +264,7 @@ def _hf_load(cls, folder: Path, argument: str, torch_dtype, quiet: bool = False)
         raise FileNotFoundError(f"`{argument}`: {os.fspath(folder)!r} has a config.json but no model.safetensors{hint}.")
     try:
         with _quiet_transformers() if quiet else contextlib.nullcontext():
-            return cls.from_pretrained(os.fspath(folder), torch_dtype=torch_dtype, use_safetensors=True).eval()
+            return cls.from_pretrained(os.fspath(folder), dtype=torch_dtype, use_safetensors=True).eval()
     except SafetensorError as e:
         raise ValueError(
             f"`{argument}`: cannot read the safetensors weights in {os.fspath(folder)!r} ({e}). The file is corrupt or "

@@ -220,7 +220,7 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 more than the base model's (OpenCLIP for SD 2.x) is cut to the base's depth.
             keep_original_text_encoder (`bool`, defaults to `False`): also load the base model's own
                 text encoder as ``original_text_encoder`` (needed by :meth:`compare`).
-            nsfw_scorer, safety_mode, torch_dtype, and any other keyword: as for `__init__` /
+            nsfw_scorer, safety_mode, torch_dtype (or its newer name dtype), and any other keyword: as for `__init__` /
                 `DiffusionPipeline.from_pretrained`. When a scorer other than ``"safety_checker"``
                 is given, the base model's safety checker is not loaded.
 
@@ -241,7 +241,13 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
         config = cls.load_config(source, **hub_kwargs)
         saved_by_us = config.get("_class_name") == cls.__name__ or "original_text_encoder" in config
-        torch_dtype = kwargs.get("torch_dtype")
+        # `torch_dtype` (the long-standing name) and `dtype` (diffusers >= 0.42, transformers 5) are both accepted.
+        torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"Pass either `torch_dtype`={torch_dtype} or `dtype`={dtype}, not both.")
+        torch_dtype = dtype if dtype is not None else torch_dtype
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
 
         if "text_encoder" in kwargs and safe_text_encoder is not None:
             raise ValueError("Pass the safe encoder either as `safe_text_encoder` or as `text_encoder`, not both.")
@@ -278,7 +284,7 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 from transformers import CLIPTextModel
 
                 kwargs["original_text_encoder"] = CLIPTextModel.from_pretrained(
-                    source, subfolder="text_encoder", torch_dtype=torch_dtype, **hub_kwargs
+                    source, subfolder="text_encoder", dtype=torch_dtype, **hub_kwargs
                 ).eval()
         return super().from_pretrained(source, **kwargs)
 

@@ -330,3 +330,17 @@ def test_model_cpu_offload_runs_call_and_compare(tiny_folders):
     cmp = p.compare("a cat", num_inference_steps=STEPS, generator=_gen(), output_type="np")
     np.testing.assert_allclose(cmp.safe_images, out.images, atol=1e-3)
     assert p.text_encoder.device.type == "cpu"  # offloaded again after the call
+
+
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
+def test_from_pretrained_dtype_names(tiny_folders, key):
+    base, safe = tiny_folders
+    p = SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True,
+                                                     **{key: torch.bfloat16})
+    assert p.unet.dtype == p.text_encoder.dtype == p.original_text_encoder.dtype == torch.bfloat16
+
+
+def test_from_pretrained_conflicting_dtypes(tiny_folders):
+    base, safe = tiny_folders
+    with pytest.raises(ValueError, match="either `torch_dtype`"):
+        SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, torch_dtype=torch.float16, dtype=torch.bfloat16)
