@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 sd15, 10 tiny)")
     parser.add_argument("--height", type=int, default=None, help="default: 512 sd15, 64 tiny")
     parser.add_argument("--width", type=int, default=None, help="default: 512 sd15, 64 tiny")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default: 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per variant (default: 15 tiny, where one run is ~0.1 s and noisy; 5 sd15)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -122,6 +123,8 @@ def main(argv=None) -> dict:
     if cuda:
         torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated() if cuda else 0
+    if args.repeats is None:
+        args.repeats = 15 if args.size == "tiny" else 5
     timings = time_interleaved(fns, warmup=1, repeats=args.repeats)
     print(f"size={args.size} device={args.device} dtype={args.dtype} steps={steps} {height}x{width} repeats={args.repeats}")
     print_table(timings, baseline="vanilla StableDiffusionPipeline")

@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["peak_bf16_tflops"] = peak
         base = part2["fp32_eager"]["step_s"]
         for name in part2:
+            result[f"mfu_{name}"] = part2[name]["mfu"]
             if name != "fp32_eager":
                 result[f"{name}_speedup_over_fp32_eager"] = base / part2[name]["step_s"]
     dump_json_line(result)

@@ -102,3 +102,18 @@ def demo_server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one intra-op thread (use with ``pytestmark``).
+
+    Tiny models gain nothing from threads; on a shared 2-core machine two OpenMP threads stall
+    each other (10x slower, erratic).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

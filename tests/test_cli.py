@@ -6,18 +6,11 @@ import sys
 import types
 
 import pytest
-import torch
 from PIL import Image
 
 from safer_diffusion.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

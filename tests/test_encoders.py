@@ -13,13 +13,7 @@ from safer_diffusion.testing import save_tiny_clip, tiny_clip_model
 
 open_clip = pytest.importorskip("open_clip")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_open_clip(layers=2, quick_gelu=False, seed=0):

@@ -19,16 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MILD = ROOT / "assets" / "prompts" / "mild_unsafe.csv"
 I2P = Path(__file__).parent / "fixtures" / "evaluation" / "i2p_sample.csv"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads stall each other (10x slower, erratic)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
