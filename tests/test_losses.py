@@ -366,6 +366,7 @@ def _ddp_worker(rank, world, init_file, a_full, b_full, sizes, out_dir):
         loss = L.info_nce(a, b, logit_scale=10.0, gather=L.distributed_gather)
         loss.backward()
         torch.save({"loss": loss.detach(), "ga": a.grad, "gb": b.grad}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT at exit otherwise)
     finally:
         dist.destroy_process_group()
 
