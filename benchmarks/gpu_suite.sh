@@ -73,6 +73,10 @@ else
   TRAIN_ARGS=(--size vit-l14 --device cuda --batch_size 256 --repeats "$REPEATS")
   EVAL_ARGS=(--size sd15 --device cuda --dtype float16 --steps 25 --batch-size 1)
 fi
+if ! skip tests && [[ -z ${SUITE_DRY_RUN:-} ]]; then
+  echo "== GPU tests: pytest --rungpu -m gpu"
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --rungpu -m gpu tests/test_pipeline.py tests/test_train.py 2>&1 | tee "$OUT/gpu_tests.log"
+fi
 skip pipeline || run pipeline 200 $PY -m benchmarks.bench_pipeline "${PIPELINE_ARGS[@]}"
 skip targets  || run targets 60   $PY -m benchmarks.bench_targets "${TARGETS_ARGS[@]}"
 skip train    || run train 200    $PY -m benchmarks.bench_train "${TRAIN_ARGS[@]}"
@@ -88,6 +92,10 @@ for name in ("pipeline", "targets", "train", "eval"):
     p = out / f"{name}.json"
     if p.exists():
         res["results"][name] = json.loads(p.read_text())
+tests_log = out / "gpu_tests.log"
+if tests_log.exists():
+    lines_ = [ln for ln in tests_log.read_text().splitlines() if ln.strip()]
+    res["gpu_tests"] = lines_[-1] if lines_ else "no output"
 (out / "results.json").write_text(json.dumps(res, indent=2))
 goals = {
     "safe_over_vanilla": ("<=", 1.01), "compare_over_single": ("<=", 1.3), "compare_peak_mem_over_single": ("<=", 1.15),
@@ -104,6 +112,8 @@ for name, r in res["results"].items():
             g = goals.get(k)
             met = "" if g is None else ("yes" if (v <= g[1] if g[0] == "<=" else v >= g[1]) else "NO")
             lines.append(f"| {name} | {k} | {v:.4g} | {'' if g is None else g[0] + ' ' + str(g[1])} | {met} |")
+if "gpu_tests" in res:
+    lines += ["", f"GPU tests (`pytest --rungpu -m gpu`): {res['gpu_tests']}"]
 lines += ["", "Environment: `" + json.dumps(res["environment"]) + "`"]
 (out / "results.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

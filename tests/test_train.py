@@ -373,3 +373,23 @@ def test_memory_and_precision_options_train_the_same(tmp_path, reference_losses,
     dtypes_frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
     assert {p.dtype for p in result.model.parameters() if p.requires_grad} == {torch.float32}
     assert dtypes_frozen == ({torch.bfloat16} if "bf16" in flags else {torch.float32})
+
+
+# ----------------------------------------------------------------------------- GPU (opt-in: --rungpu)
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixed_precision,attention", [("bf16", "sdpa"), ("fp16", "sdpa"), ("bf16", "xformers"), ("no", "eager")])
+def test_gpu_training_precision_and_attention(tmp_path, mixed_precision, attention):
+    """On CUDA: every precision/attention backend trains with finite losses, trainable weights in fp32,
+    frozen weights in the low-precision dtype, and the frozen reference untouched."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if attention == "xformers":
+        pytest.importorskip("xformers.ops")
+    result = run(tmp_path, "--no-use_cpu", "--mixed_precision", mixed_precision, "--attention", attention,
+                 "--max_train_steps", "6", "--checkpointing_steps", "100", "--no-precompute_anchors")
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[mixed_precision]
+    params = list(result.model.named_parameters())
+    assert {p.dtype for _, p in params if p.requires_grad} == {torch.float32}
+    assert {p.dtype for _, p in params if not p.requires_grad} == {low}
+    assert next(p for _, p in params).device.type == "cuda"
