@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, overload
 
+from safer_diffusion.jsonl import read_jsonl
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -192,19 +194,7 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))  # strings kept verbatim (no "NA" -> NaN conversion)
     if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file must be one object.") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno} must be a JSON object, got {type(row).__name__}.")
-                rows.append(row)
-        return rows
+        return read_jsonl(path)
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict):

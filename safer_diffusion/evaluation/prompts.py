@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import read_jsonl
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "PROMPT_COLUMNS", "UNCATEGORIZED", "PromptRecord", "file_sha256", "load_prompts"]
@@ -111,18 +113,7 @@ def _read_rows(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
             columns = list(reader.fieldnames or [])
         return rows, columns
     if kind == "jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"`--prompts`={str(path)!r}: line {lineno} is not valid JSON ({e.msg}).") from e
-                if not isinstance(obj, dict):
-                    raise ValueError(f"`--prompts`={str(path)!r}: line {lineno} is a JSON {type(obj).__name__}, expected an object.")
-                rows.append(obj)
+        rows = read_jsonl(path, argument="--prompts")
     elif kind == "json":
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)

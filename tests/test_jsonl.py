@@ -1,0 +1,27 @@
+"""`read_jsonl`: the one JSON Lines reader shared by the training data and the prompt readers."""
+
+import pytest
+
+from safer_diffusion.jsonl import read_jsonl
+
+
+def test_reads_objects_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n  \n{"a": 2, "b": "x"}\n', encoding="utf-8")
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2, "b": "x"}]
+
+
+@pytest.mark.parametrize(
+    "text,argument,match",
+    [
+        ('{"a": 1}\n{"a": \n', None, r"rows\.jsonl:2 is not valid JSON"),
+        ('{"a": 1}\n[1, 2]\n', None, r"rows\.jsonl:2 is a JSON list, expected an object"),
+        ('{"a": 1}\n{"a": \n', "--prompts", r"`--prompts`='.*rows\.jsonl': line 2 is not valid JSON"),
+        ('"just a string"\n', "--prompts", r"line 1 is a JSON str, expected an object"),
+    ],
+)
+def test_errors_name_the_file_and_line(tmp_path, text, argument, match):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        read_jsonl(path, argument=argument)
