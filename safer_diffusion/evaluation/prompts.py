@@ -156,15 +156,8 @@ def _split_categories(value: Any) -> tuple[str, ...]:
 
 
 def _to_int(value: Any) -> int | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "nan", "none")):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    if f != f:  # NaN
-        return None
-    return int(f)
+    f = _to_float(value)
+    return None if f is None else int(f)
 
 
 def _to_float(value: Any) -> float | None:
