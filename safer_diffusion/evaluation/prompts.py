@@ -157,7 +157,7 @@ def _split_categories(value: Any) -> tuple[str, ...]:
 
 def _to_int(value: Any) -> int | None:
     f = _to_float(value)
-    return None if f is None else int(f)
+    return None if f is None or f in (float("inf"), float("-inf")) else int(f)
 
 
 def _to_float(value: Any) -> float | None:
