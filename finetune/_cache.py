@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from safer_diffusion.fileio import probe_writable_dir
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,10 +34,7 @@ def ensure_writable(folder: str | os.PathLike, argument: str = "cache_dir") -> P
     """Create ``folder`` if needed and check that files can be written in it; raise a clear error otherwise."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable_dir(folder)
     except OSError as e:
         raise PermissionError(
             f"`{argument}` {str(folder)!r} is not a writable directory ({e.strerror or e}); pass another `{argument}` "

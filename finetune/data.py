@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, overload
 
-from safer_diffusion.jsonl import read_jsonl
+from safer_diffusion.fileio import read_jsonl
 
 logger = logging.getLogger(__name__)
 

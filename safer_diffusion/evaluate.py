@@ -37,13 +37,14 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .fileio import probe_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +207,8 @@ def _parse_thresholds(text: str | None, scorers: Sequence[str]) -> dict[str, flo
 
 
 def _check_out_writable(out: str) -> None:
-    path = Path(out).expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(fd)
-        os.unlink(tmp)
+        probe_writable_dir(Path(out).expanduser())
     except OSError as e:
         raise ValueError(f"`--out`={out!r} is not a writable folder ({e.strerror or e}). Choose a folder you can write to.") from e
 

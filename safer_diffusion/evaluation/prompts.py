@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..jsonl import read_jsonl
+from ..fileio import read_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,15 @@
-"""Reading JSON Lines files with errors that name the file, the line and the fix."""
+"""Small file helpers shared by the library and the training application: JSON Lines reading and
+writable-folder checks, with errors that name the file and the fix."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_jsonl"]
+__all__ = ["probe_writable_dir", "read_jsonl"]
 
 
 def read_jsonl(path: str | os.PathLike, argument: str | None = None) -> list[dict[str, Any]]:
@@ -41,3 +43,21 @@ def read_jsonl(path: str | os.PathLike, argument: str | None = None) -> list[dic
                 raise ValueError(f"{where}{' ' if argument else ''}{lineno} is a JSON {type(row).__name__}, expected an object.")
             rows.append(row)
     return rows
+
+
+def probe_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and write (then remove) a probe file in it.
+
+    Returns:
+        The folder as a `Path`.
+
+    Raises:
+        OSError: the folder cannot be created or written; callers turn it into an error that names
+            their own option.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    return folder

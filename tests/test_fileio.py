@@ -2,7 +2,7 @@
 
 import pytest
 
-from safer_diffusion.jsonl import read_jsonl
+from safer_diffusion.fileio import probe_writable_dir, read_jsonl
 
 
 def test_reads_objects_and_skips_blank_lines(tmp_path):
@@ -25,3 +25,15 @@ def test_errors_name_the_file_and_line(tmp_path, text, argument, match):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=match):
         read_jsonl(path, argument=argument)
+
+
+def test_probe_writable_dir_creates_and_leaves_nothing(tmp_path):
+    folder = probe_writable_dir(tmp_path / "a" / "b")
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_probe_writable_dir_raises_oserror_for_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        probe_writable_dir(blocker / "sub")
