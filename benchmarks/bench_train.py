@@ -72,6 +72,16 @@ def captions(n: int) -> list[str]:
     return [f"{subjects[i % 8]} {acts[(i // 8) % 5]} {places[(i // 40) % 6]} photo number {i}" for i in range(n)]
 
 
+def _apply(loss, optimizer, device):
+    """Backward, optimizer step and (on CUDA) a sync, so every timed step ends when its work does."""
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss
+
+
 def make_step(model, optimizer, loss_fn, batch: dict, anchors: dict | None, device, autocast_dtype):
     """One training step closure. ``anchors=None``: run the frozen reference forward (adapters disabled) every step."""
     B = batch["ids"].shape[0] // 2
@@ -85,12 +95,7 @@ def make_step(model, optimizer, loss_fn, batch: dict, anchors: dict | None, devi
             else:
                 t0, t0_star, t0_hat = anchors["t0"], anchors["t0_star"], anchors["t0_hat"]
             loss = loss_fn(t=out[:B], t_star=out[B:], t0=t0, t0_star=t0_star, t0_hat=t0_hat)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return loss
+        return _apply(loss, optimizer, device)
 
     return step
 
@@ -133,12 +138,7 @@ def make_copy_step(model, optimizer, loss_fn, batch: dict, reference, device, au
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(input_ids=batch["ids"], attention_mask=batch["mask"])["text"]
             loss = loss_fn(t=out[:B], t_star=out[B:], t0=ref[:B], t0_star=ref[B:], t0_hat=ref[:B])["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return loss
+        return _apply(loss, optimizer, device)
 
     return step
 
