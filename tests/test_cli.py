@@ -58,7 +58,7 @@ def test_generate_tiny_compare_two_prompts(tmp_path, capsys):
     assert (tmp_path / "pair_safe_1.png").is_file()
 
 
-def test_generate_offline_hub_id_fails_fast(tmp_path, capsys, monkeypatch):
+def test_generate_offline_hub_id_fails_fast(tmp_path, capsys, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["generate", "a cat", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err

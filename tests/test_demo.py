@@ -219,7 +219,7 @@ def test_port_in_use_is_an_error_before_loading_models(monkeypatch, capsys):
     assert app.port_is_free("127.0.0.1", free) and app.choose_port("127.0.0.1", free) == free
 
 
-def test_unreachable_default_models_exit_with_a_clear_message(monkeypatch, capsys):
+def test_unreachable_default_models_exit_with_a_clear_message(monkeypatch, capsys, no_network):
     # conftest sets HF_HUB_OFFLINE=1, so the default hub ids cannot be loaded: no silent fallback to --tiny.
     _forbid_model_loading(monkeypatch)
     monkeypatch.setattr("safer_diffusion.hub._cached_on_disk", lambda repo_id: False)

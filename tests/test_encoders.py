@@ -167,7 +167,7 @@ def test_corrupt_safetensors(tmp_path):
         load_safe_text_encoder(tmp_path / "oc.safetensors")
 
 
-def test_bad_sources(tmp_path, monkeypatch):
+def test_bad_sources(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="`safe_text_encoder`='/no/such/folder' is not an existing local path"):
         load_safe_text_encoder("/no/such/folder")

@@ -178,7 +178,7 @@ def test_empty_and_bad_inputs(tmp_path):
         PairDataset([("a", "b")])
 
 
-def test_hub_id_offline_is_a_clear_error():
+def test_hub_id_offline_is_a_clear_error(no_network):
     from safer_diffusion.hub import HubUnavailableError
 
     with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):

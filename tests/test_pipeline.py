@@ -298,7 +298,9 @@ def test_empty_and_bad_prompts(pipe):
         pipe.compare("a", num_images_per_prompt=0)
 
 
-def test_missing_sources_and_offline_hub(tiny_folders, tmp_path, monkeypatch):
+def test_missing_sources_and_offline_hub(tiny_folders, tmp_path, monkeypatch, no_network):
+    """Bad sources fail up front. The two hub ids below are the error path the issue asks for (a hub id
+    while offline): nothing is downloaded, and ``no_network`` makes any connection attempt fail the test."""
     from safer_diffusion.hub import HubUnavailableError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

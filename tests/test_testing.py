@@ -109,7 +109,7 @@ def test_hub_layout_loads_offline(tiny_folders):
     assert CLIPTokenizer.from_pretrained(safe)("a cat").input_ids == [49406, 320, 2368, 49407]
 
 
-def test_hub_id_offline_fails_fast_with_clear_message(monkeypatch):
+def test_hub_id_offline_fails_fast_with_clear_message(monkeypatch, no_network):
     import time
 
     from safer_diffusion.hub import HubUnavailableError, resolve_model_source
