@@ -18,12 +18,13 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from safer_diffusion.fileio import atomic_write_text
 
 __all__ = ["TrainConfig", "parse_config", "load_config_file", "CONFIG_DIR"]
 
@@ -188,12 +189,7 @@ class TrainConfig:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
     @classmethod

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +39,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from safer_diffusion.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -332,9 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        atomic_write_text(out, text)
     print(json.dumps(results))
     return results
 

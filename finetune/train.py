@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from safer_diffusion.fileio import atomic_write_text, fsync_dir
+
 from .config import TrainConfig, parse_config
 
 logger = logging.getLogger(__name__)
@@ -145,19 +147,6 @@ def _fsync_write(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- data plan
@@ -443,14 +432,14 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                     "base_model": loaded.source, "config": config.to_dict(), "trainable_keys": sorted(unwrapped.trainable_state_dict()),
                 }
                 _fsync_write(tmp / CHECKPOINT_STATE, json.dumps(state, indent=2))  # written last: marks the folder complete
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 if final.exists():
                     old = output_dir / f".old-checkpoint-{step}"
                     shutil.rmtree(old, ignore_errors=True)
                     os.replace(final, old)
                     shutil.rmtree(old, ignore_errors=True)
                 os.replace(tmp, final)
-                _fsync_dir(output_dir)
+                fsync_dir(output_dir)
         except OSError as e:
             if main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -617,9 +606,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                 if data is not None and len(data) > 1:
                     metrics[split] = text_metrics(encode, lambda c: encode(c, reference=True), data.safe_captions, data.unsafe_captions)
             if main_process:
-                tmp = output_dir / ".metrics.json.tmp"
-                _fsync_write(tmp, json.dumps(metrics, indent=2))
-                os.replace(tmp, output_dir / "metrics.json")
+                atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
             for split, m in metrics.items():
                 logger.info("%s: redirect_to_target_r1 %.3f (frozen %.3f), t_star_to_t_r1 %.3f (frozen %.3f), safe_cos %.4f",
                             split, m["redirect_to_target_r1"], m["frozen"]["redirect_to_target_r1"], m["t_star_to_t_r1"],

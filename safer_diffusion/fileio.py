@@ -1,5 +1,5 @@
-"""Small file helpers shared by the library and the training application: JSON Lines reading and
-writable-folder checks, with errors that name the file and the fix."""
+"""Small file helpers shared by the library and the training application: JSON Lines reading,
+writable-folder checks and crash-safe writes (tmp file + fsync + ``os.replace``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["probe_writable_dir", "read_jsonl"]
+__all__ = ["atomic_write_text", "fsync_dir", "probe_writable_dir", "read_jsonl"]
 
 
 def read_jsonl(path: str | os.PathLike, argument: str | None = None) -> list[dict[str, Any]]:
@@ -61,3 +61,36 @@ def probe_writable_dir(folder: str | os.PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return folder
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder so a rename or new file in it survives a crash (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and ``os.replace`` (never half a file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)

@@ -37,3 +37,13 @@ def test_probe_writable_dir_raises_oserror_for_a_file(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError):
         probe_writable_dir(blocker / "sub")
+
+
+def test_atomic_write_text_replaces_whole_and_leaves_no_temp(tmp_path):
+    from safer_diffusion.fileio import atomic_write_text
+
+    target = tmp_path / "out.json"
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

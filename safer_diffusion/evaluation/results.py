@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..fileio import atomic_write_text, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ __all__ = [
     "SETTINGS_NAME",
     "ResultsWriter",
     "SettingsMismatchError",
-    "atomic_write_text",
     "check_settings",
     "merge_results",
     "rank_results_name",
@@ -62,36 +62,6 @@ def row_key(row: dict[str, Any]) -> tuple[str, int, str]:
     return str(row["prompt_id"]), int(row["seed"]), str(row["variant"])
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and ``os.replace`` (never half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def results_files(out_dir: str | os.PathLike) -> list[Path]:
@@ -194,7 +164,7 @@ class ResultsWriter:
         created = not self.path.exists()
         self._f = open(self.path, "ab")
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> int:
         """Write ``rows`` durably; returns how many were written."""

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .results import SETTINGS_NAME, atomic_write_text, read_results
+from ..fileio import atomic_write_text
+from .results import SETTINGS_NAME, read_results
 
 logger = logging.getLogger(__name__)
 
