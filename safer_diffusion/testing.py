@@ -117,6 +117,34 @@ def _write_tokenizer_files(folder: Path, pad_token: str) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
+def _build_folder_once(folder: Path, build, marker: str = ".complete", replace_incomplete: bool = True) -> Path:
+    """Build ``folder`` with ``build(tmp_folder)`` unless it already holds ``marker``, atomically.
+
+    The folder is written under a temporary name (``marker`` is created after ``build`` if ``build``
+    did not write it) and renamed into place, so a crash or a concurrent builder never leaves or
+    sees half a folder. ``replace_incomplete`` removes an existing folder that lacks ``marker``
+    first (only for folders this module owns); otherwise such a folder makes the rename fail.
+    """
+    if (folder / marker).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        build(tmp)
+        if not (tmp / marker).is_file():
+            (tmp / marker).write_text("ok\n")
+        if replace_incomplete:
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / marker).is_file():  # a concurrent builder finishing first is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def clip_tokenizer(pad_token: str = _EOS, cache: str | os.PathLike | None = None):
     """The real CLIP BPE tokenizer (49,408 tokens, 77 positions), built offline.
 
@@ -140,19 +168,8 @@ def clip_tokenizer(pad_token: str = _EOS, cache: str | os.PathLike | None = None
     if pad_token not in (_EOS, "!"):
         raise ValueError(f"`pad_token` must be '{_EOS}' (SD 1.x) or '!' (SD 2.x), got {pad_token!r}.")
     folder = Path(cache) if cache is not None else cache_dir() / ("clip_tokenizer-eos" if pad_token == _EOS else "clip_tokenizer-bang")
-    marker = folder / "tokenizer_config.json"
-    if not marker.is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=folder.parent))
-        try:
-            _write_tokenizer_files(tmp, pad_token)
-            try:
-                os.replace(tmp, folder)  # atomic: concurrent builders never see half a folder
-            except OSError:
-                if not marker.is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    _build_folder_once(folder, lambda tmp: _write_tokenizer_files(tmp, pad_token), marker="tokenizer_config.json",
+                       replace_incomplete=False)
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -326,20 +343,6 @@ def tiny_pipeline_folders(root: str | os.PathLike | None = None, variant: Litera
     """
     root = Path(root) if root is not None else cache_dir() / "tiny"
     base, safe = root / f"{variant}-base", root / f"{variant}-safe-clip"
-    for folder, saver, kwargs in ((base, save_tiny_sd, {"variant": variant}), (safe, save_tiny_clip, {"variant": variant})):
-        if (folder / ".complete").is_file():
-            continue
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
-        try:
-            saver(tmp, **kwargs)
-            (tmp / ".complete").write_text("ok\n")
-            shutil.rmtree(folder, ignore_errors=True)
-            try:
-                os.replace(tmp, folder)
-            except OSError:
-                if not (folder / ".complete").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    _build_folder_once(base, lambda tmp: save_tiny_sd(tmp, variant=variant))
+    _build_folder_once(safe, lambda tmp: save_tiny_clip(tmp, variant=variant))
     return base, safe
