@@ -40,7 +40,7 @@ def sd15_components(seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from safer_diffusion.testing import clip_tokenizer
+    from safer_diffusion.tiny import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -66,7 +66,7 @@ def sd15_components(seed: int = 0) -> dict:
 
 def tiny_components(seed: int = 0) -> dict:
     from safer_diffusion.encoders import load_safe_text_encoder
-    from safer_diffusion.testing import tiny_clip_model, tiny_sd_components
+    from safer_diffusion.tiny import tiny_clip_model, tiny_sd_components
 
     parts = tiny_sd_components(seed)
     parts["original_text_encoder"] = parts.pop("text_encoder")

@@ -54,7 +54,7 @@ def build_clip(size: str, seed: int = 0):
     """A random-init CLIPModel whose text tower has the given size (the vision tower is tiny: it is not trained here)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from safer_diffusion.testing import tiny_text_config
+    from safer_diffusion.tiny import tiny_text_config
 
     s = SIZES[size]
     text = tiny_text_config("sd1", hidden_size=s["hidden"], projection_dim=s["hidden"])
@@ -103,7 +103,7 @@ def make_step(model, optimizer, loss_fn, batch: dict, anchors: dict | None, devi
 def prepare(size: str, finetune: str, batch_size: int, device, attention: str, weight_dtype, live: bool, pad_to_max: bool = False):
     from finetune.losses import SaferClipLoss
     from finetune.modeling import SaferCLIP, check_attention
-    from safer_diffusion.testing import clip_tokenizer
+    from safer_diffusion.tiny import clip_tokenizer
 
     check_attention(attention, device)
     clip = build_clip(size)

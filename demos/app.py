@@ -695,7 +695,7 @@ def resolve_device_dtype(device: str, dtype: str):
 def resolve_sources(args: argparse.Namespace) -> tuple[str, str]:
     """``(base, safe_encoder)`` as loadable sources, or :class:`StartupError` naming ``--tiny`` and local paths."""
     if args.tiny:
-        from safer_diffusion.testing import tiny_pipeline_folders
+        from safer_diffusion.tiny import tiny_pipeline_folders
 
         base, safe = tiny_pipeline_folders()
         return str(base), str(safe)

@@ -36,7 +36,7 @@ __all__ = [
     "weight_dtype_for",
 ]
 
-#: ``--model_name_or_path`` value that builds :func:`safer_diffusion.testing.tiny_clip_model` (offline tests).
+#: ``--model_name_or_path`` value that builds :func:`safer_diffusion.tiny.tiny_clip_model` (offline tests).
 TINY_MODEL_NAME = "tiny"
 OPEN_CLIP_PREFIX = "open_clip:"
 ATTENTION_CHOICES = ("sdpa", "xformers", "eager")
@@ -158,7 +158,7 @@ def load_clip(name_or_path: str | os.PathLike, attention: str = "sdpa") -> Loade
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"`--attention` must be one of {list(ATTENTION_CHOICES)}, got {attention!r}.")
     if name == TINY_MODEL_NAME:
-        from safer_diffusion.testing import clip_tokenizer, tiny_clip_model
+        from safer_diffusion.tiny import clip_tokenizer, tiny_clip_model
 
         model = tiny_clip_model()
         model.set_attn_implementation(attention)
@@ -192,7 +192,7 @@ def _load_open_clip(name: str, attention: str) -> LoadedCLIP:
     except ImportError as e:  # pragma: no cover
         raise ImportError("`open_clip:` models need open_clip_torch: `pip install -e '.[train]'`.") from e
     from safer_diffusion.hub import resolve_model_source
-    from safer_diffusion.testing import clip_tokenizer
+    from safer_diffusion.tiny import clip_tokenizer
 
     parts = name[len(OPEN_CLIP_PREFIX):].split(":", 1)
     arch, pretrained = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)

@@ -127,7 +127,7 @@ def _generate(args) -> int:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive integer, got {getattr(args, name)}.")
     base, safe = args.base, args.safe_encoder
     if args.tiny:
-        from .testing import tiny_pipeline_folders
+        from .tiny import tiny_pipeline_folders
 
         base, safe = tiny_pipeline_folders()
     else:

@@ -328,7 +328,7 @@ def _resolve_dtype(name: str, device: Any):
 def _model_sources(config: EvaluateConfig) -> tuple[str, str, str, str]:
     """(base id for settings, safe id for settings, base path to load, safe path to load)."""
     if config.tiny:
-        from .testing import tiny_pipeline_folders
+        from .tiny import tiny_pipeline_folders
 
         base, safe = tiny_pipeline_folders()
         return TINY_SOURCE, TINY_SOURCE, str(base), str(safe)

@@ -1,0 +1,115 @@
+"""The export folder: the one contract between ``finetune`` (its writer) and ``safer_diffusion`` (its reader).
+
+``python -m finetune.export`` writes it; :func:`safer_diffusion.encoders.load_safe_text_encoder` is its only
+reader. Layout (documented in ``docs/EXPORT_FORMAT.md``)::
+
+    text_encoder/{config.json, model.safetensors}   CLIPTextModel (what Stable Diffusion reads)
+    tokenizer/                                      CLIPTokenizer
+    clip/{config.json, model.safetensors}           full CLIPModel (optional)
+    text_projection.safetensors                     {"weight": (projection_dim, hidden)}
+    safer_clip.json                                 the manifest (schema below)
+    README.md                                       model card
+
+This module owns the names, the version and the manifest schema; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_text
+
+__all__ = [
+    "CLIP_DIR",
+    "EXPORT_FORMAT",
+    "EXPORT_FORMAT_VERSION",
+    "ExportManifest",
+    "MANIFEST_FILE",
+    "MODEL_CARD_FILE",
+    "TEXT_ENCODER_DIR",
+    "TEXT_PROJECTION_FILE",
+    "TOKENIZER_DIR",
+    "is_export_folder",
+    "read_manifest",
+    "write_manifest",
+]
+
+#: Value of the manifest's ``format`` key.
+EXPORT_FORMAT = "safer-clip-encoder"
+#: Version of the layout; a reader refuses a newer one.
+EXPORT_FORMAT_VERSION = 1
+MANIFEST_FILE = "safer_clip.json"
+MODEL_CARD_FILE = "README.md"
+TEXT_ENCODER_DIR = "text_encoder"
+TOKENIZER_DIR = "tokenizer"
+CLIP_DIR = "clip"
+TEXT_PROJECTION_FILE = "text_projection.safetensors"
+
+
+@dataclass
+class ExportManifest:
+    """The manifest ``safer_clip.json``. Unknown keys written by a newer minor writer are kept in ``extra``."""
+
+    base_model: str
+    loss: str
+    global_step: int
+    dtype: str
+    text_encoder_num_layers: int
+    train_towers: str = "text"
+    finetune: str = "lora"
+    checkpoint: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = EXPORT_FORMAT
+    format_version: int = EXPORT_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+
+def is_export_folder(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` holds a manifest (it may still be invalid: :func:`read_manifest` checks)."""
+    return (Path(folder) / MANIFEST_FILE).is_file()
+
+
+def write_manifest(folder: str | os.PathLike, manifest: ExportManifest) -> Path:
+    """Write ``folder/safer_clip.json`` atomically."""
+    path = Path(folder) / MANIFEST_FILE
+    atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2))
+    return path
+
+
+def read_manifest(folder: str | os.PathLike, argument: str = "safe_text_encoder") -> ExportManifest:
+    """Read and check ``folder/safer_clip.json``.
+
+    Raises:
+        ValueError: not valid JSON, another format, a newer format version, or a required key missing.
+    """
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"`{argument}`: {os.fspath(path)!r} is not valid JSON ({e}); re-export the encoder.") from None
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"`{argument}`: {os.fspath(path)!r} has format {got!r}, expected {EXPORT_FORMAT!r}.")
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
+        raise ValueError(
+            f"`{argument}`: export format_version {version!r} is newer than this library reads "
+            f"({EXPORT_FORMAT_VERSION}); upgrade safer-diffusion."
+        )
+    known = {f for f in ExportManifest.__dataclass_fields__ if f != "extra"}
+    required = ("base_model", "loss", "global_step", "dtype", "text_encoder_num_layers")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"`{argument}`: {os.fspath(path)!r} lacks {missing}; re-export the encoder with finetune.export.")
+    return ExportManifest(**{k: v for k, v in data.items() if k in known},
+                          extra={k: v for k, v in data.items() if k not in known})  # fmt: skip
