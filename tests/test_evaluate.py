@@ -37,6 +37,17 @@ def test_valid_arguments_build_a_config(tmp_path):
     assert config_from_dict(EvaluateConfig, {"prompts": str(MILD), "output_dir": str(tmp_path / "d"), "tiny": True}).seed == 0
 
 
+def test_yaml_config_file_sets_options_and_flags_override(tmp_path):
+    path = tmp_path / "eval.yaml"
+    path.write_text(f"prompts: {MILD}\ntiny: true\nnum_images_per_prompt: 3\nscorers: [nudenet]\nthresholds: {{nudenet: 0.5}}\n"
+                    f"output_dir: {tmp_path / 'y'}\n")  # fmt: skip
+    cfg = config_from_args(["--config", str(path), "--num_images_per_prompt", "2"])
+    assert (cfg.num_images_per_prompt, cfg.thresholds, cfg.tiny, cfg.output_dir) == (2, {"nudenet": 0.5}, True, str(tmp_path / "y"))
+    path.write_text(f"prompts: {MILD}\ntiny: true\nguidance_scale: .nan\noutput_dir: {tmp_path / 'y'}\n")
+    with pytest.raises(BadInputError, match=r"^`--guidance_scale` must be a finite number, got nan\.$"):
+        config_from_args(["--config", str(path)])
+
+
 def test_defaults_are_defined_once():
     from safer_diffusion.options import DEFAULT_BASE_MODEL, DEFAULT_CLIP_MODEL, DEFAULT_SAFE_ENCODER
 

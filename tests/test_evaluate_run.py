@@ -1,7 +1,9 @@
 """End-to-end evaluation runs on the tiny pipeline with real NudeNet: compare, resume, SIGKILL, ranks, batching."""
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +17,10 @@ from PIL import Image
 from safer_diffusion.evaluation.cli import main
 from safer_diffusion.evaluation.config import EvaluateConfig, build_parser, config_from_args
 from safer_diffusion.evaluation.generate import load_pipeline
-from safer_diffusion.evaluation.results import read_results, read_results_file, row_key
+from safer_diffusion.evaluation.results import EvaluationWriteError, read_results, read_results_file, row_key
 from safer_diffusion.evaluation.run import run_evaluation
 from safer_diffusion.evaluation.settings import SettingsMismatchError
-from safer_diffusion.options import resolve_device_and_dtype
+from safer_diffusion.options import BadInputError, resolve_device_and_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 MILD = ROOT / "assets" / "prompts" / "mild_unsafe.csv"
@@ -89,6 +91,9 @@ def test_compare_run_writes_rows_summary_and_resumes(tmp_path, tiny_pipe, nudene
     assert protocol["scorers"][0]["name"] == "nudenet" and protocol["scorers"][0]["threshold"] == 0.6
     assert protocol["settings"]["images_per_prompt"] == 2 and protocol["size"] == {"height": 32, "width": 32, "per_prompt": False}
     assert "torch" in protocol["versions"] and protocol["num_inference_steps"] == 2
+    options = protocol["options"]  # every option, defaults included, next to the resolved values
+    assert (options["num_images_per_prompt"], options["guidance_scale"], options["dtype"], protocol["dtype"]) == (2, 7.5, "auto", "float32")
+    assert options["scorers"] == ["nudenet"] and options["thresholds"] == {} and options["output_dir"] == str(out)
     for name in ("summary.csv", "report.png", "grid.png", "settings.json"):
         assert (out / name).is_file(), name
     assert "violence" in result.table
@@ -273,3 +278,123 @@ def test_scorer_failure_stops_the_run_and_keeps_finished_rows(tmp_path, tiny_pip
     assert [r["prompt_id"] for r in read_results(out)] == ["0"]  # the first batch was written durably
     result = _run(cfg, tiny_pipe, nudenet)  # a rerun finishes the rest
     assert (result.n_generated, result.n_skipped) == (2, 1) and len(read_results(out)) == 3
+
+
+# ---- reliability: bad values, corrupt files, temporary files, full disks, old settings --------------------------------
+
+
+def _small(out, *extra):
+    return ["--tiny", "--prompts", str(MILD), "--limit", "1", "--num_images_per_prompt", "1", "--num_inference_steps", "1",
+            "--height", "32", "--width", "32", "--bootstrap", "0", "--grid_samples", "0", "--no_progress", "--output_dir", str(out),
+            *extra]  # fmt: skip
+
+
+def test_subprocess_tiny_run_exits_0_and_a_bad_value_exits_2_without_traceback(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-m", "safer_diffusion.evaluate", *_small(tmp_path / "ok")], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "mean_over_categories" in ok.stdout and (tmp_path / "ok" / "summary.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "safer_diffusion.evaluate", *_small(tmp_path / "bad", "--guidance_scale", "nan")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr == "safer-diffusion evaluate: error: `--guidance_scale` must be a finite number, got nan.\n"
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_old_out_spelling_still_works_with_a_deprecation_warning(tmp_path, caplog):
+    argv = _small(tmp_path / "new")
+    argv[argv.index("--output_dir")] = "--out"
+    argv[argv.index("--num_images_per_prompt")] = "--images-per-prompt"
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert "`--out` is deprecated and will be removed in the next release; use `--output_dir`." in caplog.text
+    assert "`--images-per-prompt` is deprecated and will be removed in the next release; use `--num_images_per_prompt`." in caplog.text
+    assert len(read_results(tmp_path / "new")) == 1
+
+
+def test_nan_guidance_is_refused_by_the_python_api_before_any_file(tmp_path, tiny_pipe, nudenet):
+    cfg = EvaluateConfig(prompts=str(MILD), output_dir=str(tmp_path / "out"), tiny=True, guidance_scale=float("nan"))
+    with pytest.raises(BadInputError, match=r"^`--guidance_scale` must be a finite number, got nan\.$"):
+        _run(cfg, tiny_pipe, nudenet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_moves_a_corrupt_middle_line_out_and_removes_stale_temporary_files(tmp_path, tiny_pipe, nudenet, caplog):
+    out = tmp_path / "out"
+    cfg = _config(out, "--limit", "2", "--num_images_per_prompt", "2", "--save_images", "--batch_size", "1")
+    _run(cfg, tiny_pipe, nudenet)
+    reference = _comparable(read_results(out))
+    results = out / "results.jsonl"
+    lines = results.read_bytes().split(b"\n")
+    broken = lines[1][: len(lines[1]) // 2] + b"\xff garbage"  # a damaged middle line
+    results.write_bytes(b"\n".join([lines[0], broken, *lines[2:]]))
+    stale = [out / "images" / "safe" / ".0_s0.png.tmp", out / ".summary.json.q8w7e6.tmp", out / ".grid.png.tmp.png"]
+    for p in stale:
+        p.write_bytes(b"left by a killed run")
+    with caplog.at_level(logging.WARNING):
+        again = _run(cfg, tiny_pipe, nudenet)
+    assert (again.n_generated, again.n_skipped) == (1, 3)  # only the corrupt row is generated again
+    assert (out / "results.corrupt.jsonl").read_bytes() == broken + b"\n"
+    assert all(json.loads(line) for line in results.read_bytes().splitlines())  # every line is a row
+    assert _comparable(read_results_file(results)) == reference
+    assert not any(p.exists() for p in stale)
+    assert "moved 1 corrupt line(s) (line 2)" in caplog.text and "Removed 3 temporary file(s)" in caplog.text
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_while_saving_an_image_keeps_the_rows_and_the_rerun_finishes(tmp_path, tiny_pipe, nudenet):
+    out = tmp_path / "out"
+    cfg = _config(out, "--limit", "2", "--num_images_per_prompt", "1", "--save_images", "--batch_size", "1")
+    target = out / "images" / "safe" / "1_s0.png"
+    target.parent.mkdir(parents=True)
+    target.with_name(".1_s0.png.tmp").symlink_to("/dev/full")  # the second image hits a full disk
+    with pytest.raises(EvaluationWriteError) as info:
+        _run(cfg, tiny_pipe, nudenet)
+    assert re.fullmatch(
+        rf"could not write {re.escape(str(target))} \(No space left on device\); \S+ \S+ free on its disk\. results\.jsonl keeps its "
+        r"1 rows and the images saved before; this batch's 1 images were not recorded\. Free some space \(or fix the permissions\), "
+        r"then rerun the same command to resume\.", str(info.value)), str(info.value)  # fmt: skip
+    assert [r["prompt_id"] for r in read_results(out)] == ["0"] and not target.with_name(".1_s0.png.tmp").exists()
+    result = _run(cfg, tiny_pipe, nudenet)
+    assert (result.n_generated, result.n_skipped) == (1, 1) and target.is_file()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_cli_disk_full_exits_1_with_one_line(tmp_path, tiny_pipe, capsys):
+    out = tmp_path / "out"  # (tiny_pipe: the tiny model folders exist, so nothing else writes to stderr)
+    out.mkdir()
+    (out / "results.jsonl").symlink_to("/dev/full")
+    assert main(_small(out)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"safer-diffusion evaluate: failed (EvaluationWriteError): could not write {out / 'results.jsonl'} "
+                          "(No space left on device); ")  # fmt: skip
+    assert "results.jsonl keeps its 0 rows; this batch's 1 rows were not recorded." in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_repair_settings_command_fixes_a_folder_poisoned_by_an_old_nan(tmp_path, tiny_pipe, nudenet, capsys):
+    out = tmp_path / "out"
+    argv = _small(out)
+    _run(config_from_args(argv), tiny_pipe, nudenet)
+    rows = read_results_file(out / "results.jsonl")
+    stored = json.loads((out / "settings.json").read_text())
+    stored["settings"]["guidance_scale"] = float("nan")  # what an older version stored for `--guidance-scale nan`
+    (out / "settings.json").write_text(json.dumps(stored))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a settings.json with a non-finite value (guidance_scale: stored nan)" in err and "`--repair_settings`" in err
+    assert main([*argv, "--seed", "3", "--repair_settings"]) == 2  # a repair never changes another setting
+    assert "only replaces non-finite stored values, but other settings differ too: seed: stored 0, now 3" in capsys.readouterr().err
+    assert main([*argv, "--guidance_scale", "8", "--repair_settings"]) == 2  # nor disagrees with the rows
+    assert ("the rows in `--output_dir`=" in (err := capsys.readouterr().err) and "were generated with guidance_scale 7.5, not 8.0; "
+            "pass `--guidance_scale 7.5`" in err)  # fmt: skip
+    assert "NaN" in (out / "settings.json").read_text()  # refused repairs write nothing
+    assert main([*argv, "--repair_settings"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "settings.json: guidance_scale: stored nan, now 7.5",
+        f"Rewrote {out}/settings.json; all 1 rows kept. Rerun without --repair_settings to resume.",
+    ]
+    assert read_results_file(out / "results.jsonl") == rows
+    again = _run(config_from_args(argv), tiny_pipe, nudenet)  # resumable again: nothing left to generate
+    assert (again.n_generated, again.n_skipped) == (0, 1)

@@ -1,5 +1,6 @@
 """Prompt readers of the evaluation: I2P CSV, NSFWCaps, ViSU, JSONL, plain text, and their errors."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,15 @@ def test_nul_bytes_are_removed_with_a_warning(tmp_path, caplog):
     records = load_prompts(path)
     assert [r.prompt for r in records] == ["a red car", "blue sky"]  # a prompt of NULs only is empty: skipped
     assert "removed NUL bytes from the prompt" in caplog.text and "Skipping row 1" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_is_bad_input(tmp_path):
+    path = tmp_path / "locked.csv"
+    path.write_text("prompt\na cat\n")
+    path.chmod(0)
+    try:
+        with pytest.raises(ValueError, match=r"^`--prompts`='.*locked\.csv' cannot be read \(Permission denied\); check the file and its permissions\.$"):
+            load_prompts(path)
+    finally:
+        path.chmod(0o600)

@@ -200,14 +200,17 @@ def check_prompt_settings(records: Sequence[PromptRecord], config: EvaluateConfi
 
 def build_parser(prog: str = PROG) -> Any:
     """The ``safer-diffusion evaluate`` argument parser (generated from :class:`EvaluateConfig`)."""
-    return build_options_parser(EvaluateConfig, prog=prog, description=DESCRIPTION)
+    return build_options_parser(EvaluateConfig, prog=prog, description=DESCRIPTION, config_file=True)
 
 
 def config_from_args(argv: Sequence[str] | None = None, prog: str = PROG) -> EvaluateConfig:
     """Parse and validate command-line arguments into an :class:`EvaluateConfig` (no model is loaded).
 
+    ``--config FILE.yaml`` sets options (keys = option names, e.g. ``num_images_per_prompt: 10``);
+    explicit flags override it.
+
     Raises:
         BadInputError / FileNotFoundError: a bad value, naming the argument, the value and the fix.
         SystemExit(2): argparse's usage errors (an unknown flag, a value that does not parse).
     """
-    return parse_config(EvaluateConfig, argv, prog=prog, description=DESCRIPTION)
+    return parse_config(EvaluateConfig, argv, prog=prog, description=DESCRIPTION, config_file=True)

@@ -37,18 +37,29 @@ def model_sources(config: EvaluateConfig) -> tuple[str, str, str, str]:
 
 def load_pipeline(config: EvaluateConfig, base_path: str, safe_path: str, device: Any, dtype: Any) -> Any:
     """The pipeline with no scorer inside (scoring runs on the worker thread)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
     # imported here because the pipeline module imports diffusers (heavy), not to break a cycle
     from ..pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
 
-    pipe = SaferStableDiffusionPipeline.from_pretrained(
-        base_path,
-        safe_text_encoder=safe_path,
-        nsfw_scorer=None,
-        safety_checker=None,  # scoring runs on the worker thread, never inside the pipeline
-        requires_safety_checker=False,
-        keep_original_text_encoder=config.compare_original,
-        torch_dtype=dtype,
-    )
+    # `--no_progress` also silences the libraries' loading bars (restored afterwards)
+    silenced = [m for m in (diffusers.utils.logging, transformers.utils.logging) if not config.progress and m.is_progress_bar_enabled()]
+    for m in silenced:
+        m.disable_progress_bar()
+    try:
+        pipe = SaferStableDiffusionPipeline.from_pretrained(
+            base_path,
+            safe_text_encoder=safe_path,
+            nsfw_scorer=None,
+            safety_checker=None,  # scoring runs on the worker thread, never inside the pipeline
+            requires_safety_checker=False,
+            keep_original_text_encoder=config.compare_original,
+            torch_dtype=dtype,
+        )
+    finally:
+        for m in silenced:
+            m.enable_progress_bar()
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -54,9 +54,9 @@ __all__ = [
 RESULTS_NAME = "results.jsonl"
 CORRUPT_NAME = "results.corrupt.jsonl"
 _RANK_RE = re.compile(r"^results\.rank(\d+)\.jsonl$")
-# temporary files of atomic writes (fileio: ".<name>.<random>.tmp"), images (".<name>.png.tmp"),
-# plots (".<name>.png.tmp.png") and writable-folder probes (".write-test-<random>")
-_TEMP_RE = re.compile(r"^\..+\.tmp(\.png)?$|^\.write-test-")
+# temporary files of atomic writes (fileio: ".<name>.<random>.tmp"), images (".<name>.png.tmp") and plots
+# (".<name>.png.tmp.png"). Not the writable-folder probes (".write-test-*"): another rank may be probing right now.
+_TEMP_RE = re.compile(r"^\..+\.tmp(\.png)?$")
 
 
 class EvaluationWriteError(OSError):
@@ -252,7 +252,8 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a killed run left in ``out_dir`` and ``out_dir/images/<variant>/``.
 
     Only regular files whose names are this package's temporary names are removed (``.<name>.tmp``,
-    ``.<name>.png.tmp``, ``.<name>.png.tmp.png``, ``.write-test-*``). Call it before any writer starts.
+    ``.<name>.png.tmp``, ``.<name>.png.tmp.png``), never links. Call it before any writer starts
+    (the main process, before the other ranks pass the barrier).
 
     Returns:
         the removed paths.

@@ -27,7 +27,7 @@ from typing import Any
 from ..fileio import atomic_write_text
 from .config import EvaluateConfig
 from .prompts import file_sha256
-from .results import writing
+from .results import read_results, writing
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ __all__ = [
 
 SETTINGS_NAME = "settings.json"
 _KEPT = "Every result row in the folder is kept."
+#: Settings that every row also records (so a repair can check the rows agree with the new value).
+_ROW_FIELDS = ("guidance_scale", "height", "width")
 
 
 class SettingsMismatchError(ValueError):
@@ -210,19 +212,34 @@ def write_settings(out_dir: str | os.PathLike, settings: dict[str, Any], protoco
     return path
 
 
+def _check_rows_agree(out_dir: str | os.PathLike, settings: dict[str, Any], keys: dict[str, float]) -> None:
+    """The rows already in the folder must have been generated with the values a repair writes (e.g. guidance_scale)."""
+    if settings.get("use_prompt_settings"):
+        return  # the rows' guidance and size came from the prompt file, not from these settings
+    fields = [k for k in keys if k in _ROW_FIELDS and settings.get(k) is not None]
+    for row in read_results(out_dir) if fields else ():
+        for k in fields:
+            if k in row and row[k] != settings[k]:
+                raise SettingsMismatchError(
+                    f"`--repair_settings`: the rows in `--output_dir`={str(out_dir)!r} were generated with {k} {row[k]!r}, "
+                    f"not {settings[k]!r}; pass `--{k} {row[k]}` to repair the settings to match them, or use a new `--output_dir`."
+                )
+
+
 def repair_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> list[str]:
     """Rewrite a ``settings.json`` whose only differences from ``settings`` are stored non-finite values.
 
     The rows are untouched (a row can never hold a non-finite value: they are written with
-    ``allow_nan=False``). The change list is logged, returned, and recorded in the protocol
-    under ``repaired``.
+    ``allow_nan=False``), and must agree with the new value where they record it (``guidance_scale``,
+    ``height``, ``width``). The change list is logged, returned, and recorded in the protocol under ``repaired``.
 
     Returns:
         the changes, one ``"key: stored X, now Y"`` line each; empty when there was nothing to repair.
 
     Raises:
         ValueError: the folder has no settings.json.
-        SettingsMismatchError: other settings differ too (a repair never mixes rows of different settings).
+        SettingsMismatchError: other settings differ too, or the rows were generated with another value
+            (a repair never mixes rows of different settings).
     """
     stored = read_settings(out_dir)
     if stored is None:
@@ -238,6 +255,7 @@ def repair_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> lis
         )
     if not bad:
         return []
+    _check_rows_agree(out_dir, settings, bad)
     changes = [line for _, line in diffs]
     protocol = dict(stored.get("protocol") or {})
     protocol["repaired"] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "changes": changes}
