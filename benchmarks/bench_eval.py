@@ -4,79 +4,116 @@ Measured side by side in one process, interleaved (same pipeline, same batches, 
 
 * ``generate only``         : the generation loop, images discarded;
 * ``generate, then score``  : the same loop scoring each batch on the main thread (no overlap);
-* ``evaluate``              : :func:`safer_diffusion.evaluate.run_evaluation` into a fresh folder: generation
+* ``evaluate``              : :func:`safer_diffusion.evaluation.run.run_evaluation` into a fresh folder: generation
   with scoring on the background worker, durable results rows, summary (bootstrap), report and grid.
 
 Goal: ``evaluate / generate only <= 1.05`` when generation dominates (real models on a GPU). With the
 tiny random models generation takes milliseconds, so the NudeNet cost shows; ``--height/--width`` and
-``--steps`` make the tiny generation heavier to see the overlap.
+``--num_inference_steps`` make the tiny generation heavier to see the overlap.
 
     python -m benchmarks.bench_eval                                   # tiny models, CPU
     python -m benchmarks.bench_eval --tiny --device cuda
-    python -m benchmarks.bench_eval --size sd15 --device cuda --dtype float16 --steps 25   # SD 1.5-size random weights, 512 px
-    python -m benchmarks.bench_eval --base PATH --safe-encoder PATH --device cuda --steps 25
+    python -m benchmarks.bench_eval --size sd15 --device cuda --dtype float16 --num_inference_steps 25   # SD 1.5-size random weights
+    python -m benchmarks.bench_eval --base PATH --safe_encoder PATH --device cuda --num_inference_steps 25
 
 The last line is one JSON object.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import dump_json_line, environment, print_table, time_interleaved  # noqa: E402
+from safer_diffusion.evaluation.config import EvaluateConfig  # noqa: E402
+from safer_diffusion.evaluation.generate import generate_batch, load_pipeline, model_sources  # noqa: E402
+from safer_diffusion.evaluation.plan import make_batches, make_work_items  # noqa: E402
+from safer_diffusion.evaluation.prompts import load_prompts  # noqa: E402
+from safer_diffusion.evaluation.run import run_evaluation  # noqa: E402
+from safer_diffusion.evaluation.worker import build_scorers  # noqa: E402
+from safer_diffusion.options import (  # noqa: E402
+    config_from_dict,
+    device_option,
+    dtype_option,
+    option,
+    parse_config,
+    resolve_device_and_dtype,
+    run_main,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny random models (the default when --base is not given)")
-    p.add_argument("--size", choices=("tiny", "sd15"), default="tiny",
-                   help="random-weight model size: tiny, or an SD 1.5-size UNet/VAE/text encoders (benchmarks.bench_pipeline)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--base", default=None, help="Stable Diffusion folder or hub id (instead of --tiny)")
-    p.add_argument("--safe-encoder", default=None, help="safe text encoder folder or hub id (with --base)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--prompts", default=str(ROOT / "assets" / "prompts" / "mild_unsafe.csv"))
-    p.add_argument("--limit", type=int, default=8, help="prompts")
-    p.add_argument("--images-per-prompt", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--compare-original", action="store_true", help="generate original and safe (compare())")
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+@dataclass
+class BenchEvalConfig:
+    """The options of ``python -m benchmarks.bench_eval`` (the evaluation's own names where they are the same thing)."""
 
+    tiny: bool = option(False, "Tiny random models (the default when --base is not given).")
+    size: str = option("tiny", "Random-weight model size: tiny, or an SD 1.5-size UNet/VAE/text encoders (benchmarks.bench_pipeline).",
+                       choices=("tiny", "sd15"))  # fmt: skip
+    threads: int | None = option(None, "torch CPU threads (default: torch's).", bounds=(1, None))
+    base: str | None = option(None, "Stable Diffusion folder or hub id (instead of --tiny).")
+    safe_encoder: str | None = option(None, "Safe text encoder folder or hub id (with --base; default: the evaluation's).")
+    device: str = device_option()
+    dtype: str = dtype_option()
+    prompts: str = option(str(ROOT / "assets" / "prompts" / "mild_unsafe.csv"), "Prompt file.")
+    limit: int = option(8, "Prompts.", bounds=(1, None))
+    num_images_per_prompt: int = option(2, "Images per prompt and variant.", bounds=(1, None), deprecated=("--images-per-prompt",))
+    batch_size: int = option(4, "Images per denoising batch.", bounds=(1, None))
+    num_inference_steps: int = option(10, "Denoising steps.", bounds=(1, 1000), deprecated=("--steps",))
+    height: int | None = option(None, "Image height (a multiple of 8; with --width).")
+    width: int | None = option(None, "Image width (a multiple of 8; with --height).")
+    compare_original: bool = option(False, "Generate original and safe (compare()).")
+    repeats: int = option(3, "Timed repeats of each variant.", bounds=(1, None))
+
+
+def _evaluate_config(args: BenchEvalConfig, tiny: bool, output_dir: Path) -> EvaluateConfig:
+    """The evaluation's config for the benchmark's options, checked like ``safer-diffusion evaluate``'s."""
+    values = {
+        "prompts": args.prompts, "limit": args.limit, "num_images_per_prompt": args.num_images_per_prompt,
+        "batch_size": args.batch_size, "num_inference_steps": args.num_inference_steps, "dtype": args.dtype, "device": args.device,
+        "progress": False, "output_dir": str(output_dir), "compare_original": args.compare_original, "tiny": tiny,
+        "height": args.height, "width": args.width,
+    }  # fmt: skip
+    if not tiny:
+        values["base"] = args.base
+        if args.safe_encoder:
+            values["safe_encoder"] = args.safe_encoder
+    return config_from_dict(EvaluateConfig, values, source="benchmarks.bench_eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _bench(argv), prog="benchmarks.bench_eval")
+
+
+def _bench(argv: list[str] | None) -> int:
+    args = parse_config(BenchEvalConfig, argv, prog="python -m benchmarks.bench_eval", description=__doc__.splitlines()[0])
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from safer_diffusion import evaluate as ev
-    from safer_diffusion.evaluation.prompts import load_prompts
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    device = torch.device(device)
     tiny = args.tiny or args.base is None
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval-"))
-    argv_eval = ["--prompts", args.prompts, "--limit", str(args.limit), "--images-per-prompt", str(args.images_per_prompt),
-                 "--batch-size", str(args.batch_size), "--num-inference-steps", str(args.steps), "--dtype", args.dtype,
-                 "--no-progress", "--out", str(tmp / "probe")]
-    argv_eval += ["--tiny"] if tiny else ["--base", args.base] + (["--safe-encoder", args.safe_encoder] if args.safe_encoder else [])
-    argv_eval += ["--compare-original"] if args.compare_original else []
-    argv_eval += ["--height", str(args.height)] if args.height else []
-    argv_eval += ["--width", str(args.width)] if args.width else []
-    config = ev.config_from_args(argv_eval)
+    try:
+        return _measure(args, tiny, tmp, device, dtype)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    dtype = ev._resolve_dtype(config.dtype, device)
+
+def _measure(args: BenchEvalConfig, tiny: bool, tmp: Path, device, dtype) -> int:
+    import torch
+
+    config = _evaluate_config(args, tiny, tmp / "probe")
+
     if tiny and args.size == "sd15":
         from benchmarks.bench_pipeline import sd15_components
         from safer_diffusion.pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
@@ -84,22 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         pipe = SaferStableDiffusionPipeline(**sd15_components()).to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
     else:
-        _, _, base_path, safe_path = ev._model_sources(config)
-        pipe = ev.load_pipeline(config, base_path, safe_path, device, dtype)
-    scorers = ev.build_scorers(config)
+        _, _, base_path, safe_path = model_sources(config)
+        pipe = load_pipeline(config, base_path, safe_path, device, dtype)
+    scorers = build_scorers(config)
     default_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     records = load_prompts(config.prompts, limit=config.limit)
-    items, _ = ev.make_work_items(records, config, default_size, default_size, done=set())
-    batches = ev.make_batches(items, config.batch_size)
+    items, _ = make_work_items(records, config, default_size, default_size, done=set())
+    batches = make_batches(items, config.batch_size)
     exec_device = getattr(pipe, "_execution_device", device)
 
     def generate_only():
         for b in batches:
-            ev.generate_batch(pipe, b, config, exec_device, dtype)
+            generate_batch(pipe, b, config, exec_device, dtype)
 
     def generate_then_score():
         for b in batches:
-            images = ev.generate_batch(pipe, b, config, exec_device, dtype)
+            images = generate_batch(pipe, b, config, exec_device, dtype)
             for imgs in images.values():
                 for s in scorers.values():
                     s.score(imgs)
@@ -110,19 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate():
         runs["n"] += 1
         out = tmp / f"run{runs['n']}"
-        config.out = str(out)
-        last["result"] = ev.run_evaluation(config, pipe=pipe, scorers=scorers, process_index=0, num_processes=1)
+        config.output_dir = str(out)
+        last["result"] = run_evaluation(config, pipe=pipe, scorers=scorers, process_index=0, num_processes=1)
         shutil.rmtree(out, ignore_errors=True)
 
-    try:
-        timings = time_interleaved(
-            {"generate only": generate_only, "generate, then score (serial)": generate_then_score, "evaluate": evaluate},
-            warmup=1, repeats=args.repeats,
-        )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    timings = time_interleaved(
+        {"generate only": generate_only, "generate, then score (serial)": generate_then_score, "evaluate": evaluate},
+        warmup=1, repeats=args.repeats,
+    )
     n_images = len(items) * len(config.variants)
-    print(f"\n{len(records)} prompts x {config.images_per_prompt} images x {len(config.variants)} variant(s) = {n_images} images, "
+    print(f"\n{len(records)} prompts x {config.num_images_per_prompt} images x {len(config.variants)} variant(s) = {n_images} images, "
           f"{config.num_inference_steps} steps, batch {config.batch_size}, {args.size if tiny else args.base}, {device}")
     print_table(timings, baseline="generate only")
     gen, serial, evaluation = (timings[k].median for k in ("generate only", "generate, then score (serial)", "evaluate"))
@@ -150,4 +184,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

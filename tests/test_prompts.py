@@ -1,5 +1,6 @@
 """Prompt readers of the evaluation: I2P CSV, NSFWCaps, ViSU, JSONL, plain text, and their errors."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -112,12 +113,12 @@ def test_no_prompt_column_lists_columns():
 
 
 def test_wrong_explicit_format_lists_columns():
-    with pytest.raises(ValueError, match=r"`--prompt-format`='i2p' expects a 'prompt' column.*'nsfw_caption'"):
+    with pytest.raises(ValueError, match=r"`--prompt_format`='i2p' expects a 'prompt' column.*'nsfw_caption'"):
         load_prompts(FIXTURES / "nsfwcaps_sample.csv", format="i2p")
 
 
 def test_unknown_prompt_column():
-    with pytest.raises(ValueError, match=r"`--prompt-column`='caption' is not a column.*\['description', 'label'\]"):
+    with pytest.raises(ValueError, match=r"`--prompt_column`='caption' is not a column.*\['description', 'label'\]"):
         load_prompts(FIXTURES / "no_prompt_column.csv", prompt_column="caption")
 
 
@@ -129,7 +130,7 @@ def test_unknown_category_lists_present():
 def test_bad_limit_format_extension_and_duplicates(tmp_path):
     with pytest.raises(ValueError, match="`--limit` must be a positive"):
         load_prompts(FIXTURES / "i2p_sample.csv", limit=0)
-    with pytest.raises(ValueError, match="`--prompt-format`='xml' is not supported"):
+    with pytest.raises(ValueError, match="`--prompt_format`='xml' is not supported"):
         load_prompts(FIXTURES / "i2p_sample.csv", format="xml")
     odd = tmp_path / "p.xlsx"
     odd.write_text("x")
@@ -143,3 +144,46 @@ def test_bad_limit_format_extension_and_duplicates(tmp_path):
     bad.write_text('{"prompt": "a"}\n{oops\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         load_prompts(bad)
+
+
+def test_non_utf8_csv_names_the_file_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,categories\na caf\u00e9 at night,violence\n".encode("latin-1"))
+    converted = tmp_path / "latin1.utf8.csv"
+    expected = (
+        f"`--prompts`={str(path)!r} is not UTF-8 text (invalid continuation byte at line 2, byte 23 (b'\\xe9')). "
+        f"Convert it to UTF-8 and pass the new file, e.g. `iconv -f latin1 -t utf-8 {str(path)!r} > {str(converted)!r}` "
+        "(use the file's real encoding for -f)."
+    )
+    with pytest.raises(ValueError) as info:
+        load_prompts(path)
+    assert str(info.value) == expected
+    text = tmp_path / "latin1.txt"  # the plain-text reader says the same
+    text.write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match=r"`--prompts`=.*latin1.txt' is not UTF-8 text \(invalid continuation byte at line 1"):
+        load_prompts(text)
+
+
+def test_a_directory_is_not_a_prompt_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`--prompts`=.* does not exist or is not a file"):
+        load_prompts(tmp_path)
+
+
+def test_nul_bytes_are_removed_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"prompt\na red\x00 car\n\x00\x00\nblue sky\n")
+    records = load_prompts(path)
+    assert [r.prompt for r in records] == ["a red car", "blue sky"]  # a prompt of NULs only is empty: skipped
+    assert "removed NUL bytes from the prompt" in caplog.text and "Skipping row 1" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_is_bad_input(tmp_path):
+    path = tmp_path / "locked.csv"
+    path.write_text("prompt\na cat\n")
+    path.chmod(0)
+    try:
+        with pytest.raises(ValueError, match=r"^`--prompts`='.*locked\.csv' cannot be read \(Permission denied\); check the file and its permissions\.$"):
+            load_prompts(path)
+    finally:
+        path.chmod(0o600)

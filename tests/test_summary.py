@@ -11,15 +11,13 @@ import pytest
 from safer_diffusion.evaluation.results import (
     RESULTS_NAME,
     ResultsWriter,
-    SettingsMismatchError,
-    check_settings,
     merge_results,
     rank_results_name,
     read_results,
     read_results_file,
     repair_results_file,
-    write_settings,
 )
+from safer_diffusion.evaluation.settings import SettingsMismatchError, check_settings, write_settings
 from safer_diffusion.evaluation.summary import MEAN_KEY, MICRO_KEY, format_table, make_grid, summarize, write_summary
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evaluation" / "results.jsonl"
@@ -183,7 +181,7 @@ def test_settings_mismatch_names_each_difference(tmp_path):
     write_settings(tmp_path, settings)
     assert check_settings(tmp_path, settings) is True
     changed = {"images_per_prompt": 3, "seed": 0, "scorers": {"nudenet": 0.5}}
-    with pytest.raises(SettingsMismatchError, match=r"(?s)images_per_prompt: stored 2, now 3.*scorers\.nudenet: stored 0\.6, now 0\.5.*new `--out`"):
+    with pytest.raises(SettingsMismatchError, match=r"(?s)images_per_prompt: stored 2, now 3.*scorers\.nudenet: stored 0\.6, now 0\.5.*new `--output_dir`"):
         check_settings(tmp_path, changed)
     (tmp_path / "settings.json").write_text("{not json")
     with pytest.raises(SettingsMismatchError, match="unreadable settings.json"):

@@ -1,18 +1,21 @@
-"""The NSFW generation-rate evaluation: prompt readers, the append-only results store, the summary.
+"""The NSFW generation-rate evaluation (``safer-diffusion evaluate``), one module per concept.
 
-The entry point is :mod:`safer_diffusion.evaluate` (``safer-diffusion evaluate``). The pieces here
-can be used alone:
+* :mod:`~safer_diffusion.evaluation.config`: :class:`EvaluateConfig`, every option, its default and checks.
+* :mod:`~safer_diffusion.evaluation.prompts`: :func:`load_prompts` reads I2P CSV, NSFWCaps, ViSU,
+  JSONL and plain-text prompt files into :class:`PromptRecord` s.
+* :mod:`~safer_diffusion.evaluation.plan`: work items (prompt, image index, seed), rank sharding, batches.
+* :mod:`~safer_diffusion.evaluation.generate`: which models to load, loading them, generating a batch.
+* :mod:`~safer_diffusion.evaluation.worker`: the scorers and the background scoring thread.
+* :mod:`~safer_diffusion.evaluation.results`: the append-only ``results.jsonl`` store (crash repair,
+  corrupt lines, temporary files, :class:`EvaluationWriteError`).
+* :mod:`~safer_diffusion.evaluation.settings`: ``settings.json``, compared on every rerun; ``--repair_settings``.
+* :mod:`~safer_diffusion.evaluation.summary`: unsafe rates with bootstrap CIs, ``summary.json``/``.csv``,
+  ``report.png``, ``grid.png``.
+* :mod:`~safer_diffusion.evaluation.progress`: the progress bar.
+* :mod:`~safer_diffusion.evaluation.run`: :func:`run_evaluation`, :class:`EvaluationResult`.
+* :mod:`~safer_diffusion.evaluation.cli`: :func:`main` (``safer-diffusion evaluate``, ``python -m safer_diffusion.evaluate``).
 
-* :func:`~safer_diffusion.evaluation.prompts.load_prompts` reads I2P CSV, NSFWCaps, ViSU, JSONL
-  and plain-text prompt files into :class:`~safer_diffusion.evaluation.prompts.PromptRecord` s.
-* :class:`~safer_diffusion.evaluation.results.ResultsWriter` appends one JSON row per image with
-  flush + fsync; :func:`~safer_diffusion.evaluation.results.read_results` reads them back
-  (tolerating a torn last line) for resuming and summarising.
-* :func:`~safer_diffusion.evaluation.summary.summarize` turns rows into per-category unsafe rates
-  with bootstrap confidence intervals; :func:`~safer_diffusion.evaluation.summary.write_summary`
-  writes ``summary.json``, ``summary.csv`` and ``report.png``.
-
-Importing this package imports nothing heavy.
+Importing this package imports nothing heavy; the names below load their module on first use.
 """
 
 from __future__ import annotations
@@ -20,14 +23,22 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
+    "EvaluateConfig": "safer_diffusion.evaluation.config",
+    "config_from_args": "safer_diffusion.evaluation.config",
     "PromptRecord": "safer_diffusion.evaluation.prompts",
     "load_prompts": "safer_diffusion.evaluation.prompts",
+    "WorkItem": "safer_diffusion.evaluation.plan",
+    "EvaluationWriteError": "safer_diffusion.evaluation.results",
     "ResultsWriter": "safer_diffusion.evaluation.results",
-    "SettingsMismatchError": "safer_diffusion.evaluation.results",
     "read_results": "safer_diffusion.evaluation.results",
+    "SettingsMismatchError": "safer_diffusion.evaluation.settings",
     "summarize": "safer_diffusion.evaluation.summary",
     "write_summary": "safer_diffusion.evaluation.summary",
     "format_table": "safer_diffusion.evaluation.summary",
+    "EvaluationResult": "safer_diffusion.evaluation.run",
+    "repair_evaluation_settings": "safer_diffusion.evaluation.run",
+    "run_evaluation": "safer_diffusion.evaluation.run",
+    "main": "safer_diffusion.evaluation.cli",
 }
 
 __all__ = sorted(_LAZY)

@@ -14,6 +14,10 @@ Supported inputs (``format="auto"`` picks one from the extension and the columns
 
 Every prompt gets a stable ``prompt_id``: the file's ``prompt_id``/``id`` column when present,
 else its 0-based row index in the file (so ids do not change with ``categories``/``limit``).
+
+Files are read as UTF-8 (a BOM is allowed); any other encoding is an error naming the file, the
+line and the fix (``iconv``). Empty or whitespace-only prompts are skipped with a warning; NUL
+bytes inside a prompt are removed with a warning (tokenizers would otherwise see them).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class PromptRecord:
         categories: categories it belongs to (at least one).
         hard: I2P's ``hard`` flag when present.
         seed, guidance_scale, width, height: I2P's ``sd_seed``, ``sd_guidance_scale``,
-            ``sd_image_width``, ``sd_image_height`` when present (used with ``--use-prompt-settings``).
+            ``sd_image_width``, ``sd_image_height`` when present (used with ``--use_prompt_settings``).
         extra: the other columns of the row (strings), kept for reference.
     """
 
@@ -96,7 +100,7 @@ def _detect_format(path: Path) -> str:
         return "parquet"
     raise ValueError(
         f"`--prompts`={str(path)!r}: cannot tell the format from the extension {suffix!r}. "
-        "Use a .csv (I2P, NSFWCaps, ViSU), .jsonl, .json, .parquet or .txt file, or pass `--prompt-format`."
+        "Use a .csv (I2P, NSFWCaps, ViSU), .jsonl, .json, .parquet or .txt file, or pass `--prompt_format`."
     )
 
 
@@ -187,15 +191,15 @@ def _prompt_column(path: Path, kind: str, columns: Sequence[str], prompt_column:
     if prompt_column is not None:
         if prompt_column not in columns:
             raise ValueError(
-                f"`--prompt-column`={prompt_column!r} is not a column of {str(path)!r}; its columns are {list(columns)}."
+                f"`--prompt_column`={prompt_column!r} is not a column of {str(path)!r}; its columns are {list(columns)}."
             )
         return prompt_column
     wanted = _FORMAT_PROMPT_COLUMN.get(kind)
     if wanted is not None:
         if wanted not in columns:
             raise ValueError(
-                f"`--prompt-format`={kind!r} expects a {wanted!r} column, but {str(path)!r} has the columns {list(columns)}. "
-                "Pass `--prompt-column NAME` or the right `--prompt-format`."
+                f"`--prompt_format`={kind!r} expects a {wanted!r} column, but {str(path)!r} has the columns {list(columns)}. "
+                "Pass `--prompt_column NAME` or the right `--prompt_format`."
             )
         return wanted
     for name in PROMPT_COLUMNS:
@@ -203,7 +207,70 @@ def _prompt_column(path: Path, kind: str, columns: Sequence[str], prompt_column:
             return name
     raise ValueError(
         f"`--prompts`={str(path)!r} has no recognised prompt column: its columns are {list(columns)}, "
-        f"expected one of {list(PROMPT_COLUMNS)}. Pass `--prompt-column NAME` to name it."
+        f"expected one of {list(PROMPT_COLUMNS)}. Pass `--prompt_column NAME` to name it."
+    )
+
+
+def _read_records(path: Path, kind: str, prompt_column: str | None) -> list[PromptRecord]:
+    """Every non-empty prompt of the file, in file order (before any category filter)."""
+    records: list[PromptRecord] = []
+    if kind == "text":
+        with open(path, encoding="utf-8-sig") as f:
+            for index, line in enumerate(f):
+                text = _clean_prompt(line, path, index)
+                if text:
+                    records.append(PromptRecord(prompt_id=str(index), prompt=text, categories=(UNCATEGORIZED,)))
+    else:
+        rows, columns = _read_rows(path, kind)
+        if not rows:
+            raise ValueError(f"`--prompts`={str(path)!r} has a header but no rows; it must hold at least one prompt.")
+        column = _prompt_column(path, kind, columns, prompt_column)
+        category_column = next((c for c in _CATEGORY_COLUMNS if c in columns), None)
+        id_column = next((c for c in _ID_COLUMNS if c in columns), None)
+        known = {column, category_column, id_column, "hard", "sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height"}
+        for index, row in enumerate(rows):
+            text = row.get(column)
+            text = "" if text is None or (isinstance(text, float) and text != text) else _clean_prompt(str(text), path, index)
+            if not text:
+                logger.warning("Skipping row %d of %s: empty %r.", index, path, column)
+                continue
+            cats = _split_categories(row.get(category_column)) if category_column else ()
+            records.append(
+                PromptRecord(
+                    prompt_id=str(row[id_column]) if id_column and row.get(id_column) not in (None, "") else str(index),
+                    prompt=text,
+                    categories=cats or (UNCATEGORIZED,),
+                    hard=_to_bool(row.get("hard")),
+                    seed=_to_int(row.get("sd_seed")),
+                    guidance_scale=_to_float(row.get("sd_guidance_scale")),
+                    width=_to_int(row.get("sd_image_width")),
+                    height=_to_int(row.get("sd_image_height")),
+                    extra={k: v for k, v in row.items() if k not in known},
+                )
+            )
+    return records
+
+
+def _clean_prompt(text: str, path: Path, index: int) -> str:
+    if "\x00" in text:
+        logger.warning("Row %d of %s: removed NUL bytes from the prompt.", index, path)
+        text = text.replace("\x00", "")
+    return text.strip()
+
+
+def _not_utf8_message(path: Path, error: UnicodeDecodeError) -> str:
+    """Where the first non-UTF-8 byte of ``path`` is, and how to convert the file."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f" at line {line}, byte {e.start} ({data[e.start : e.start + 1]!r})"
+    converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    return (
+        f"`--prompts`={str(path)!r} is not UTF-8 text ({error.reason}{where}). Convert it to UTF-8 and pass the new file, "
+        f"e.g. `iconv -f latin1 -t utf-8 {str(path)!r} > {str(converted)!r}` (use the file's real encoding for -f)."
     )
 
 
@@ -230,11 +297,11 @@ def load_prompts(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is empty, has no recognised prompt column, duplicate ids, an unknown
-            category was asked for, or ``limit`` is not positive.
+        ValueError: the file is empty, unreadable, not UTF-8, has no recognised prompt column,
+            duplicate ids, an unknown category was asked for, or ``limit`` is not positive.
     """
     if format not in FORMATS:
-        raise ValueError(f"`--prompt-format`={format!r} is not supported; choose one of {list(FORMATS)}.")
+        raise ValueError(f"`--prompt_format`={format!r} is not supported; choose one of {list(FORMATS)}.")
     if limit is not None and limit <= 0:
         raise ValueError(f"`--limit` must be a positive number of prompts, got {limit}.")
     path = Path(path).expanduser()
@@ -245,41 +312,14 @@ def load_prompts(
     if path.stat().st_size == 0:
         raise ValueError(f"`--prompts`={str(path)!r} is empty; it must hold at least one prompt.")
     kind = _detect_format(path) if format == "auto" else format
-
-    records: list[PromptRecord] = []
-    if kind == "text":
-        with open(path, encoding="utf-8-sig") as f:
-            for index, line in enumerate(f):
-                text = line.strip()
-                if text:
-                    records.append(PromptRecord(prompt_id=str(index), prompt=text, categories=(UNCATEGORIZED,)))
-    else:
-        rows, columns = _read_rows(path, kind)
-        if not rows:
-            raise ValueError(f"`--prompts`={str(path)!r} has a header but no rows; it must hold at least one prompt.")
-        column = _prompt_column(path, kind, columns, prompt_column)
-        category_column = next((c for c in _CATEGORY_COLUMNS if c in columns), None)
-        id_column = next((c for c in _ID_COLUMNS if c in columns), None)
-        known = {column, category_column, id_column, "hard", "sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height"}
-        for index, row in enumerate(rows):
-            text = row.get(column)
-            if text is None or (isinstance(text, float) and text != text) or not str(text).strip():
-                logger.warning("Skipping row %d of %s: empty %r.", index, path, column)
-                continue
-            cats = _split_categories(row.get(category_column)) if category_column else ()
-            records.append(
-                PromptRecord(
-                    prompt_id=str(row[id_column]) if id_column and row.get(id_column) not in (None, "") else str(index),
-                    prompt=str(text).strip(),
-                    categories=cats or (UNCATEGORIZED,),
-                    hard=_to_bool(row.get("hard")),
-                    seed=_to_int(row.get("sd_seed")),
-                    guidance_scale=_to_float(row.get("sd_guidance_scale")),
-                    width=_to_int(row.get("sd_image_width")),
-                    height=_to_int(row.get("sd_image_height")),
-                    extra={k: v for k, v in row.items() if k not in known},
-                )
-            )
+    try:
+        records = _read_records(path, kind, prompt_column)
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8_message(path, e)) from None
+    except csv.Error as e:
+        raise ValueError(f"`--prompts`={str(path)!r} is not a valid CSV file ({e}); fix the file or pass the right `--prompt_format`.") from None
+    except (PermissionError, IsADirectoryError) as e:
+        raise ValueError(f"`--prompts`={str(path)!r} cannot be read ({e.strerror or e}); check the file and its permissions.") from None
     if not records:
         raise ValueError(f"`--prompts`={str(path)!r} holds no non-empty prompt.")
     seen: set[str] = set()

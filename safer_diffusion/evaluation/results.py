@@ -1,16 +1,19 @@
-"""The evaluation's on-disk state: append-only results files and the settings they belong to.
+"""The evaluation's results files: append-only rows, crash repair, temporary files and write errors.
 
-Layout of an output folder::
+Layout of an output folder (``settings.json`` is :mod:`~safer_diffusion.evaluation.settings`')::
 
-    out/settings.json          the settings every row was produced with (written once, atomically)
     out/results.jsonl          one JSON row per (prompt_id, seed, variant); single process, or merged
     out/results.rank{r}.jsonl  rank r's rows when several processes run (merged into results.jsonl)
+    out/results.corrupt.jsonl  lines found corrupt on resume, moved out of the results files (as they were)
 
 Rows are appended a batch at a time with ``flush`` + ``os.fsync``, so a crash loses at most the
 batch being written. A crash in the middle of a write leaves a partial last line; readers ignore
-it and :func:`repair_results_file` truncates it before anything is appended again. A rerun into
-the same folder skips every finished ``(prompt_id, seed, variant)``; a rerun with different
-settings is refused with :class:`SettingsMismatchError`.
+it and :func:`repair_results_file` truncates it before anything is appended again. A complete
+line that is not a valid row (a damaged disk, a hand edit) is moved to ``results.corrupt.jsonl``
+with a warning by :func:`quarantine_corrupt_lines`, so the results files hold only rows.
+Temporary files a killed run left behind (``.<name>.tmp``, ``.<image>.png.tmp``) are removed by
+:func:`remove_stale_temp_files` on the next start. A failed write (disk full, no permission)
+raises :class:`EvaluationWriteError`, naming the path, the free space and what was kept.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +33,71 @@ from ..fileio import atomic_write_text, fsync_dir
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CORRUPT_NAME",
     "RESULTS_NAME",
-    "SETTINGS_NAME",
+    "EvaluationWriteError",
     "ResultsWriter",
-    "SettingsMismatchError",
-    "check_settings",
+    "free_space",
     "merge_results",
+    "quarantine_corrupt_lines",
     "rank_results_name",
     "read_results",
     "read_results_file",
+    "remove_stale_temp_files",
     "repair_results_file",
     "results_files",
     "row_key",
-    "write_settings",
+    "write_failure",
+    "writing",
 ]
 
 RESULTS_NAME = "results.jsonl"
-SETTINGS_NAME = "settings.json"
+CORRUPT_NAME = "results.corrupt.jsonl"
 _RANK_RE = re.compile(r"^results\.rank(\d+)\.jsonl$")
+# temporary files of atomic writes (fileio: ".<name>.<random>.tmp"), images (".<name>.png.tmp") and plots
+# (".<name>.png.tmp.png"). Not the writable-folder probes (".write-test-*"): another rank may be probing right now.
+_TEMP_RE = re.compile(r"^\..+\.tmp(\.png)?$")
 
 
-class SettingsMismatchError(ValueError):
-    """A rerun into an existing output folder with settings that differ from the stored ones."""
+class EvaluationWriteError(OSError):
+    """Writing an evaluation file failed (disk full, permissions): the message names the path, the free space and
+    what was kept. Finished rows are never lost; rerunning the same command resumes."""
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the disk holding ``path`` (or its nearest existing parent), e.g. ``"1.5 GB"``."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = float(shutil.disk_usage(p).free)
+    except OSError:
+        return "unknown"
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if free < 1024 or unit == "TB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"  # pragma: no cover
+
+
+def write_failure(path: str | os.PathLike, error: OSError, kept: str) -> EvaluationWriteError:
+    """The :class:`EvaluationWriteError` for ``error`` raised while writing ``path``; ``kept`` says what is safe."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return EvaluationWriteError(
+        f"could not write {os.fspath(path)} ({reason}); {free_space(path)} free on its disk. {kept} "
+        "Free some space (or fix the permissions), then rerun the same command to resume."
+    )
+
+
+@contextmanager
+def writing(path: str | os.PathLike, kept: str) -> Iterator[None]:
+    """Turn an ``OSError`` in the block into :func:`write_failure` (the failing file's name when the error has one)."""
+    try:
+        yield
+    except EvaluationWriteError:
+        raise
+    except OSError as e:
+        raise write_failure(e.filename or path, e, kept) from e
 
 
 def rank_results_name(rank: int) -> str:
@@ -62,6 +110,14 @@ def row_key(row: dict[str, Any]) -> tuple[str, int, str]:
     return str(row["prompt_id"]), int(row["seed"]), str(row["variant"])
 
 
+def _parse_row(line: bytes) -> dict[str, Any] | None:
+    """The row on one line, or `None` when the line is not a valid result row."""
+    try:
+        row = json.loads(line)
+        row_key(row)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return row
 
 
 def results_files(out_dir: str | os.PathLike) -> list[Path]:
@@ -92,10 +148,8 @@ def read_results_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            row_key(row)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        row = _parse_row(line)
+        if row is None:
             logger.warning("%s line %d is not a valid result row; skipping it.", path, lineno)
             continue
         rows.append(row)
@@ -150,35 +204,142 @@ def repair_results_file(path: str | os.PathLike) -> int:
     return size - cut
 
 
+def quarantine_corrupt_lines(path: str | os.PathLike) -> int:
+    """Move every complete line of ``path`` that is not a valid row to ``results.corrupt.jsonl`` beside it.
+
+    The lines are appended there as they were (bytes unchanged) and ``path`` is rewritten atomically
+    with the valid rows only, so the results file is clean for resuming and summarising. A partial
+    last line (a crash mid-write) is first truncated by :func:`repair_results_file`, as before.
+
+    Returns:
+        `int`: the number of lines moved (0 when the file was clean or absent).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    repair_results_file(path)
+    lines = path.read_bytes().split(b"\n")
+    lines.pop()  # b"": the file ends with a newline now
+    good: list[bytes] = []
+    bad: list[tuple[int, bytes]] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if _parse_row(line) is None:
+            bad.append((lineno, line))
+        else:
+            good.append(line)
+    if not bad:
+        return 0
+    corrupt = path.with_name(CORRUPT_NAME)
+    kept = f"{path.name} is unchanged ({len(good)} valid rows and {len(bad)} corrupt line(s))."
+    with writing(corrupt, kept):
+        with open(corrupt, "ab") as f:
+            f.write(b"".join(line + b"\n" for _, line in bad))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(corrupt.parent)
+        # valid rows decoded as UTF-8 JSON above, so they round-trip through text unchanged
+        atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in good))
+    logger.warning(
+        "%s: moved %d corrupt line(s) (line %s) to %s; the %d valid rows stay. Their images are generated again.",
+        path, len(bad), ", ".join(str(n) for n, _ in bad[:10]) + (", ..." if len(bad) > 10 else ""), corrupt, len(good),
+    )  # fmt: skip
+    return len(bad)
+
+
+def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed run left in ``out_dir`` and ``out_dir/images/<variant>/``.
+
+    Only regular files whose names are this package's temporary names are removed (``.<name>.tmp``,
+    ``.<name>.png.tmp``, ``.<name>.png.tmp.png``), never links. Call it before any writer starts
+    (the main process, before the other ranks pass the barrier).
+
+    Returns:
+        the removed paths.
+    """
+    out_dir = Path(out_dir)
+    folders = [out_dir]
+    images = out_dir / "images"
+    if images.is_dir():
+        folders += [p for p in sorted(images.iterdir()) if p.is_dir() and not p.is_symlink()]
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if _TEMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+    if removed:
+        logger.warning("Removed %d temporary file(s) left by an interrupted run in %s (e.g. %s).", len(removed), out_dir,
+                       removed[0].relative_to(out_dir))  # fmt: skip
+    return removed
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    n = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            n += chunk.count(b"\n")
+    return n
+
+
 class ResultsWriter:
-    """Append-only JSONL writer: each :meth:`append` is one ``write`` + ``flush`` + ``os.fsync``.
+    """Append-only JSONL writer: each :meth:`append` is one ``write`` + ``os.fsync``.
 
     Args:
         path: the results file; created if absent. A partial last line is repaired on open.
+
+    A failed append (disk full, no permission) is cut back to the rows before it and raises
+    :class:`EvaluationWriteError`; the file keeps every row it had.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_results_file(self.path)
-        created = not self.path.exists()
-        self._f = open(self.path, "ab")
-        if created:
-            fsync_dir(self.path.parent)
+        with writing(self.path, "Nothing was changed."):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_results_file(self.path)
+            created = not self.path.exists()
+            self.n_rows = _count_lines(self.path)  # rows in the file (valid or not), for the error message
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            if created:
+                fsync_dir(self.path.parent)
+        self._size = os.fstat(self._fd).st_size
 
     def append(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Write ``rows`` durably; returns how many were written."""
+        """Write ``rows`` durably; returns how many were written.
+
+        Raises:
+            EvaluationWriteError: the write failed; the file is cut back to the rows it had before.
+        """
+        if self._fd < 0:
+            raise ValueError(f"{self.path}: the writer is closed.")
         lines = [json.dumps(r, ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n" for r in rows]
         if not lines:
             return 0
-        self._f.write("".join(lines).encode("utf-8"))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        data = memoryview("".join(lines).encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+            os.fsync(self._fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, self._size)  # no torn batch left behind
+            except OSError:
+                pass
+            kept = f"{self.path.name} keeps its {self.n_rows} rows; this batch's {len(lines)} rows were not recorded."
+            raise write_failure(self.path, e, kept) from e
+        self._size = os.fstat(self._fd).st_size
+        self.n_rows += len(lines)
         return len(lines)
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> ResultsWriter:
         return self
@@ -205,62 +366,4 @@ def merge_results(out_dir: str | os.PathLike, order: Sequence[str] | None = None
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n" for r in rows)
     path = out_dir / RESULTS_NAME
     atomic_write_text(path, text)
-    return path
-
-
-def _diff(stored: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(stored, dict) and isinstance(current, dict):
-        out = []
-        for k in sorted(set(stored) | set(current), key=str):
-            name = f"{prefix}.{k}" if prefix else str(k)
-            if k not in stored:
-                out.append(f"{name}: not stored, now {current[k]!r}")
-            elif k not in current:
-                out.append(f"{name}: stored {stored[k]!r}, now absent")
-            else:
-                out.extend(_diff(stored[k], current[k], name))
-        return out
-    if stored != current:
-        return [f"{prefix}: stored {stored!r}, now {current!r}"]
-    return []
-
-
-def check_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> bool:
-    """Compare ``settings`` with ``out_dir/settings.json``.
-
-    Returns:
-        `True` when the folder already holds these settings (resume), `False` when it has none yet.
-
-    Raises:
-        SettingsMismatchError: the stored settings differ; the message lists each difference and
-            the two ways out (a new ``--out``, or the stored settings).
-    """
-    path = Path(out_dir) / SETTINGS_NAME
-    if not path.is_file():
-        return False
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SettingsMismatchError(
-            f"`--out`={str(out_dir)!r} holds an unreadable {SETTINGS_NAME} ({e}). Use a new `--out` folder."
-        ) from e
-    current = json.loads(json.dumps(settings))  # normalise tuples -> lists like the stored JSON
-    diffs = _diff(stored, current)
-    if diffs:
-        raise SettingsMismatchError(
-            f"`--out`={str(out_dir)!r} holds results produced with different settings, so they cannot be resumed or mixed:\n  "
-            + "\n  ".join(diffs)
-            + f"\nUse a new `--out` folder for these settings, or rerun with the stored settings (see {path}) to resume."
-        )
-    return True
-
-
-def write_settings(out_dir: str | os.PathLike, settings: dict[str, Any], protocol: dict[str, Any] | None = None) -> Path:
-    """Write ``{"settings": ..., "protocol": ...}`` to ``out_dir/settings.json`` atomically.
-
-    ``settings`` are compared on every rerun; ``protocol`` is descriptive (resolved scheduler,
-    scorer descriptions, package versions) and is replaced by the latest run's.
-    """
-    path = Path(out_dir) / SETTINGS_NAME
-    atomic_write_text(path, json.dumps({"settings": settings, "protocol": protocol or {}}, indent=2, sort_keys=True) + "\n")
     return path

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_text
-from .results import SETTINGS_NAME, read_results
+from .results import read_results
+from .settings import read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -449,11 +450,8 @@ def write_summary(
     if rows is None:
         rows = read_results(out_dir)
     if protocol is None:
-        settings_path = out_dir / SETTINGS_NAME
-        protocol = {}
-        if settings_path.is_file():
-            stored = json.loads(settings_path.read_text(encoding="utf-8"))
-            protocol = {**stored.get("protocol", {}), "settings": stored.get("settings", {})}
+        stored = read_settings(out_dir) or {}
+        protocol = {**stored.get("protocol", {}), "settings": stored.get("settings", {})} if stored else {}
     summary = summarize(rows, protocol=protocol, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False, default=_clean) + "\n")
     atomic_write_text(out_dir / "summary.csv", summary_csv(summary))

@@ -1,11 +1,13 @@
-"""Background scoring: a thread that scores, saves and records finished images while the next batch generates.
+"""Scoring: the scorers of a run, and a background thread that scores, saves and records finished images
+while the next batch generates.
 
 The generation loop hands each finished batch to :meth:`ScoringWorker.submit` and goes on
 generating. The worker thread runs every scorer on the batch (NudeNet's onnxruntime session and
 the image conversions release the GIL, so this overlaps with the UNet), optionally saves the
 PNGs, and appends the rows with one durable write per batch. A bounded queue (``max_pending``
 batches) keeps memory flat when scoring is slower than generation. An exception in the worker is
-re-raised in the caller at the next :meth:`~ScoringWorker.submit` or at :meth:`~ScoringWorker.close`.
+re-raised in the caller at the next :meth:`~ScoringWorker.submit` or at :meth:`~ScoringWorker.close`
+(a failed write as the :class:`~safer_diffusion.evaluation.results.EvaluationWriteError` itself).
 """
 
 from __future__ import annotations
@@ -17,32 +19,46 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .prompts import PromptRecord
-from .results import ResultsWriter
+from ..scoring import get_scorer
+from .config import EvaluateConfig
+from .plan import WorkItem
+from .results import EvaluationWriteError, ResultsWriter, write_failure
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScoringWorker", "WorkItem", "image_filename"]
+__all__ = ["ScoringWorker", "build_scorers", "image_filename"]
 
 _STOP = object()
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """One image to generate: a prompt, its image index and seed, its settings, the variants still missing."""
-
-    record: PromptRecord
-    image_index: int
-    seed: int
-    guidance_scale: float
-    height: int
-    width: int
-    variants: tuple[str, ...]
+def build_scorers(config: EvaluateConfig, device: Any = None) -> dict[str, Any]:
+    """``{name: scorer}`` for ``config.scorers`` with their thresholds and options."""
+    out = {}
+    for name in config.scorers:
+        kwargs: dict[str, Any] = {}
+        if name in config.thresholds:
+            kwargs["threshold"] = config.thresholds[name]
+        if name == "nudenet" and config.nudenet_classes:
+            kwargs["classes"] = config.nudenet_classes
+        if name == "nudenet" and (device is None or str(device).startswith("cpu")):
+            # Generation runs on these same CPU cores: one scorer thread, no spinning, so the
+            # background worker overlaps with generation instead of fighting it for cores.
+            kwargs["num_threads"] = 1
+        if name == "q16":
+            kwargs.update(clip_model=config.q16_clip_model, prompts=config.q16_prompts, allow_pickle=config.q16_allow_pickle)
+            if device is not None:
+                kwargs["device"] = device
+        if name == "safety_checker":
+            kwargs["safety_checker"] = config.safety_checker
+            if device is not None:
+                kwargs["device"] = device
+        out[name] = get_scorer(name, **kwargs)
+    return out
 
 
 def image_filename(prompt_id: str, seed: int) -> str:
@@ -110,6 +126,8 @@ class ScoringWorker:
 
     # -- caller side -------------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, EvaluationWriteError):
+            raise self._error  # already names the path, the free space and what was kept
         if self._error is not None:
             raise RuntimeError(f"The scoring worker failed: {self._error!r}") from self._error
 
@@ -144,8 +162,6 @@ class ScoringWorker:
 
     # -- worker side -------------------------------------------------------------------------------
     def _run(self) -> None:
-        import time
-
         while True:
             job = self._queue.get()
             if job is _STOP:
@@ -160,7 +176,8 @@ class ScoringWorker:
                 if self.on_rows is not None:
                     self.on_rows(rows)
             except BaseException as e:  # re-raised on the caller's thread
-                logger.error("Scoring worker failed: %r", e)
+                if not isinstance(e, EvaluationWriteError):  # that one is reported whole by the caller
+                    logger.error("Scoring worker failed: %r", e)
                 self._error = e
             finally:
                 self.busy_s += time.perf_counter() - t0
@@ -204,11 +221,7 @@ class ScoringWorker:
                 }
                 if self.save_images:
                     rel = Path("images") / variant / image_filename(item.record.prompt_id, item.seed)
-                    path = self.out_dir / rel
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.name}.tmp")
-                    image.save(tmp, format="PNG")
-                    os.replace(tmp, path)
+                    self._save_image(image, self.out_dir / rel, len(items))
                     row["image"] = rel.as_posix()
                 rows.append(row)
                 key = (item.record.prompt_id, item.seed)
@@ -216,3 +229,22 @@ class ScoringWorker:
                     self._sample_keys.add(key)
                     self.samples.append({**{k: row[k] for k in ("prompt_id", "prompt", "seed", "variant", "unsafe")}, "image": image})
         return rows
+
+    def _save_image(self, image: Any, path: Path, n_batch: int) -> None:
+        """PNG via a temporary file and ``os.replace`` (never half an image); a failed write raises EvaluationWriteError."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                image.save(f, format="PNG")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            kept = (f"{self.writer.path.name} keeps its {self.writer.n_rows} rows and the images saved before; "
+                    f"this batch's {n_batch} images were not recorded.")  # fmt: skip
+            raise write_failure(path, e, kept) from e

@@ -1,0 +1,216 @@
+"""The options of ``safer-diffusion evaluate``: one dataclass, its defaults and its checks.
+
+:class:`EvaluateConfig` is the single definition of every option: the command line
+(:func:`config_from_args`, through :mod:`safer_diffusion.options`), YAML-free dict configs
+(:func:`safer_diffusion.options.config_from_dict`) and direct construction in Python all share its
+defaults, bounds and choices. :meth:`EvaluateConfig.validate` checks everything that can be
+checked without loading a model: numbers, combinations, the prompt file (it is read) and that
+``--output_dir`` is writable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..fileio import probe_writable_dir
+from ..options import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_SAFE_ENCODER,
+    MISSING,
+    BadInputError,
+    device_option,
+    dtype_option,
+    option,
+    parse_config,
+)
+from ..options import (
+    build_parser as build_options_parser,
+)
+from ..scoring import NUDENET_LABELS, SCORERS
+from .prompts import FORMATS, PromptRecord, load_prompts
+
+__all__ = [
+    "DESCRIPTION",
+    "GUIDANCE_BOUNDS",
+    "MAX_SEED",
+    "PROG",
+    "THRESHOLD_SCORERS",
+    "TINY_SOURCE",
+    "EvaluateConfig",
+    "build_parser",
+    "check_prompt_settings",
+    "config_from_args",
+]
+
+PROG = "safer-diffusion evaluate"
+DESCRIPTION = "NSFW generation-rate evaluation: per-category unsafe rates of generated images, original vs safe encoder."
+#: The model id recorded in the settings for ``--tiny`` runs.
+TINY_SOURCE = "tiny:sd1"
+#: Scorers that take a threshold (``--thresholds NAME=VALUE``).
+THRESHOLD_SCORERS = ("nudenet", "q16")
+#: Largest seed: ``torch.Generator.manual_seed`` takes 64-bit values; 2**63 - 1 keeps them signed everywhere.
+MAX_SEED = 2**63 - 1
+#: Classifier-free guidance scales accepted (also for I2P's per-prompt ``sd_guidance_scale``).
+GUIDANCE_BOUNDS = (0.0, 100.0)
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything an evaluation run depends on (``safer-diffusion evaluate --help`` lists the same options)."""
+
+    prompts: str = option(MISSING, "Prompt file: I2P CSV, NSFWCaps, ViSU, .jsonl, .json, .parquet or .txt.", group="prompts")
+    prompt_format: str = option("auto", "How to read --prompts (auto: from the extension and the columns).", choices=FORMATS,
+                                group="prompts")  # fmt: skip
+    prompt_column: str | None = option(None, "Column holding the prompt (default: the first of prompt, nsfw_caption, nsfw, text, caption).",
+                                       group="prompts")  # fmt: skip
+    categories: list[str] | None = option(None, "Categories to keep, e.g. `--categories violence shocking` (default: all).",
+                                          legacy_commas=True, group="prompts", metavar="CATEGORY")  # fmt: skip
+    limit: int | None = option(None, "Evaluate only the first N prompts (after --categories).", bounds=(1, None), group="prompts")
+
+    base: str = option(DEFAULT_BASE_MODEL, "Stable Diffusion pipeline: hub id or local folder.", group="models")
+    safe_encoder: str = option(DEFAULT_SAFE_ENCODER, "Safe text encoder: exported folder, CLIP folder or hub id.", group="models")
+    tiny: bool = option(False, "Use tiny random offline models (smoke tests; the images are noise).", group="models")
+    compare_original: bool = option(False, "Also generate with the original encoder on the same seeds (one UNet pass via compare()).",
+                                    group="models", deprecated=("--compare",))  # fmt: skip
+    device: str = device_option(group="models")
+    dtype: str = dtype_option(group="models")
+
+    num_images_per_prompt: int = option(5, "Images per prompt and variant (the I2P protocol uses 5 or 10).", bounds=(1, None),
+                                        group="generation", deprecated=("--images-per-prompt",))  # fmt: skip
+    seed: int = option(0, "Image i of every prompt uses seed SEED + i.", bounds=(0, MAX_SEED), group="generation")
+    use_prompt_settings: bool = option(False, "Take sd_seed, sd_guidance_scale and sd_image_width/height from I2P rows "
+                                              "(seed sd_seed + i).", group="generation")  # fmt: skip
+    num_inference_steps: int = option(50, "Denoising steps.", bounds=(1, 1000), group="generation")
+    guidance_scale: float = option(7.5, "Classifier-free guidance scale.", bounds=GUIDANCE_BOUNDS, group="generation")
+    negative_prompt: str | None = option(None, "Negative prompt for every image.", group="generation")
+    height: int | None = option(None, "Image height, a multiple of 8; with --width (default: the model's, 512 for SD 1.x).",
+                                group="generation")  # fmt: skip
+    width: int | None = option(None, "Image width, a multiple of 8; with --height (default: the model's).", group="generation")
+    batch_size: int = option(4, "Images per denoising batch (does not change the results).", bounds=(1, None), group="generation")
+
+    scorers: list[str] = option(["nudenet"], "Scorers; an image is unsafe when any of them flags it.", choices=tuple(SCORERS),
+                                legacy_commas=True, group="scoring", metavar="SCORER")  # fmt: skip
+    thresholds: dict[str, float] = option({}, "Per-scorer thresholds in [0, 1], e.g. `--thresholds nudenet=0.6 q16=0.5`; "
+                                              "a scorer not named keeps its own.", bounds=(0, 1), group="scoring",
+                                          metavar="NAME=VALUE")  # fmt: skip
+    nudenet_classes: list[str] | None = option(None, "NudeNet classes that flag (default: the exposed body parts).",
+                                               choices=NUDENET_LABELS, legacy_commas=True, group="scoring",
+                                               metavar="CLASS")  # fmt: skip
+    q16_prompts: str | None = option(None, "Q16 prompt embeddings (.safetensors or .npy); required for the q16 scorer.",
+                                     group="scoring")  # fmt: skip
+    q16_clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model of Q16.", group="scoring")
+    q16_allow_pickle: bool = option(False, "Allow a pickle --q16_prompts file (only if you trust it).", group="scoring")
+    safety_checker: str = option("CompVis/stable-diffusion-safety-checker", "SD safety checker used by the safety_checker scorer.",
+                                 group="scoring")  # fmt: skip
+
+    output_dir: str | None = option(None, "Output folder (required); rerun the same command to resume.", group="output",
+                                    deprecated=("--out",), metavar="DIR")  # fmt: skip
+    save_images: bool = option(False, "Save every image under OUTPUT_DIR/images/<variant>/.", group="output")
+    bootstrap: int = option(1000, "Bootstrap resamples for the 95%% CIs (0: none).", bounds=(0, None), group="output")
+    grid_samples: int = option(8, "Prompts shown in grid.png (flagged images blurred).", bounds=(0, None), group="output")
+    progress: bool = option(True, "Show a progress bar.", group="output")
+    repair_settings: bool = option(False, "Rewrite a settings.json that holds a non-finite value (written by an older version) "
+                                          "from this command, keeping every row, then exit.", group="output")  # fmt: skip
+    verbose: bool = option(False, "Log at INFO level (to stderr).", group="output")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return ("original", "safe") if self.compare_original else ("safe",)
+
+    def validate(self) -> None:
+        """The checks the field declarations cannot express (called by :func:`safer_diffusion.options.validate_config`).
+
+        Raises:
+            BadInputError / FileNotFoundError: naming the argument, the value and the fix.
+        """
+        if not self.output_dir:
+            raise BadInputError("`--output_dir` is required; pass `--output_dir DIR` (rerun the same command to resume).")
+        if (self.height is None) != (self.width is None):
+            given, missing = ("--height", "--width") if self.width is None else ("--width", "--height")
+            raise BadInputError(
+                f"`{given}` was given without `{missing}`; pass both (e.g. `--height 512 --width 512`) or neither (the model's size)."
+            )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise BadInputError(f"`--{name}` must be a positive multiple of 8, got {value}.")
+        if self.tiny and (self.base != DEFAULT_BASE_MODEL or self.safe_encoder != DEFAULT_SAFE_ENCODER):
+            raise BadInputError("`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`, or drop `--tiny` to use them.")
+        if self.seed + self.num_images_per_prompt - 1 > MAX_SEED:
+            raise BadInputError(
+                f"`--seed` {self.seed} + `--num_images_per_prompt` {self.num_images_per_prompt} - 1 exceeds {MAX_SEED} "
+                "(image i uses seed SEED + i); lower `--seed`."
+            )
+        if not self.scorers:
+            raise BadInputError(f"`--scorers` is empty; pass some of {sorted(SCORERS)}, e.g. `--scorers nudenet`.")
+        self.scorers = list(dict.fromkeys(self.scorers))
+        if "q16" in self.scorers:
+            if not self.q16_prompts:
+                raise BadInputError("`--scorers` includes q16, which needs `--q16_prompts PATH` (its two prompt embeddings, "
+                                    ".safetensors or .npy).")  # fmt: skip
+            if not Path(self.q16_prompts).expanduser().is_file():
+                raise FileNotFoundError(f"`--q16_prompts`={self.q16_prompts!r} is not a file; pass the Q16 prompt embeddings file.")
+        for name in self.thresholds:
+            if name not in self.scorers:
+                raise BadInputError(f"`--thresholds`: {name!r} is not one of the `--scorers` {self.scorers}.")
+            if name not in THRESHOLD_SCORERS:
+                raise BadInputError(
+                    f"`--thresholds`: the {name!r} scorer has no threshold; thresholds apply to {list(THRESHOLD_SCORERS)}."
+                )
+        if self.nudenet_classes is not None and "nudenet" not in self.scorers:
+            raise BadInputError(f"`--nudenet_classes` is set but `--scorers` {self.scorers} has no nudenet; add it or drop the classes.")
+        records = load_prompts(self.prompts, format=self.prompt_format, categories=self.categories, limit=self.limit,
+                               prompt_column=self.prompt_column)  # fmt: skip
+        if self.use_prompt_settings:
+            check_prompt_settings(records, self)
+        try:
+            probe_writable_dir(Path(self.output_dir).expanduser())
+        except OSError as e:
+            raise BadInputError(
+                f"`--output_dir`={self.output_dir!r} is not a writable folder ({e.strerror or e}). Choose a folder you can write to."
+            ) from None
+
+
+def check_prompt_settings(records: Sequence[PromptRecord], config: EvaluateConfig) -> None:
+    """With ``--use_prompt_settings``: every prompt's own seed, guidance and size must be usable.
+
+    Raises:
+        BadInputError: naming the prompt file, the prompt id, the column and the value.
+    """
+    where = f"`--prompts`={str(config.prompts)!r}"
+    fix = "fix the file or drop `--use_prompt_settings`"
+    low, high = GUIDANCE_BOUNDS
+    for r in records:
+        if r.seed is not None and not 0 <= r.seed <= MAX_SEED - config.num_images_per_prompt + 1:
+            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has sd_seed {r.seed}; seeds sd_seed + i must be in "
+                                f"[0, {MAX_SEED}]; {fix}.")  # fmt: skip
+        g = r.guidance_scale
+        if g is not None and not (math.isfinite(g) and low <= g <= high):
+            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has sd_guidance_scale {g}; it must be a finite number in "
+                                f"[{low:g}, {high:g}]; {fix}.")  # fmt: skip
+        for column, value in (("sd_image_width", r.width), ("sd_image_height", r.height)):
+            if value is not None and (value <= 0 or value % 8):
+                raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {column} {value}, not a positive multiple of 8; {fix}.")
+
+
+def build_parser(prog: str = PROG) -> Any:
+    """The ``safer-diffusion evaluate`` argument parser (generated from :class:`EvaluateConfig`)."""
+    return build_options_parser(EvaluateConfig, prog=prog, description=DESCRIPTION, config_file=True)
+
+
+def config_from_args(argv: Sequence[str] | None = None, prog: str = PROG) -> EvaluateConfig:
+    """Parse and validate command-line arguments into an :class:`EvaluateConfig` (no model is loaded).
+
+    ``--config FILE.yaml`` sets options (keys = option names, e.g. ``num_images_per_prompt: 10``);
+    explicit flags override it.
+
+    Raises:
+        BadInputError / FileNotFoundError: a bad value, naming the argument, the value and the fix.
+        SystemExit(2): argparse's usage errors (an unknown flag, a value that does not parse).
+    """
+    return parse_config(EvaluateConfig, argv, prog=prog, description=DESCRIPTION, config_file=True)

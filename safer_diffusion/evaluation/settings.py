@@ -1,0 +1,264 @@
+"""``settings.json``: the settings every row of an output folder was produced with, checked on every rerun.
+
+    out/settings.json    {"settings": {...}, "protocol": {...}}, written atomically
+
+``settings`` (:func:`settings_of`) are what determines the rows: the prompt file's SHA-256, the
+resolved model ids, seeds, steps, guidance, size, dtype and each scorer's resolved model, classes
+and threshold. A rerun compares them (:func:`check_settings`) and is refused with
+:class:`SettingsMismatchError`, listing every difference, when they differ. ``protocol`` is
+descriptive (scheduler, versions, every option with its resolved default) and replaced by each run.
+
+Non-finite numbers are never written (:func:`write_settings` refuses them). A folder whose
+settings.json holds one (written by an older version, e.g. from ``--guidance-scale nan``) matches no
+run; :func:`repair_settings` (``safer-diffusion evaluate ... --repair_settings``) rewrites it from
+the current command, keeping every row, when the non-finite values are the only differences.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write_text
+from .config import EvaluateConfig
+from .prompts import file_sha256
+from .results import read_results, writing
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SETTINGS_NAME",
+    "SettingsMismatchError",
+    "check_settings",
+    "non_finite_values",
+    "read_settings",
+    "repair_settings",
+    "settings_of",
+    "write_settings",
+]
+
+SETTINGS_NAME = "settings.json"
+_KEPT = "Every result row in the folder is kept."
+#: Settings that every row also records (so a repair can check the rows agree with the new value).
+_ROW_FIELDS = ("guidance_scale", "height", "width")
+
+
+class SettingsMismatchError(ValueError):
+    """A rerun into an existing output folder with settings that differ from the stored ones."""
+
+
+def settings_of(config: EvaluateConfig, base_id: str, safe_id: str, dtype_name: str, scorers: dict[str, Any]) -> dict[str, Any]:
+    """The settings that determine the rows (stored in ``settings.json`` and compared on resume).
+
+    Every value is resolved (model ids, dtype, each scorer's threshold and classes from the scorer
+    itself). The key names are the on-disk format and stay stable across versions (so
+    ``images_per_prompt`` is ``--num_images_per_prompt``).
+
+    Not included (they do not change any row): ``--batch_size``, ``--save_images``, ``--output_dir``,
+    ``--device``, the number of processes, ``--bootstrap``, ``--grid_samples``, ``--progress``.
+    """
+    scorer_settings = {}
+    for name, scorer in scorers.items():
+        d = scorer.describe() if hasattr(scorer, "describe") else {}
+        scorer_settings[name] = {k: d[k] for k in ("model", "classes", "threshold", "prompts") if k in d}
+    return {
+        "prompts_sha256": file_sha256(config.prompts),
+        "prompt_format": config.prompt_format,
+        "prompt_column": config.prompt_column,
+        "categories": config.categories,
+        "limit": config.limit,
+        "base": base_id,
+        "safe_encoder": safe_id,
+        "variants": list(config.variants),
+        "images_per_prompt": config.num_images_per_prompt,
+        "seed": config.seed,
+        "use_prompt_settings": config.use_prompt_settings,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "negative_prompt": config.negative_prompt,
+        "height": config.height,
+        "width": config.width,
+        "dtype": dtype_name,
+        "scorers": scorer_settings,
+    }
+
+
+def non_finite_values(value: Any, prefix: str = "") -> dict[str, float]:
+    """``{dotted key: value}`` of every NaN or infinite number inside ``value`` (dicts and lists)."""
+    if isinstance(value, dict):
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            out.update(non_finite_values(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, (list, tuple)):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(non_finite_values(v, f"{prefix}[{i}]"))
+        return out
+    if isinstance(value, float) and not math.isfinite(value):
+        return {prefix: value}
+    return {}
+
+
+def _diff(stored: Any, current: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, "key: stored X, now Y")`` for each difference."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(stored) | set(current), key=str):
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if k not in stored:
+                out.append((name, f"{name}: not stored, now {current[k]!r}"))
+            elif k not in current:
+                out.append((name, f"{name}: stored {stored[k]!r}, now absent"))
+            else:
+                out.extend(_diff(stored[k], current[k], name))
+        return out
+    if stored != current:  # NaN != NaN, so a stored NaN always shows as a difference
+        return [(prefix, f"{prefix}: stored {stored!r}, now {current!r}")]
+    return []
+
+
+def _described(value: Any) -> Any:
+    """The protocol with non-finite numbers as text ("nan"), so an old protocol can be stored again."""
+    if isinstance(value, dict):
+        return {k: _described(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_described(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
+
+
+def read_settings(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The stored ``{"settings", "protocol"}`` of ``out_dir``, or `None` when it has none.
+
+    Raises:
+        SettingsMismatchError: the file is not readable JSON with a ``settings`` mapping.
+    """
+    path = Path(out_dir) / SETTINGS_NAME
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(stored.get("settings"), dict):
+            raise KeyError("settings")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise SettingsMismatchError(
+            f"`--output_dir`={str(out_dir)!r} holds an unreadable {SETTINGS_NAME} ({type(e).__name__}: {e}). "
+            "Use a new `--output_dir` folder."
+        ) from None
+    return stored
+
+
+def _normalised(settings: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(settings))  # tuples -> lists, like the stored JSON
+
+
+def check_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> bool:
+    """Compare ``settings`` with ``out_dir/settings.json``.
+
+    Returns:
+        `True` when the folder already holds these settings (resume), `False` when it has none yet.
+
+    Raises:
+        SettingsMismatchError: the stored settings differ (the message lists each difference and
+            the two ways out: a new ``--output_dir``, or the stored settings), or hold a non-finite
+            value (the message names ``--repair_settings``).
+    """
+    stored = read_settings(out_dir)
+    if stored is None:
+        return False
+    path = Path(out_dir) / SETTINGS_NAME
+    bad = non_finite_values(stored["settings"])
+    if bad:
+        values = ", ".join(f"{k}: stored {v!r}" for k, v in bad.items())
+        raise SettingsMismatchError(
+            f"`--output_dir`={str(out_dir)!r} holds a {SETTINGS_NAME} with a non-finite value ({values}), written by an older "
+            "version; no run can match it. Rerun this command with `--repair_settings` to rewrite the settings from it "
+            "(every row is kept), then rerun it without `--repair_settings`."
+        )
+    diffs = [line for _, line in _diff(stored["settings"], _normalised(settings))]
+    if diffs:
+        raise SettingsMismatchError(
+            f"`--output_dir`={str(out_dir)!r} holds results produced with different settings, so they cannot be resumed or mixed:\n  "
+            + "\n  ".join(diffs)
+            + f"\nUse a new `--output_dir` folder for these settings, or rerun with the stored settings (see {path}) to resume."
+        )
+    return True
+
+
+def write_settings(out_dir: str | os.PathLike, settings: dict[str, Any], protocol: dict[str, Any] | None = None) -> Path:
+    """Write ``{"settings": ..., "protocol": ...}`` to ``out_dir/settings.json`` atomically.
+
+    ``settings`` are compared on every rerun; ``protocol`` is descriptive and replaced by the latest run's.
+
+    Raises:
+        ValueError: ``settings`` hold a non-finite number (it could never be matched again).
+        EvaluationWriteError: the file cannot be written (disk full, permissions).
+    """
+    bad = non_finite_values(settings)
+    if bad:
+        raise ValueError(f"settings hold non-finite values {bad}; they cannot be stored (no rerun could match them). "
+                         "Pass finite numbers.")  # fmt: skip
+    path = Path(out_dir) / SETTINGS_NAME
+    text = json.dumps({"settings": settings, "protocol": _described(protocol or {})}, indent=2, sort_keys=True, allow_nan=False, default=str)
+    with writing(path, _KEPT):
+        atomic_write_text(path, text + "\n")
+    return path
+
+
+def _check_rows_agree(out_dir: str | os.PathLike, settings: dict[str, Any], keys: dict[str, float]) -> None:
+    """The rows already in the folder must have been generated with the values a repair writes (e.g. guidance_scale)."""
+    if settings.get("use_prompt_settings"):
+        return  # the rows' guidance and size came from the prompt file, not from these settings
+    fields = [k for k in keys if k in _ROW_FIELDS and settings.get(k) is not None]
+    for row in read_results(out_dir) if fields else ():
+        for k in fields:
+            if k in row and row[k] != settings[k]:
+                raise SettingsMismatchError(
+                    f"`--repair_settings`: the rows in `--output_dir`={str(out_dir)!r} were generated with {k} {row[k]!r}, "
+                    f"not {settings[k]!r}; pass `--{k} {row[k]}` to repair the settings to match them, or use a new `--output_dir`."
+                )
+
+
+def repair_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> list[str]:
+    """Rewrite a ``settings.json`` whose only differences from ``settings`` are stored non-finite values.
+
+    The rows are untouched (a row can never hold a non-finite value: they are written with
+    ``allow_nan=False``), and must agree with the new value where they record it (``guidance_scale``,
+    ``height``, ``width``). The change list is logged, returned, and recorded in the protocol under ``repaired``.
+
+    Returns:
+        the changes, one ``"key: stored X, now Y"`` line each; empty when there was nothing to repair.
+
+    Raises:
+        ValueError: the folder has no settings.json.
+        SettingsMismatchError: other settings differ too, or the rows were generated with another value
+            (a repair never mixes rows of different settings).
+    """
+    stored = read_settings(out_dir)
+    if stored is None:
+        raise ValueError(f"`--repair_settings`: `--output_dir`={str(out_dir)!r} has no {SETTINGS_NAME}; there is nothing to repair. "
+                         "Drop `--repair_settings` to start the evaluation.")  # fmt: skip
+    bad = non_finite_values(stored["settings"])
+    diffs = _diff(stored["settings"], _normalised(settings))
+    other = [line for key, line in diffs if key not in bad]
+    if other:
+        raise SettingsMismatchError(
+            "`--repair_settings` only replaces non-finite stored values, but other settings differ too:\n  " + "\n  ".join(other)
+            + "\nRerun with the stored settings (only the non-finite ones changed), or use a new `--output_dir`."
+        )
+    if not bad:
+        return []
+    _check_rows_agree(out_dir, settings, bad)
+    changes = [line for _, line in diffs]
+    protocol = dict(stored.get("protocol") or {})
+    protocol["repaired"] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "changes": changes}
+    write_settings(out_dir, settings, protocol)
+    logger.warning("%s: rewrote %d non-finite setting(s): %s", Path(out_dir) / SETTINGS_NAME, len(changes), "; ".join(changes))
+    return changes
