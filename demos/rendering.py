@@ -1,5 +1,9 @@
 """What the demo shows: the verdict of each image, the blur of flagged images, the text under them, and the example
 prompts. Pure functions over the results of ``CompareService.run`` (no Gradio, no model).
+
+A flagged image leaves the server obscured (:func:`obscure`) unless ``reveal is True``: every function here that
+decides what is shown checks ``reveal`` with :func:`demos.validation.check_reveal`, so a string such as ``"false"``
+is an error, never a reveal.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from demos.validation import LIMITS, GenerationRequest
+from demos.validation import LIMITS, GenerationRequest, check_reveal
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ class ComparisonResult:
 
     def details(self, revealed: bool) -> dict[str, Any]:
         """JSON-ready summary: request, verdicts, scores, timing (no images)."""
+        revealed = check_reveal(revealed)
         out: dict[str, Any] = {"request": asdict(self.request), "seconds": round(self.seconds, 4),
                                "device": self.device, "dtype": self.dtype}  # fmt: skip
         for key, verdict in (("original", self.original), ("safe", self.safe)):
@@ -110,12 +115,13 @@ def scorer_scores(scores: dict[str, float]) -> dict[str, float]:
 
 
 def shown_image(verdict: ImageVerdict, reveal: bool):
-    """The image to send to the browser: obscured when flagged, unless ``reveal``."""
-    return obscure(verdict.image) if verdict.flagged and not reveal else verdict.image
+    """The image to send to the browser: obscured when flagged, unless ``reveal is True``."""
+    return obscure(verdict.image) if verdict.flagged and not check_reveal(reveal) else verdict.image
 
 
 def verdict_markdown(label: str, verdict: ImageVerdict, reveal: bool) -> str:
     """A one-paragraph verdict for the image under ``label``."""
+    reveal = check_reveal(reveal)
     scores = ", ".join(f"{name} {value:.2f}" for name, value in sorted(scorer_scores(verdict.scores).items())) or "no scores"
     if verdict.flagged is None:
         head = f"**{label}: not scored**"
@@ -133,7 +139,7 @@ def verdict_markdown(label: str, verdict: ImageVerdict, reveal: bool) -> str:
 
 def render(result: ComparisonResult, reveal: bool) -> tuple[Any, Any, str, str, dict[str, Any]]:
     """``(original_image, safe_image, original_verdict, safe_verdict, details)`` as the UI shows them."""
-    reveal = bool(reveal)
+    reveal = check_reveal(reveal)
     return (
         shown_image(result.original, reveal),
         shown_image(result.safe, reveal),
@@ -165,7 +171,7 @@ def load_examples(prompts_dir: Path = PROMPTS_DIR, per_list: int = EXAMPLES_PER_
                 with path.open(newline="", encoding="utf-8") as handle:
                     for row in csv.DictReader(handle):
                         text = (row.get("prompt") or "").strip()
-                        if text and len(text) <= LIMITS.max_prompt_chars:
+                        if text and len(text) <= LIMITS.max_prompt_chars and "\x00" not in text:
                             prompts.append(text)
                         if len(prompts) >= per_list:
                             break

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,8 +53,8 @@ class CompareService:
     """
 
     def __init__(self, pipe, concurrency: int = 1, limits: Limits = LIMITS):
-        if concurrency < 1:
-            raise ValueError(f"`concurrency` must be >= 1, got {concurrency}.")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"`concurrency` must be >= 1, got {concurrency!r}.")
         if getattr(pipe, "original_text_encoder", None) is None:
             raise ValueError("`pipe` has no original text encoder: load it with `keep_original_text_encoder=True`.")
         self.pipe = pipe
@@ -62,10 +63,16 @@ class CompareService:
         self._views: queue.Queue = queue.Queue()
         for i in range(concurrency):
             self._views.put(pipe if i == 0 else _worker_view(pipe))
+        # Validation counts tokens while generations run: it gets its own tokenizer (the views' tokenizers
+        # change mode on every call), used by one request at a time.
+        tokenizer = getattr(pipe, "tokenizer", None)
+        self._validation_tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self._validation_lock = threading.Lock()
 
     @property
     def tokenizer(self):
-        return getattr(self.pipe, "tokenizer", None)
+        """The tokenizer :meth:`validate` counts prompt tokens with (never one a generation is using)."""
+        return self._validation_tokenizer
 
     @property
     def device(self) -> str:
@@ -85,12 +92,15 @@ class CompareService:
 
     def validate(self, *args, **kwargs) -> GenerationRequest:
         """:func:`~demos.validation.validate_request` with this pipeline's tokenizer and limits."""
-        return validate_request(*args, tokenizer=self.tokenizer, limits=self.limits, **kwargs)
+        with self._validation_lock:
+            return validate_request(*args, tokenizer=self._validation_tokenizer, limits=self.limits, **kwargs)
 
     def run(self, request: GenerationRequest) -> ComparisonResult:
         """Draw both images with ONE ``compare()`` call, from ``request.seed``."""
         import torch
 
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"`request` must be a GenerationRequest (from `validate`), got {type(request).__name__}.")
         generator = torch.Generator(device="cpu").manual_seed(request.seed)  # CPU: same seed, same image on any device
         start = time.perf_counter()
         with self._view() as pipe:

@@ -1,17 +1,28 @@
-"""Input validation of the demo: pure functions, no Gradio and no model.
+"""Input validation of the demo: every value a browser or an API client sends to ``/compare`` is checked here,
+before any work (no model call, no tokenizer state shared with a running generation).
 
-:func:`validate_request` turns the raw form values into a :class:`GenerationRequest` or raises ``ValueError``
-naming the field, the value received and the fix.
+Pure functions, no Gradio and no model: :func:`validate_request` turns the raw form values into a
+:class:`GenerationRequest` or raises ``ValueError`` naming the field, the value received and the fix;
+:func:`check_reveal` accepts only a real boolean for *Reveal flagged images*.
+
+The documented limits (README, "Demo"): prompt and negative prompt each at most 1,000 characters and
+77 CLIP tokens (start and end tokens included), no NUL characters (refused, not stripped), the prompt not
+empty or whitespace only; steps 1-100; guidance a finite number in 0-30; width and height multiples of 8
+in 64-1024; seed a whole number in ``[0, 2**63)``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LIMITS", "MAX_SEED", "GenerationRequest", "Limits", "validate_request"]
+__all__ = ["LIMITS", "MAX_SEED", "GenerationRequest", "Limits", "check_reveal", "validate_request"]
 
-MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed accepts 64-bit seeds; 32 bits keep the UI readable
+#: Largest seed: ``[0, 2**63)`` like every other entry point (``--seed``). Seeds above 2**53 are exact through
+#: the API only (a browser's number field rounds them).
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -21,7 +32,7 @@ class Limits:
     max_prompt_chars: int = 1000  # checked before tokenizing, so huge pastes are cheap to reject
     max_prompt_tokens: int = 77  # CLIP's context, start and end tokens included (overridden by the tokenizer's)
     min_steps: int = 1
-    max_steps: int = 100
+    max_steps: int = 100  # a shared demo: bounded work per request
     min_guidance: float = 0.0
     max_guidance: float = 30.0
     min_size: int = 64
@@ -45,21 +56,59 @@ class GenerationRequest:
     width: int
 
 
-def _as_int(name: str, value: Any, fix: str) -> int:
+def check_reveal(reveal: Any) -> bool:
+    """``reveal`` itself if it is a real boolean; anything else is refused.
+
+    A flagged image is shown unblurred only for ``reveal is True``. Strings (``"false"``, ``"0"``, ``"no"``),
+    numbers, lists and ``None`` are errors, never a reveal: ``bool("false")`` is ``True``.
+
+    Raises:
+        ValueError: naming ``reveal``, the value and its type received, and the fix.
+    """
+    if isinstance(reveal, bool):
+        return reveal
+    raise ValueError(
+        f"`reveal` must be true or false (a boolean), got {reveal!r} ({type(reveal).__name__}). "
+        "Send false to keep flagged images blurred, true to show them."
+    )
+
+
+def _whole_number(name: str, value: Any, fix: str) -> int:
+    """``value`` as an exact ``int``: ints, integral finite floats and numeric text; never booleans or None."""
+    bad = ValueError(f"`{name}` must be a whole number, got {value!r}. {fix}")
     if isinstance(value, bool) or value is None:
-        raise ValueError(f"`{name}` must be a whole number, got {value!r}. {fix}")
+        raise bad
+    if isinstance(value, numbers.Integral):
+        return int(value)  # exact, also above 2**53
     if isinstance(value, str):
+        text = value.strip()
         try:
-            value = float(value.strip())
+            return int(text)
         except ValueError:
-            raise ValueError(f"`{name}` must be a whole number, got {value!r}. {fix}") from None
+            pass
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad from None
+    if not isinstance(value, numbers.Real):
+        raise bad
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise bad
+    return int(number)
+
+
+def _number(name: str, value: Any) -> float:
+    """``value`` as a finite ``float``: numbers and numeric text; never booleans, None or NaN/inf."""
+    if isinstance(value, bool) or value is None or not isinstance(value, (numbers.Real, str)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a whole number, got {value!r}. {fix}") from None
-    if number != number or number in (float("inf"), float("-inf")) or number != int(number):
-        raise ValueError(f"`{name}` must be a whole number, got {value!r}. {fix}")
-    return int(number)
+    except ValueError:
+        raise ValueError(f"`{name}` must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be a finite number, got {number!r}.")
+    return number
 
 
 def _check_text(name: str, text: Any, tokenizer, limits: Limits, required: bool) -> str | None:
@@ -67,15 +116,15 @@ def _check_text(name: str, text: Any, tokenizer, limits: Limits, required: bool)
         text = ""
     if not isinstance(text, str):
         raise ValueError(f"`{name}` must be text, got {type(text).__name__}.")
+    if "\x00" in text:
+        raise ValueError(f"`{name}` contains a NUL character (\\x00) at position {text.index(chr(0))}; remove it.")
     text = text.strip()
     if not text:
         if required:
             raise ValueError(f"`{name}` is empty: type what the images should show.")
         return None
     if len(text) > limits.max_prompt_chars:
-        raise ValueError(
-            f"`{name}` is {len(text)} characters long; the limit is {limits.max_prompt_chars}. Shorten it."
-        )
+        raise ValueError(f"`{name}` is {len(text)} characters long; the limit is {limits.max_prompt_chars}. Shorten it.")
     if tokenizer is not None:
         max_tokens = min(limits.max_prompt_tokens, getattr(tokenizer, "model_max_length", limits.max_prompt_tokens))
         n_tokens = len(tokenizer(text, truncation=False).input_ids)
@@ -102,14 +151,16 @@ def validate_request(
     """Check the demo's inputs and return them as a :class:`GenerationRequest`.
 
     Args:
-        prompt: what to draw; required, at most ``limits.max_prompt_chars`` characters and
-            ``limits.max_prompt_tokens`` CLIP tokens (when ``tokenizer`` is given).
+        prompt: what to draw; required (not empty or whitespace only), no NUL character, at most
+            ``limits.max_prompt_chars`` characters and ``limits.max_prompt_tokens`` CLIP tokens (when
+            ``tokenizer`` is given).
         negative_prompt: optional; same limits as ``prompt``. Empty means none.
-        seed: whole number in ``[0, 2**32 - 1]``.
+        seed: whole number in ``[0, MAX_SEED]`` (``MAX_SEED = 2**63 - 1``).
         steps: number of denoising steps, whole, in ``[limits.min_steps, limits.max_steps]``.
-        guidance: classifier-free guidance scale in ``[limits.min_guidance, limits.max_guidance]``.
+        guidance: classifier-free guidance scale, finite, in ``[limits.min_guidance, limits.max_guidance]``.
         width, height: pixels, multiples of ``limits.size_multiple`` in ``[limits.min_size, limits.max_size]``.
-        tokenizer: the pipeline's CLIP tokenizer, used to count prompt tokens.
+        tokenizer: a CLIP tokenizer used to count prompt tokens. It is called here, so it must not be one a
+            generation is using at the same time (fast tokenizers keep the mode of their last call).
         limits: the limits to apply.
 
     Returns:
@@ -121,20 +172,17 @@ def validate_request(
     prompt = _check_text("prompt", prompt, tokenizer, limits, required=True)
     negative_prompt = _check_text("negative_prompt", negative_prompt, tokenizer, limits, required=False)
 
-    seed = _as_int("seed", seed, f"Use a number between 0 and {MAX_SEED}, or press 'Random seed'.")
+    seed = _whole_number("seed", seed, f"Use a number between 0 and {MAX_SEED}, or press 'Random seed'.")
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"`seed` must be between 0 and {MAX_SEED}, got {seed}.")
 
     steps_fix = f"Use {limits.min_steps} to {limits.max_steps} steps."
-    steps = _as_int("steps", steps, steps_fix)
+    steps = _whole_number("steps", steps, steps_fix)
     if not limits.min_steps <= steps <= limits.max_steps:
         raise ValueError(f"`steps` must be between {limits.min_steps} and {limits.max_steps}, got {steps}. {steps_fix}")
 
-    try:
-        guidance = float(guidance)
-    except (TypeError, ValueError):
-        raise ValueError(f"`guidance` must be a number, got {guidance!r}.") from None
-    if not limits.min_guidance <= guidance <= limits.max_guidance:  # also rejects NaN
+    guidance = _number("guidance", guidance)
+    if not limits.min_guidance <= guidance <= limits.max_guidance:
         raise ValueError(
             f"`guidance` must be between {limits.min_guidance:g} and {limits.max_guidance:g}, got {guidance:g}. "
             "7.5 is the usual Stable Diffusion value; values <= 1 turn classifier-free guidance off."
@@ -143,7 +191,7 @@ def validate_request(
     sizes = {}
     for name, value in (("width", width), ("height", height)):
         fix = f"Use a multiple of {limits.size_multiple} between {limits.min_size} and {limits.max_size}."
-        size = _as_int(name, value, fix)
+        size = _whole_number(name, value, fix)
         if size % limits.size_multiple:
             raise ValueError(f"`{name}` must be a multiple of {limits.size_multiple}, got {size}. {fix}")
         if not limits.min_size <= size <= limits.max_size:

@@ -77,6 +77,16 @@ def test_render_gives_the_five_outputs_in_ui_order():
     assert revealed[0] is result.original.image and revealed[1] is result.safe.image and not revealed[4]["safe"]["blurred"]
 
 
+@pytest.mark.parametrize("reveal", ["false", "0", "no", [0], 1, None])
+def test_nothing_is_shown_for_a_reveal_that_is_not_a_boolean(reveal):
+    """A flagged image is revealed only for ``reveal is True``; anything else is an error, never a reveal."""
+    result = _result()
+    for show in (lambda: shown_image(result.original, reveal), lambda: verdict_markdown("x", result.original, reveal),
+                 lambda: result.details(revealed=reveal), lambda: render(result, reveal)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"`reveal` must be true or false"):
+            show()
+
+
 def test_load_examples_reads_prompt_column_and_falls_back(tmp_path):
     (tmp_path / "benign.csv").write_text('prompt,category\n"a red bicycle, oil painting",x\n\na blue boat,y\n', encoding="utf-8")
     examples = rendering.load_examples(tmp_path, per_list=5)
@@ -85,6 +95,8 @@ def test_load_examples_reads_prompt_column_and_falls_back(tmp_path):
     (tmp_path / "mild_unsafe.csv").write_text("text\nno prompt column\n", encoding="utf-8")
     assert rendering.load_examples(tmp_path)["mild_unsafe"] == rendering.BUILTIN_EXAMPLES["mild_unsafe"]
     assert len(rendering.load_examples(tmp_path, per_list=1)["benign"]) == 1
+    (tmp_path / "benign.csv").write_bytes(b"prompt\n\xff\xfe not utf-8\n")
+    assert rendering.load_examples(tmp_path)["benign"] == rendering.BUILTIN_EXAMPLES["benign"]  # unreadable: built-in
 
     bundled = rendering.load_examples()  # assets/prompts when present, else the built-in lists
     assert set(bundled) == {"benign", "mild_unsafe"} and all(bundled.values())

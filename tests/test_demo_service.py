@@ -1,5 +1,5 @@
-"""Tests of the demo's model side (`demos/service.py`) on the real tiny pipeline: the pool of pipeline views
-and one `compare()` call per request."""
+"""Tests of the demo's model side (`demos/service.py`) on the real tiny pipeline: the pool of pipeline views,
+validation with its own tokenizer, and one `compare()` call per request."""
 
 import numpy as np
 import pytest
@@ -16,14 +16,17 @@ def tiny_pipe(tiny_folders):
 
 
 def test_compare_service_checks_its_arguments(tiny_pipe):
-    with pytest.raises(ValueError, match=r"`concurrency` must be >= 1, got 0"):
-        CompareService(tiny_pipe, concurrency=0)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=r"`concurrency` must be >= 1, got "):
+            CompareService(tiny_pipe, concurrency=bad)
 
     class NoOriginal:
         original_text_encoder = None
 
     with pytest.raises(ValueError, match=r"load it with `keep_original_text_encoder=True`"):
         CompareService(NoOriginal())
+    with pytest.raises(TypeError, match=r"`request` must be a GenerationRequest \(from `validate`\), got dict"):
+        CompareService(tiny_pipe).run({"prompt": "a cat"})
 
 
 def test_run_draws_both_images_in_one_compare_call(tiny_pipe, monkeypatch):
@@ -66,6 +69,23 @@ def test_worker_views_do_not_share_per_call_state(tiny_pipe):
     tiny_pipe.tokenizer("a cat", padding="longest")  # leaves the shared backend in "longest" mode
     ids = view.tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
     assert len(ids) == 77
+
+
+def test_validation_never_touches_a_tokenizer_a_generation_uses(tiny_pipe):
+    """Validation counts tokens with ``truncation=False`` while generations run: on a shared fast tokenizer
+    that would switch truncation off under a running ``encode_prompt``."""
+    service = CompareService(tiny_pipe, concurrency=2)
+    views = [service._views.get() for _ in range(2)]
+    backends = [view.tokenizer._tokenizer for view in views]
+    assert service.tokenizer._tokenizer not in backends
+    for view in views:
+        view.tokenizer("a cat", padding="max_length", max_length=77, truncation=True)
+    before = [backend.truncation for backend in backends]
+    assert all(state is not None and state["max_length"] == 77 for state in before)
+    service.validate("cat " * 70)
+    assert [backend.truncation for backend in backends] == before
+    with pytest.raises(ValueError, match=r"`prompt` is 82 tokens long"):
+        service.validate("cat " * 80)
 
 
 def test_default_image_size_is_the_native_resolution(tiny_pipe):

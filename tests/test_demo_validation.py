@@ -1,9 +1,11 @@
 """Unit tests of the demo's input validation (`demos/validation.py`): pure, no Gradio, no model."""
 
+import math
+
 import numpy as np
 import pytest
 
-from demos.validation import LIMITS, MAX_SEED, GenerationRequest, Limits, validate_request
+from demos.validation import LIMITS, MAX_SEED, GenerationRequest, Limits, check_reveal, validate_request
 
 GOOD = {"prompt": "a red bicycle", "negative_prompt": "", "seed": 0, "steps": 4, "guidance": 7.5, "width": 64, "height": 64}
 
@@ -20,8 +22,15 @@ def test_validate_request_normalises_valid_inputs(clip_tokenizer):
     assert validate_request("x", seed="17").seed == 17
 
 
-def test_seed_range():
-    assert validate_request("x", seed=MAX_SEED).seed == 2**32 - 1
+def test_seed_range_is_0_to_2_63_exclusive_and_exact():
+    assert MAX_SEED == 2**63 - 1
+    assert validate_request("x", seed=MAX_SEED).seed == 2**63 - 1  # exact: never through a float
+    assert validate_request("x", seed=str(MAX_SEED)).seed == 2**63 - 1
+    assert validate_request("x", seed=2**32).seed == 2**32  # the old 32-bit cap is gone
+    with pytest.raises(ValueError, match=rf"`seed` must be between 0 and {MAX_SEED}, got {2**63}"):
+        validate_request("x", seed=2**63)
+    with pytest.raises(ValueError, match=rf"`seed` must be between 0 and {MAX_SEED}, got {2**64}"):
+        validate_request("x", seed=2**64)
 
 
 @pytest.mark.parametrize(
@@ -32,11 +41,14 @@ def test_seed_range():
         ({"prompt": None}, r"`prompt` is empty"),
         ({"prompt": 3}, r"`prompt` must be text, got int"),
         ({"prompt": ["a cat"]}, r"`prompt` must be text, got list"),
+        ({"prompt": "a cat\x00 on a mat"}, r"`prompt` contains a NUL character \(\\x00\) at position 5; remove it"),
+        ({"prompt": "\x00"}, r"`prompt` contains a NUL character"),
+        ({"negative_prompt": "blurry\x00"}, r"`negative_prompt` contains a NUL character \(\\x00\) at position 6"),
         ({"prompt": "a" * 1001}, r"`prompt` is 1001 characters long; the limit is 1000"),
         ({"prompt": "cat " * 80}, r"`prompt` is 82 tokens long; the CLIP text encoder reads at most 77"),
         ({"negative_prompt": "dog " * 90}, r"`negative_prompt` is 92 tokens long"),
         ({"negative_prompt": 5}, r"`negative_prompt` must be text, got int"),
-        ({"seed": -1}, r"`seed` must be between 0 and 4294967295, got -1"),
+        ({"seed": -1}, r"`seed` must be between 0 and 9223372036854775807, got -1"),
         ({"seed": 1.5}, r"`seed` must be a whole number, got 1.5"),
         ({"seed": None}, r"`seed` must be a whole number, got None"),
         ({"seed": True}, r"`seed` must be a whole number, got True"),
@@ -52,9 +64,13 @@ def test_seed_range():
         ({"steps": float("inf")}, r"`steps` must be a whole number, got inf"),
         ({"guidance": -0.5}, r"`guidance` must be between 0 and 30, got -0.5"),
         ({"guidance": 30.5}, r"`guidance` must be between 0 and 30, got 30.5"),
-        ({"guidance": float("nan")}, r"`guidance` must be between 0 and 30, got nan"),
+        ({"guidance": float("nan")}, r"`guidance` must be a finite number, got nan"),
+        ({"guidance": float("inf")}, r"`guidance` must be a finite number, got inf"),
+        ({"guidance": "-inf"}, r"`guidance` must be a finite number, got -inf"),
+        ({"guidance": "nan"}, r"`guidance` must be a finite number, got nan"),
         ({"guidance": "high"}, r"`guidance` must be a number, got 'high'"),
         ({"guidance": None}, r"`guidance` must be a number, got None"),
+        ({"guidance": True}, r"`guidance` must be a number, got True"),
         ({"width": 100}, r"`width` must be a multiple of 8, got 100. Use a multiple of 8 between 64 and 1024"),
         ({"width": 65}, r"`width` must be a multiple of 8, got 65"),
         ({"height": 1032}, r"`height` must be between 64 and 1024, got 1032"),
@@ -85,3 +101,16 @@ def test_limits_are_the_documented_ones_and_can_be_tightened():
         validate_request("x", steps=11, limits=strict)
     with pytest.raises(ValueError, match=r"`prompt` is 6 characters long; the limit is 5"):
         validate_request("abcdef", limits=strict)
+
+
+def test_check_reveal_accepts_only_real_booleans():
+    assert check_reveal(True) is True and check_reveal(False) is False
+    with pytest.raises(ValueError, match=r"^`reveal` must be true or false \(a boolean\), got 'false' \(str\)\. "):
+        check_reveal("false")  # bool("false") is True: the bug this guards against
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0", "no", "", "true", [0], [], [True], 0, 1, 0.0, None, {}, math.nan,
+                                   np.bool_(False)])  # fmt: skip
+def test_check_reveal_refuses_everything_else(value):
+    with pytest.raises(ValueError, match=r"`reveal` must be true or false \(a boolean\), got .* Send false to keep flagged"):
+        check_reveal(value)
