@@ -1,1 +1,3 @@
-"""The Gradio demo (`python demos/app.py`); a thin UI over :mod:`safer_diffusion`."""
+"""The Gradio demo (`python demos/app.py`) over :mod:`safer_diffusion`: ``app`` (layout, events, command line),
+``validation`` (every input), ``service`` (pipeline loading and the pool of pipeline views), ``rendering``
+(verdicts, blur, text)."""

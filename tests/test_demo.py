@@ -1,14 +1,18 @@
-"""Tests of the Gradio demo (`demos/app.py`): input validation, rendering, startup errors, the
-handler on the tiny pipeline, and `gradio_client` end to end against `python demos/app.py --tiny`."""
+"""Tests of the Gradio app (`demos/app.py`): the command line and its exit codes, startup errors, the app's
+server-side surface, the handlers on the tiny pipeline, and end to end over HTTP against
+`python demos/app.py --tiny` (gradio_client and raw requests). Validation, rendering and the pipeline pool are
+tested on their own in tests/test_demo_validation.py, test_demo_rendering.py and test_demo_service.py."""
 
-import importlib.util
 import json
+import logging
 import re
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,21 +20,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from demos import app
+
 ROOT = Path(__file__).resolve().parents[1]
 APP_PATH = ROOT / "demos" / "app.py"
-
-
-def _load_app():
-    if "demos.app" in sys.modules:
-        return sys.modules["demos.app"]
-    spec = importlib.util.spec_from_file_location("demos.app", APP_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-app = _load_app()
+#: The app's documented API: the Generate button (also Enter in the prompt box and the Reveal checkbox).
+DOCUMENTED_ENDPOINTS = {"/compare"}
+#: Names that were (or could be) server-side helper handlers: none may be callable.
+HELPER_NAMES = ("rerender", "compare_on_submit", "lambda", "load_example", "random_seed", "js_fn", "js_fn_1", "js_fn_2")
+NOT_BOOLEANS = ["false", "0", "no", [0], 0, 1, None]
 
 
 def _free_port() -> int:
@@ -39,161 +37,121 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _checkerboard(size=64, cell=2) -> Image.Image:
-    y, x = np.indices((size, size))
-    board = (((x // cell) + (y // cell)) % 2 * 255).astype(np.uint8)
-    return Image.fromarray(np.stack([board, board, board], axis=-1))
-
-
 def _detail(image: Image.Image) -> float:
     """Mean absolute difference between horizontal neighbours: high for sharp detail, ~0 when hidden."""
     pixels = np.asarray(image.convert("L"), dtype=np.float32)
     return float(np.abs(np.diff(pixels, axis=1)).mean())
 
 
-# ---------------------------------------------------------------------------------------------
-# validate_request (pure)
-# ---------------------------------------------------------------------------------------------
+def _http(url: str, path: str, body=None, headers=None, data: bytes | None = None):
+    """``(status, text)`` of a GET (no body) or POST to ``url + path``; HTTP errors are returned, not raised."""
+    if body is not None:
+        data, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url + path, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=180) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
 
 
-def test_validate_request_normalises_valid_inputs(clip_tokenizer):
-    request = app.validate_request("  a red bicycle  ", "   ", 42.0, 4.0, "7.5", 64, 128.0, tokenizer=clip_tokenizer)
-    assert request == app.GenerationRequest(
-        prompt="a red bicycle", negative_prompt=None, seed=42, num_inference_steps=4, guidance_scale=7.5, height=128, width=64
-    )
-    assert isinstance(request.num_inference_steps, int) and isinstance(request.width, int)
-    edge = app.validate_request("x", "blurry", 0, 1, 0, 1024, 64, tokenizer=clip_tokenizer)
-    assert (edge.negative_prompt, edge.num_inference_steps, edge.guidance_scale, edge.width) == ("blurry", 1, 0.0, 1024)
-    assert app.validate_request("x", seed=app.MAX_SEED).seed == 2**32 - 1
+def _events(stream: str) -> list[tuple[str, object]]:
+    """The ``(event, data)`` pairs of a server-sent-events body."""
+    return [(name, json.loads(data)) for name, data in re.findall(r"^event: (\w+)\ndata: (.*)$", stream, flags=re.M)]
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"prompt": ""}, r"`prompt` is empty"),
-        ({"prompt": "   \n"}, r"`prompt` is empty"),
-        ({"prompt": None}, r"`prompt` is empty"),
-        ({"prompt": 3}, r"`prompt` must be text, got int"),
-        ({"prompt": "a" * 1001}, r"`prompt` is 1001 characters long; the limit is 1000"),
-        ({"prompt": "cat " * 80}, r"`prompt` is 82 tokens long; the CLIP text encoder reads at most 77"),
-        ({"negative_prompt": "dog " * 90}, r"`negative_prompt` is 92 tokens long"),
-        ({"seed": -1}, r"`seed` must be between 0 and 4294967295, got -1"),
-        ({"seed": 2**32}, r"`seed` must be between 0 and 4294967295"),
-        ({"seed": 1.5}, r"`seed` must be a whole number, got 1.5"),
-        ({"seed": None}, r"`seed` must be a whole number, got None"),
-        ({"steps": 0}, r"`steps` must be between 1 and 100, got 0"),
-        ({"steps": 101}, r"`steps` must be between 1 and 100, got 101"),
-        ({"steps": 2.5}, r"`steps` must be a whole number, got 2.5"),
-        ({"steps": "many"}, r"`steps` must be a whole number, got 'many'"),
-        ({"steps": True}, r"`steps` must be a whole number, got True"),
-        ({"guidance": -0.5}, r"`guidance` must be between 0 and 30, got -0.5"),
-        ({"guidance": 30.5}, r"`guidance` must be between 0 and 30, got 30.5"),
-        ({"guidance": float("nan")}, r"`guidance` must be between 0 and 30, got nan"),
-        ({"guidance": "high"}, r"`guidance` must be a number, got 'high'"),
-        ({"width": 100}, r"`width` must be a multiple of 8, got 100"),
-        ({"height": 1032}, r"`height` must be between 64 and 1024, got 1032"),
-        ({"width": 56}, r"`width` must be between 64 and 1024, got 56"),
-        ({"height": float("inf")}, r"`height` must be a whole number, got inf"),
-    ],
-)
-def test_validate_request_rejects_bad_inputs(clip_tokenizer, kwargs, match):
-    args = {"prompt": "a red bicycle", "negative_prompt": "", "seed": 0, "steps": 4, "guidance": 7.5, "width": 64, "height": 64}
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        app.validate_request(**args, tokenizer=clip_tokenizer)
+def _call(url: str, data: list, api_name: str = "compare") -> tuple[int, list[tuple[str, object]]]:
+    """POST ``data`` to ``/gradio_api/call/<api_name>`` and read the result stream: ``(status, events)``."""
+    status, text = _http(url, f"gradio_api/call/{api_name}", {"data": data})
+    if status != 200:
+        return status, []
+    event_id = json.loads(text)["event_id"]
+    status, stream = _http(url, f"gradio_api/call/{api_name}/{event_id}")
+    return status, _events(stream)
 
 
-def test_token_limit_counts_start_and_end_tokens(clip_tokenizer):
-    # "cat" is one token: 75 of them + start + end = 77 fits, 76 does not.
-    assert app.validate_request("cat " * 75, tokenizer=clip_tokenizer).prompt.count("cat") == 75
-    with pytest.raises(ValueError, match=r"is 78 tokens long"):
-        app.validate_request("cat " * 76, tokenizer=clip_tokenizer)
-    # Without a tokenizer only the character limit applies.
-    assert app.validate_request("cat " * 76).prompt
+def _request(prompt="a red bicycle", negative="", seed=0, steps=2, guidance=7.5, width=64, height=64, reveal=False):
+    return [prompt, negative, seed, steps, guidance, width, height, reveal]
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering helpers (pure)
-# ---------------------------------------------------------------------------------------------
-
-
-def test_obscure_hides_detail_and_keeps_size():
-    image = _checkerboard()
-    hidden = app.obscure(image)
-    assert hidden.size == image.size and hidden.mode == "RGB"
-    assert _detail(image) > 100 and _detail(hidden) < 0.05 * _detail(image)
-    with pytest.raises(ValueError, match=r"`pixels` must be >= 1, got 0"):
-        app.obscure(image, pixels=0)
-
-
-def test_flagged_images_are_blurred_until_revealed():
-    image = _checkerboard()
-    flagged = app.ImageVerdict(image=image, flagged=True, scores={"nudenet": 0.91, "nudenet/FEMALE_BREAST_EXPOSED": 0.91})
-    clean = app.ImageVerdict(image=image, flagged=False, scores={"nudenet": 0.02})
-    unscored = app.ImageVerdict(image=image, flagged=None)
-
-    assert _detail(app.shown_image(flagged, reveal=False)) < 0.05 * _detail(image)
-    assert app.shown_image(flagged, reveal=True) is image
-    assert app.shown_image(clean, reveal=False) is image
-
-    text = app.verdict_markdown("Original CLIP", flagged, reveal=False)
-    assert "Original CLIP: ⚠ flagged NSFW" in text and "scores: nudenet 0.91 ·" in text and "blurred" in text
-    assert "revealed" in app.verdict_markdown("Original CLIP", flagged, reveal=True)
-    clean_text = app.verdict_markdown("SaFeR-CLIP", clean, reveal=False)
-    assert "SaFeR-CLIP: ✓ safe" in clean_text and "nudenet 0.02" in clean_text and "blurred" not in clean_text
-    assert "not scored" in app.verdict_markdown("SaFeR-CLIP", unscored, reveal=False)
-
-    request = app.validate_request("x", seed=3, steps=2, width=64, height=64)
-    result = app.ComparisonResult(original=flagged, safe=clean, request=request, seconds=0.1234567, device="cpu", dtype="float32")
-    details = result.details(revealed=False)
-    assert details["original"] == {"flagged": True, "scores": {"nudenet": 0.91},
-                                   "score_details": {"nudenet/FEMALE_BREAST_EXPOSED": 0.91}, "blurred": True}
-    assert details["safe"] == {"flagged": False, "scores": {"nudenet": 0.02}, "score_details": {}, "blurred": False}
-    assert details["request"]["seed"] == 3 and details["seconds"] == 0.1235
-    assert result.details(revealed=True)["original"]["blurred"] is False
-    assert "0.12 s for both images" in app.timing_markdown(result) and "seed 3" in app.timing_markdown(result)
-
-
-def test_load_examples_reads_prompt_column_and_falls_back(tmp_path):
-    (tmp_path / "benign.csv").write_text('prompt,category\n"a red bicycle, oil painting",x\n\na blue boat,y\n', encoding="utf-8")
-    examples = app.load_examples(tmp_path, per_list=5)
-    assert examples["benign"] == ["a red bicycle, oil painting", "a blue boat"]
-    assert examples["mild_unsafe"] == app.BUILTIN_EXAMPLES["mild_unsafe"]  # file absent
-    (tmp_path / "mild_unsafe.csv").write_text("text\nno prompt column\n", encoding="utf-8")
-    assert app.load_examples(tmp_path)["mild_unsafe"] == app.BUILTIN_EXAMPLES["mild_unsafe"]
-    assert len(app.load_examples(tmp_path, per_list=1)["benign"]) == 1
-
-    bundled = app.load_examples()  # assets/prompts when present, else the built-in lists
-    assert set(bundled) == {"benign", "mild_unsafe"} and all(bundled.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line and startup errors
+# Command line: the shared options vocabulary, exit codes
 # ---------------------------------------------------------------------------------------------
 
 
 def test_parse_args_defaults():
-    args = app.parse_args([])
-    assert (args.base, args.safe_encoder, args.tiny, args.host, args.port, args.share) == (None, None, False, "127.0.0.1", None, False)
-    assert (args.device, args.dtype, args.max_concurrency, args.smoke_test) == ("auto", "auto", 1, False)
+    config = app.parse_args([])
+    assert config == app.DemoConfig()
+    assert (config.base, config.safe_encoder, config.tiny, config.host, config.port, config.share) == (
+        None, None, False, "127.0.0.1", None, False)  # fmt: skip
+    assert (config.device, config.dtype, config.max_concurrency, config.queue_size) == ("auto", "auto", 1, 64)
+    assert (config.analytics, config.smoke_test, config.verbose) == (False, False, False)
+
+
+def test_snake_and_kebab_spellings_are_the_same_flags():
+    snake = app.parse_args(["--safe_encoder", "./enc", "--max_concurrency", "3", "--queue_size", "5", "--smoke_test"])
+    kebab = app.parse_args(["--safe-encoder", "./enc", "--max-concurrency", "3", "--queue-size", "5", "--smoke-test"])
+    assert snake == kebab and (snake.safe_encoder, snake.max_concurrency, snake.queue_size, snake.smoke_test) == (
+        "./enc", 3, 5, True)  # fmt: skip
+
+
+def test_old_dtype_names_still_work_with_a_deprecation_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert app.parse_args(["--dtype", "fp32"]).dtype == "float32"
+    assert "`--dtype fp32` is deprecated; use `--dtype float32`" in caplog.text
 
 
 @pytest.mark.parametrize(
-    "argv, match",
+    "argv, message",
     [
-        (["--tiny", "--base", "x/y"], r"--tiny builds its own models: do not combine it with --base or --safe-encoder"),
-        (["--tiny", "--safe-encoder", "./enc"], r"do not combine it with --base or --safe-encoder"),
-        (["--port", "70000"], r"--port must be between 1 and 65535, got 70000"),
-        (["--max-concurrency", "0"], r"--max-concurrency must be >= 1, got 0"),
-        (["--queue-size", "0"], r"--queue-size must be >= 1, got 0"),
-        (["--dtype", "float8"], r"argument --dtype: invalid choice: 'float8'"),
+        (["--tiny", "--base", "x/y"], r"`--tiny` builds its own models: do not combine it with `--base` or `--safe_encoder`"),
+        (["--tiny", "--safe-encoder", "./enc"], r"`--tiny` builds its own models: do not combine it with `--base` or `--safe_encoder`"),
+        (["--port", "70000"], r"`--port` must be in \[1, 65535\], got 70000"),
+        (["--port", "0"], r"`--port` must be in \[1, 65535\], got 0"),
+        (["--max-concurrency", "0"], r"`--max_concurrency` must be in \[1, 64\], got 0"),
+        (["--queue-size", "0"], r"`--queue_size` must be in \[1, 10000\], got 0"),
+        (["--host", " "], r"`--host` is empty"),
+        (["--base", ""], r"`--base` is empty"),
     ],
 )
-def test_parse_args_rejects_bad_flags(capsys, argv, match):
-    with pytest.raises(SystemExit) as exc:
-        app.parse_args(argv)
-    assert exc.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
+def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
+    assert app.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^demos/app.py: error: {message}", err) and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtype", "float8"], r"argument --dtype: invalid choice: 'float8'"),
+        (["--port", "http"], r"argument --port: not a whole number: 'http'"),
+        (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_unparsable_flags_exit_2_with_argparse_usage(capsys, argv, message):
+    assert app.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+
+
+def test_help_runs_and_lists_the_flags():
+    out = subprocess.run([sys.executable, str(APP_PATH), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    for flag in ("--base", "--safe_encoder", "--tiny", "--host", "--port", "--share", "--device", "--dtype",
+                 "--max_concurrency", "--queue_size", "--analytics", "--smoke_test", "--verbose"):  # fmt: skip
+        assert flag in out
+    assert "--safe-encoder" not in out  # one spelling shown
+
+
+def test_the_module_docstring_says_what_the_file_is():
+    doc = app.__doc__
+    assert doc.startswith("The Gradio app of the demo") and "demos.validation" in doc and "demos.service" in doc
+    assert "thin UI layer only" not in doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Startup errors: before any model is loaded
+# ---------------------------------------------------------------------------------------------
 
 
 def _forbid_model_loading(monkeypatch):
@@ -205,16 +163,17 @@ def _forbid_model_loading(monkeypatch):
 
 def test_port_in_use_is_an_error_before_loading_models(monkeypatch, capsys):
     _forbid_model_loading(monkeypatch)
-    monkeypatch.setattr(app, "resolve_sources", lambda args: pytest.fail("the port must be checked first"))
+    monkeypatch.setattr(app, "resolve_sources", lambda config: pytest.fail("the port must be checked first"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         assert not app.port_is_free("127.0.0.1", port)
-        with pytest.raises(app.StartupError, match=rf"--port {port} is already in use on 127.0.0.1"):
+        with pytest.raises(app.StartupError, match=rf"`--port` {port} is already in use on 127.0.0.1"):
             app.choose_port("127.0.0.1", port)
         assert app.main(["--tiny", "--port", str(port)]) == 2
-    assert f"error: --port {port} is already in use" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"demos/app.py: error: `--port` {port} is already in use") and "Traceback" not in err
     free = _free_port()
     assert app.port_is_free("127.0.0.1", free) and app.choose_port("127.0.0.1", free) == free
 
@@ -225,8 +184,10 @@ def test_unreachable_default_models_exit_with_a_clear_message(monkeypatch, capsy
     monkeypatch.setattr("safer_diffusion.hub._cached_on_disk", lambda repo_id: False)
     assert app.main(["--port", str(_free_port())]) == 2
     err = capsys.readouterr().err
-    assert "error: Cannot load the models: `--base`='CompVis/stable-diffusion-v1-4' is a hub id, but HF_HUB_OFFLINE=1" in err
-    assert "python demos/app.py --tiny" in err and "--base /path/to/stable-diffusion-v1-4 --safe-encoder /path/to/safer-clip" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("demos/app.py: error: Cannot load the models: `--base`='CompVis/stable-diffusion-v1-4'")
+    assert "`python demos/app.py --tiny`" in err
+    assert "--base /path/to/stable-diffusion-v1-4 --safe_encoder /path/to/safer-clip" in err
 
     assert app.main(["--base", str(ROOT / "no-such-folder"), "--port", str(_free_port())]) == 2
     assert "is not an existing local path" in capsys.readouterr().err
@@ -237,31 +198,53 @@ def test_folders_that_are_not_models_exit_with_a_clear_message(tmp_path, tiny_fo
     (tmp_path / "empty").mkdir()
     assert app.main(["--base", str(tmp_path / "empty"), "--safe-encoder", str(safe), "--smoke-test"]) == 2
     err = capsys.readouterr().err
-    assert f"error: could not load the models from --base {tmp_path / 'empty'}" in err and "--tiny" in err
+    assert err.startswith(f"demos/app.py: error: could not load the models from `--base` {tmp_path / 'empty'}")
+    assert "--tiny" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_bad_device_and_dtype_are_startup_errors():
+def test_bad_device_and_dtype_exit_2_before_loading(monkeypatch, capsys):
     torch = pytest.importorskip("torch")
-    assert app.resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
-    assert app.resolve_device_dtype("cpu", "bfloat16")[1] == torch.bfloat16
-    with pytest.raises(app.StartupError, match=r"--dtype float16 is not supported on the CPU"):
-        app.resolve_device_dtype("cpu", "float16")
-    with pytest.raises(app.StartupError, match=r"--device 'toaster' is not a torch device"):
-        app.resolve_device_dtype("toaster", "auto")
+    _forbid_model_loading(monkeypatch)
+    assert app.main(["--tiny", "--device", "cpu", "--dtype", "float16", "--smoke-test"]) == 2
+    assert "error: `--dtype` float16 is not supported on the CPU; use `--dtype float32`" in capsys.readouterr().err
+    assert app.main(["--tiny", "--device", "toaster", "--smoke-test"]) == 2
+    assert "error: `--device` 'toaster' is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        with pytest.raises(app.StartupError, match=r"--device cuda was asked for, but CUDA is not available"):
-            app.resolve_device_dtype("cuda", "auto")
+        assert app.main(["--tiny", "--device", "cuda", "--smoke-test"]) == 2
+        assert "error: `--device` 'cuda': this machine has no CUDA GPU" in capsys.readouterr().err
 
 
-def test_help_runs_and_lists_the_flags():
-    out = subprocess.run([sys.executable, str(APP_PATH), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
-    for flag in ("--base", "--safe-encoder", "--tiny", "--host", "--port", "--share", "--device", "--dtype",
-                 "--max-concurrency", "--smoke-test"):
-        assert flag in out
+def test_a_failure_while_loading_is_exit_1(monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(app, "load_pipeline", out_of_memory)
+    assert app.main(["--tiny", "--smoke-test"]) == 1
+    err = capsys.readouterr().err  # (building the --tiny folders may print progress bars first)
+    assert err.strip().splitlines()[-1] == "demos/app.py: failed (RuntimeError): CUDA out of memory" and "Traceback" not in err
+
+
+def test_host_0000_warns_what_is_exposed_before_loading(monkeypatch, caplog):
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(app, "load_pipeline", stop)
+    port = _free_port()
+    with caplog.at_level(logging.WARNING):
+        assert app.main(["--tiny", "--host", "0.0.0.0", "--port", str(port)]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("`--host 0.0.0.0` exposes the demo UI and its /compare API" in w and "every machine on your network" in w
+               and f"port {port}" in w and "--host 127.0.0.1" in w for w in warnings), warnings  # fmt: skip
+
+    assert app.exposure_warnings(app.DemoConfig(), 7860) == []
+    assert app.exposure_warnings(app.DemoConfig(host="localhost"), 7860) == []
+    assert app.exposure_warnings(app.DemoConfig(host="::1"), 7860) == []
+    assert "anyone who can reach 192.168.1.5" in app.exposure_warnings(app.DemoConfig(host="192.168.1.5"), 7860)[0]
+    assert "public gradio.live URL" in app.exposure_warnings(app.DemoConfig(share=True), 7860)[0]
 
 
 # ---------------------------------------------------------------------------------------------
-# The handler on the real tiny pipeline (in process)
+# The handlers on the real tiny pipeline (in process)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -269,6 +252,19 @@ def test_help_runs_and_lists_the_flags():
 def tiny_pipe(tiny_folders):
     base, safe = tiny_folders
     return app.load_pipeline(str(base), str(safe), "cpu", pytest.importorskip("torch").float32)
+
+
+@pytest.fixture(scope="module")
+def flagging_pipe(tiny_folders):
+    """The tiny pipeline with a real NudeNet scorer at threshold 0: every image is flagged."""
+    from safer_diffusion import SaferStableDiffusionPipeline
+    from safer_diffusion.scoring import NudeNetScorer
+
+    base, safe = tiny_folders
+    pipe = SaferStableDiffusionPipeline.from_pretrained(
+        str(base), safe_text_encoder=str(safe), nsfw_scorer=NudeNetScorer(threshold=0.0), keep_original_text_encoder=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _count_compare_calls(monkeypatch, pipe):
@@ -284,8 +280,7 @@ def _count_compare_calls(monkeypatch, pipe):
 
 
 def test_generate_handler_one_compare_call_two_scored_images(tiny_pipe, monkeypatch):
-    service = app.CompareService(tiny_pipe)
-    generate, rerender = app.make_handlers(service)
+    generate, rerender = app.make_handlers(app.CompareService(tiny_pipe))
     calls = _count_compare_calls(monkeypatch, tiny_pipe)
     original, safe, original_verdict, safe_verdict, timing, details, result = generate(
         "a red bicycle", "blurry", 7, 2, 7.5, 64, 64, False)
@@ -299,30 +294,38 @@ def test_generate_handler_one_compare_call_two_scored_images(tiny_pipe, monkeypa
 
     again = generate("a red bicycle", "blurry", 7, 2, 7.5, 64, 64, False)  # same seed, same images
     assert np.array_equal(np.asarray(again[0]), np.asarray(original)) and np.array_equal(np.asarray(again[1]), np.asarray(safe))
-    assert rerender(result, True)[0] is result.original.image
+    assert rerender(result, True)[0] is result.original.image and len(calls) == 2  # re-rendering draws nothing
 
 
-def test_generate_handler_turns_bad_inputs_into_ui_errors(tiny_pipe, monkeypatch):
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("a red bicycle", "", 0, 0, 7.5, 64, 64, False), r"`steps` must be between 1 and 100, got 0"),
+        (("a red bicycle", "", 0, 100000, 7.5, 64, 64, False), r"`steps` must be between 1 and 100, got 100000"),
+        (("", "", 0, 2, 7.5, 64, 64, False), r"`prompt` is empty"),
+        (("  \n ", "", 0, 2, 7.5, 64, 64, False), r"`prompt` is empty"),
+        (("a cat\x00", "", 0, 2, 7.5, 64, 64, False), r"`prompt` contains a NUL character"),
+        (("a red bicycle", "", 2**63, 2, 7.5, 64, 64, False), r"`seed` must be between 0 and 9223372036854775807"),
+        (("a red bicycle", "", 0, 2, float("nan"), 64, 64, False), r"`guidance` must be a finite number, got nan"),
+        (("a red bicycle", "", 0, 2, float("inf"), 64, 64, False), r"`guidance` must be a finite number, got inf"),
+        (("a red bicycle", "", 0, 2, 7.5, 100, 64, False), r"`width` must be a multiple of 8, got 100"),
+        *[(("a red bicycle", "", 0, 2, 7.5, 64, 64, bad), r"`reveal` must be true or false") for bad in NOT_BOOLEANS],
+    ],
+)
+def test_generate_handler_refuses_bad_inputs_before_any_work(tiny_pipe, monkeypatch, args, match):
     import gradio as gr
 
     generate, _ = app.make_handlers(app.CompareService(tiny_pipe))
     calls = _count_compare_calls(monkeypatch, tiny_pipe)
-    with pytest.raises(gr.Error, match=r"`steps` must be between 1 and 100, got 0"):
-        generate("a red bicycle", "", 0, 0, 7.5, 64, 64, False)
-    with pytest.raises(gr.Error, match=r"`prompt` is empty"):
-        generate("", "", 0, 2, 7.5, 64, 64, False)
+    with pytest.raises(gr.Error, match=match):
+        generate(*args)
     assert calls == []  # rejected before the model runs
 
 
-def test_flagged_images_leave_the_server_blurred(tiny_folders):
-    """With a real NudeNet scorer at threshold 0 every image is flagged: the UI gets blurred copies."""
-    from safer_diffusion import SaferStableDiffusionPipeline
-    from safer_diffusion.scoring import NudeNetScorer
+def test_flagged_images_leave_the_server_blurred_and_reveal_needs_true(flagging_pipe, monkeypatch):
+    import gradio as gr
 
-    base, safe = tiny_folders
-    pipe = SaferStableDiffusionPipeline.from_pretrained(
-        str(base), safe_text_encoder=str(safe), nsfw_scorer=NudeNetScorer(threshold=0.0), keep_original_text_encoder=True)
-    generate, rerender = app.make_handlers(app.CompareService(pipe))
+    generate, rerender = app.make_handlers(app.CompareService(flagging_pipe))
     original, safe_image, original_verdict, safe_verdict, _, details, result = generate("a red bicycle", "", 1, 2, 7.5, 64, 64, False)
     assert result.original.flagged and result.safe.flagged
     assert details["original"]["blurred"] and details["safe"]["blurred"]
@@ -331,26 +334,66 @@ def test_flagged_images_leave_the_server_blurred(tiny_folders):
         assert _detail(shown) < 0.5 * _detail(raw)
     revealed = rerender(result, True)
     assert revealed[0] is result.original.image and revealed[1] is result.safe.image and "revealed" in revealed[2]
-    assert rerender(None, True)[0] is not None  # nothing generated yet: outputs left as they are
+    assert all(value is not None for value in rerender(None, True))  # nothing generated yet: outputs left as they are
+
+    calls = _count_compare_calls(monkeypatch, flagging_pipe)
+    for bad in NOT_BOOLEANS:
+        with pytest.raises(gr.Error, match=r"`reveal` must be true or false"):
+            rerender(result, bad)
+        with pytest.raises(gr.Error, match=r"`reveal` must be true or false"):
+            generate("a red bicycle", "", 1, 2, 7.5, 64, 64, bad)
+    assert calls == []
 
 
-def test_compare_service_checks_its_arguments(tiny_pipe):
-    with pytest.raises(ValueError, match=r"`concurrency` must be >= 1, got 0"):
-        app.CompareService(tiny_pipe, concurrency=0)
-
-    class NoOriginal:
-        original_text_encoder = None
-
-    with pytest.raises(ValueError, match=r"load it with `keep_original_text_encoder=True`"):
-        app.CompareService(NoOriginal())
+def _registered_compare(demo):
+    (fn,) = [fn for fn in demo.fns.values() if fn.fn is not None]
+    return fn
 
 
-def test_worker_views_share_weights_not_schedulers(tiny_pipe):
-    service = app.CompareService(tiny_pipe, concurrency=2)
-    views = [service._views.get() for _ in range(2)]
-    assert views[0] is tiny_pipe and views[1] is not tiny_pipe
-    assert views[1].unet is tiny_pipe.unet and views[1].original_text_encoder is tiny_pipe.original_text_encoder
-    assert views[1].scheduler is not tiny_pipe.scheduler
+def test_the_app_has_one_server_side_handler_the_documented_api(tiny_pipe):
+    demo = app.build_demo(app.CompareService(tiny_pipe), tiny=True, default_size=64, default_steps=2)
+    assert app.api_endpoints(demo) == {"compare": "public"}
+    assert {"/" + name for name in app.api_endpoints(demo)} == DOCUMENTED_ENDPOINTS
+    compare = _registered_compare(demo)
+    triggers = {(demo.blocks[block_id].elem_id, event) for block_id, event in compare.targets}
+    assert triggers == {("generate", "click"), ("prompt", "submit"), ("reveal", "input")}
+    assert not compare.preprocess  # raw values reach validation: "false" stays a string and is refused
+    browser_only = [fn for fn in demo.fns.values() if fn.fn is None]
+    assert len(browser_only) == 3 and all(fn.js for fn in browser_only)  # random seed + the two example lists
+    assert demo.get_api_info()["named_endpoints"].keys() == DOCUMENTED_ENDPOINTS
+    parameters = [p["parameter_name"] for p in demo.get_api_info()["named_endpoints"]["/compare"]["parameters"]]
+    assert parameters == ["prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "reveal"]
+
+
+def test_the_reveal_checkbox_rerenders_the_last_result_through_compare(flagging_pipe, monkeypatch):
+    import gradio as gr
+
+    demo = app.build_demo(app.CompareService(flagging_pipe), default_size=64, default_steps=2)
+    compare = _registered_compare(demo).fn
+    reveal_box = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "reveal")
+    inputs = ("a red bicycle", "", 1, 2, 7.5, 64, 64)
+    first = compare(*inputs, False, None, gr.EventData(None, None))  # an API call: no trigger
+    result = first[6]
+    calls = _count_compare_calls(monkeypatch, flagging_pipe)
+    revealed = compare(*inputs, True, result, gr.EventData(reveal_box, None))
+    assert revealed[0] is result.original.image and revealed[1] is result.safe.image and calls == []
+    assert all(isinstance(value, type(gr.skip())) for value in compare(*inputs, True, None, gr.EventData(reveal_box, None)))
+    with pytest.raises(gr.Error, match=r"`reveal` must be true or false"):
+        compare(*inputs, "false", result, gr.EventData(reveal_box, None))
+
+
+def test_privacy_settings_of_the_app(tiny_pipe, monkeypatch):
+    service = app.CompareService(tiny_pipe)
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")  # Gradio's own default: on
+    demo = app.build_demo(service, default_size=64)
+    assert demo.analytics_enabled is False and demo.delete_cache == app.DELETE_CACHE == (600, 3600)
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry request from this test
+    monkeypatch.setattr("gradio.analytics.version_check", lambda: None)  # the one request Blocks(analytics) makes itself
+    assert app.parse_args(["--analytics"]).analytics is True
+    assert app.build_demo(service, default_size=64, analytics=True).analytics_enabled is True
+    settings = app.launch_settings(app.DemoConfig(), 7860)
+    assert settings["max_file_size"] == 0 and settings["enable_monitoring"] is False and settings["mcp_server"] is False
+    assert settings["run_history"] is False and settings["server_name"] == "127.0.0.1" and settings["share"] is False
 
 
 @pytest.mark.parametrize("mode", ["tiny", "local folders"])
@@ -365,7 +408,56 @@ def test_smoke_test_flag_runs_one_comparison(capsys, tiny_folders, mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end: gradio_client against `python demos/app.py --tiny`
+# In process, served: blur over HTTP, and generated files deleted after a bounded age
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flagging_server(flagging_pipe):
+    """The app on the always-flagging tiny pipeline, launched in process with the real launch settings and
+    ``delete_cache=(1, 2)`` (the app's default is DELETE_CACHE; short here so the test can watch it)."""
+    demo = app.build_demo(app.CompareService(flagging_pipe), default_size=64, default_steps=2, delete_cache=(1, 2))
+    demo.queue(max_size=8)
+    port = _free_port()
+    _, url, _ = demo.launch(**app.launch_settings(app.DemoConfig(port=port), port), prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+def _image_paths(events) -> list[Path]:
+    (name, data), = [e for e in events if e[0] in ("complete", "error")]  # fmt: skip
+    assert name == "complete", data
+    return [Path(data[0]["path"]), Path(data[1]["path"])]
+
+
+def test_over_http_a_flagged_image_is_blurred_unless_reveal_is_true(flagging_server, flagging_pipe):
+    request = _request(seed=1)
+    raw = app.CompareService(flagging_pipe).run(app.CompareService(flagging_pipe).validate(*request[:7]))
+    status, blurred_events = _call(flagging_server, request)
+    blurred = [Image.open(path) for path in _image_paths(blurred_events)]
+    assert status == 200 and blurred_events[-1][1][5]["original"]["blurred"] is True
+    assert _detail(blurred[0]) < 0.5 * _detail(raw.original.image) and _detail(blurred[1]) < 0.5 * _detail(raw.safe.image)
+    for bad in NOT_BOOLEANS:
+        status, events = _call(flagging_server, _request(seed=1, reveal=bad))
+        assert [name for name, _ in events] == ["error"], (bad, events)
+        assert "`reveal` must be true or false" in json.dumps(events[0][1]), events
+    revealed = [Image.open(path) for path in _image_paths(_call(flagging_server, _request(seed=1, reveal=True))[1])]
+    assert np.array_equal(np.asarray(revealed[0].convert("RGB")), np.asarray(raw.original.image.convert("RGB")))
+
+
+def test_generated_files_are_deleted_after_a_bounded_age(flagging_server):
+    paths = _image_paths(_call(flagging_server, _request(seed=2))[1])
+    assert all(path.is_file() for path in paths)
+    deadline = time.monotonic() + 20
+    while any(path.exists() for path in paths) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(path.exists() for path in paths), "delete_cache did not remove the generated files"
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: gradio_client and raw HTTP against `python demos/app.py --tiny`
 # ---------------------------------------------------------------------------------------------
 
 
@@ -394,16 +486,63 @@ def test_client_gets_two_images_verdicts_and_scores(client):
         assert "nudenet" in details[key]["scores"] and isinstance(details[key]["flagged"], bool)
 
 
+def test_exposed_api_is_exactly_the_documented_endpoints(client, demo_server):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == DOCUMENTED_ENDPOINTS and not api["unnamed_endpoints"]
+    status, info = _http(demo_server, "gradio_api/info?all_endpoints=true")
+    assert status == 200 and set(json.loads(info)["named_endpoints"]) == DOCUMENTED_ENDPOINTS
+    status, config = _http(demo_server, "config")
+    backend = [d["api_name"] for d in json.loads(config)["dependencies"] if d["backend_fn"]]
+    assert backend == ["compare"]  # every other event runs in the browser only
+
+
+def test_helper_handlers_cannot_be_called(demo_server):
+    for name in HELPER_NAMES:  # refused, or (a browser-only event's own name) an error without data
+        status, events = _call(demo_server, [None, True], api_name=name)
+        assert status != 200 or [event for event, _ in events if event != "heartbeat"] == ["error"], (name, events)
+    # The queue takes any function index: every dependency but /compare has no backend function to run.
+    dependencies = json.loads(_http(demo_server, "config")[1])["dependencies"]
+    others = [d["id"] for d in dependencies if d["api_name"] != "compare"]
+    assert others
+    for fn_index in others:
+        status, text = _http(demo_server, "gradio_api/queue/join",
+                             {"data": [None, True], "fn_index": fn_index, "session_hash": f"probe{fn_index}"})  # fmt: skip
+        assert status == 200, text
+        _, stream = _http(demo_server, f"gradio_api/queue/data?session_hash=probe{fn_index}")
+        completed = [json.loads(line[len("data: "):]) for line in stream.splitlines() if '"process_completed"' in line]
+        assert completed and completed[0]["success"] is False and "data" not in completed[0]["output"], stream
+
+
+@pytest.mark.parametrize("reveal", NOT_BOOLEANS)
+def test_http_reveal_that_is_not_a_boolean_is_an_error_and_reveals_nothing(demo_server, reveal):
+    status, events = _call(demo_server, _request(reveal=reveal))
+    assert status == 200 and [name for name, _ in events] == ["error"], events
+    message = json.dumps(events[0][1])
+    assert "`reveal` must be true or false" in message and ".png" not in message
+
+
+def test_uploads_are_refused(demo_server):
+    boundary = "safer-diffusion-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + b"x" * 4096 + f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
+    status, text = _http(demo_server, "gradio_api/upload", data=body,
+                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    assert status == 413, text
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"prompt": ""}, r"`prompt` is empty"),
+        ({"prompt": "a cat\x00"}, r"`prompt` contains a NUL character"),
         ({"steps": 0}, r"`steps` must be between 1 and 100, got 0"),
         ({"steps": 250}, r"`steps` must be between 1 and 100, got 250"),
+        ({"seed": 2**63}, r"`seed` must be between 0 and 9223372036854775807"),
         ({"guidance": 31}, r"`guidance` must be between 0 and 30, got 31"),
         ({"width": 100}, r"`width` must be a multiple of 8, got 100"),
         ({"height": 2048}, r"`height` must be between 64 and 1024, got 2048"),
         ({"prompt": "cat " * 80}, r"`prompt` is 82 tokens long"),
+        ({"reveal": "false"}, r"`reveal` must be true or false"),
     ],
 )
 def test_client_invalid_inputs_get_the_ui_error(client, kwargs, match):
@@ -440,16 +579,4 @@ def test_twenty_concurrent_requests_all_succeed(demo_server, client, record_prop
     record_property("latency_p50_s", round(p50, 3))
     record_property("latency_p95_s", round(p95, 3))
     print(f"\n20 concurrent /compare requests (--tiny, 2 steps, 64x64, --max-concurrency 2): "
-          f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {latencies[-1]:.2f} s")
-
-
-def test_worker_views_do_not_share_per_call_state(tiny_pipe):
-    """Concurrent requests must not share the scheduler or the fast tokenizer: the Rust tokenizer keeps
-    the padding mode of its last call, and ``encode_prompt`` tokenizes with two different modes."""
-    view = app._worker_view(tiny_pipe)
-    assert view.unet is tiny_pipe.unet and view.text_encoder is tiny_pipe.text_encoder  # weights shared
-    assert view.scheduler is not tiny_pipe.scheduler
-    assert view.tokenizer is not tiny_pipe.tokenizer and view.tokenizer._tokenizer is not tiny_pipe.tokenizer._tokenizer
-    tiny_pipe.tokenizer("a cat", padding="longest")  # leaves the shared backend in "longest" mode
-    ids = view.tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
-    assert len(ids) == 77
+          f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {latencies[-1]:.2f} s")  # fmt: skip

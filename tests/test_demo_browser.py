@@ -4,9 +4,12 @@ assets/demo_screenshot.png (the README's screenshot)."""
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+
+from demos.rendering import load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").is_file() else None)
@@ -58,7 +61,14 @@ def test_generate_in_a_real_browser(browser, demo_server, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "[data-testid='toast-close']").click()
     wait.until(EC.invisibility_of_element_located((By.CSS_SELECTOR, "[data-testid='toast-body']")))
 
-    prompt.send_keys("a watercolor painting of a fox in the snow")
+    # Browser-only events (the app has no server handler for them): an example fills the prompt box,
+    # Random seed draws a seed.
+    first_example = load_examples()["benign"][0]
+    browser.find_element(By.XPATH, f"//*[@id='examples-benign']//*[normalize-space(text())={first_example!r}]").click()
+    wait.until(lambda d: prompt.get_attribute("value") == first_example)
+    seed = browser.find_element(By.CSS_SELECTOR, "#seed input")
+    browser.find_element(By.ID, "random-seed").click()
+    wait.until(lambda d: seed.get_attribute("value") not in ("", "0"))
     generate.click()
 
     def rendered(driver):
@@ -73,6 +83,12 @@ def test_generate_in_a_real_browser(browser, demo_server, tmp_path):
     for element in (images[0][0], images[1][0]):
         wait.until(lambda d, e=element: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", e) == 64)
     assert "for both images" in browser.find_element(By.ID, "timing").text
+
+    # Ticking Reveal re-renders the last result through /compare (a real boolean from the checkbox): no error.
+    browser.find_element(By.CSS_SELECTOR, "#reveal input").click()
+    time.sleep(2)
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")
+    assert browser.find_elements(By.CSS_SELECTOR, "#original-image img") and browser.find_elements(By.CSS_SELECTOR, "#safe-image img")
 
     screenshot = tmp_path / "demo_screenshot.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000

@@ -1,0 +1,97 @@
+"""Tests of the demo's model side (`demos/service.py`) on the real tiny pipeline: the pool of pipeline views,
+validation with its own tokenizer, and one `compare()` call per request."""
+
+import numpy as np
+import pytest
+
+from demos.rendering import ComparisonResult
+from demos.service import CompareService, _worker_view, default_image_size, load_pipeline
+from demos.validation import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_folders):
+    base, safe = tiny_folders
+    return load_pipeline(str(base), str(safe), "cpu", pytest.importorskip("torch").float32)
+
+
+def test_compare_service_checks_its_arguments(tiny_pipe):
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=r"`concurrency` must be >= 1, got "):
+            CompareService(tiny_pipe, concurrency=bad)
+
+    class NoOriginal:
+        original_text_encoder = None
+
+    with pytest.raises(ValueError, match=r"load it with `keep_original_text_encoder=True`"):
+        CompareService(NoOriginal())
+    with pytest.raises(TypeError, match=r"`request` must be a GenerationRequest \(from `validate`\), got dict"):
+        CompareService(tiny_pipe).run({"prompt": "a cat"})
+
+
+def test_run_draws_both_images_in_one_compare_call(tiny_pipe, monkeypatch):
+    calls = []
+    original_compare = type(tiny_pipe).compare
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original_compare(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_pipe), "compare", counting)
+    service = CompareService(tiny_pipe)
+    request = service.validate("a red bicycle", "blurry", 7, 2, 7.5, 64, 64)
+    assert request == GenerationRequest("a red bicycle", "blurry", 7, 2, 7.5, 64, 64)
+    result = service.run(request)
+    assert isinstance(result, ComparisonResult) and len(calls) == 1
+    assert calls[0]["negative_prompt"] == "blurry" and calls[0]["num_inference_steps"] == 2 and calls[0]["score"] is True
+    assert result.original.image.size == result.safe.image.size == (64, 64)
+    assert isinstance(result.original.flagged, bool) and "nudenet" in result.safe.scores
+    assert (result.device, result.dtype) == ("cpu", "float32")
+    again = service.run(request)  # same seed, same images
+    assert np.array_equal(np.asarray(again.original.image), np.asarray(result.original.image))
+
+
+def test_worker_views_share_weights_not_schedulers(tiny_pipe):
+    service = CompareService(tiny_pipe, concurrency=2)
+    views = [service._views.get() for _ in range(2)]
+    assert views[0] is tiny_pipe and views[1] is not tiny_pipe
+    assert views[1].unet is tiny_pipe.unet and views[1].original_text_encoder is tiny_pipe.original_text_encoder
+    assert views[1].scheduler is not tiny_pipe.scheduler
+
+
+def test_worker_views_do_not_share_per_call_state(tiny_pipe):
+    """Concurrent requests must not share the scheduler or the fast tokenizer: the Rust tokenizer keeps
+    the padding mode of its last call, and ``encode_prompt`` tokenizes with two different modes."""
+    view = _worker_view(tiny_pipe)
+    assert view.unet is tiny_pipe.unet and view.text_encoder is tiny_pipe.text_encoder  # weights shared
+    assert view.scheduler is not tiny_pipe.scheduler
+    assert view.tokenizer is not tiny_pipe.tokenizer and view.tokenizer._tokenizer is not tiny_pipe.tokenizer._tokenizer
+    tiny_pipe.tokenizer("a cat", padding="longest")  # leaves the shared backend in "longest" mode
+    ids = view.tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(ids) == 77
+
+
+def test_validation_never_touches_a_tokenizer_a_generation_uses(tiny_pipe):
+    """Validation counts tokens with ``truncation=False`` while generations run: on a shared fast tokenizer
+    that would switch truncation off under a running ``encode_prompt``."""
+    service = CompareService(tiny_pipe, concurrency=2)
+    views = [service._views.get() for _ in range(2)]
+    backends = [view.tokenizer._tokenizer for view in views]
+    assert service.tokenizer._tokenizer not in backends
+    for view in views:
+        view.tokenizer("a cat", padding="max_length", max_length=77, truncation=True)
+    before = [backend.truncation for backend in backends]
+    assert all(state is not None and state["max_length"] == 77 for state in before)
+    service.validate("cat " * 70)
+    assert [backend.truncation for backend in backends] == before
+    with pytest.raises(ValueError, match=r"`prompt` is 82 tokens long"):
+        service.validate("cat " * 80)
+
+
+def test_default_image_size_is_the_native_resolution(tiny_pipe):
+    assert default_image_size(tiny_pipe) == 64
+
+    class NoUnet:
+        pass
+
+    assert default_image_size(NoUnet()) == 512
