@@ -295,9 +295,9 @@ def build_parser(
         if meta.get("positional"):
             target.add_argument(f.name, default=None if default is MISSING else default, **kwargs)
             continue
-        if default is MISSING:
+        if default is MISSING and not meta.get("deprecated"):
             kwargs["required"] = True
-        else:
+        else:  # a required flag with an old spelling: either spelling satisfies it, checked in validate_config
             kwargs["default"] = default
         names = [flag, flag.replace("_", "-")] if "_" in f.name else [flag]
         action = target.add_argument(*names, dest=f.name, **kwargs)

@@ -132,3 +132,14 @@ def test_config_from_dict_checks_like_the_command_line():
         config_from_dict(_Config, {})
     with pytest.raises(BadInputError, match=r"Unknown option\(s\) \['steps'\]"):
         config_from_dict(_Config, {"prompt": ["x"], "steps": 3})
+
+
+def test_a_required_flag_may_be_given_by_its_old_spelling(caplog):
+    @dataclass
+    class Out:
+        output_dir: str = option(MISSING, "Folder.", deprecated=("--out",))
+
+    assert parse_config(Out, ["--out", "d"], prog="t").output_dir == "d"
+    assert parse_config(Out, ["--output_dir", "e"], prog="t").output_dir == "e"
+    with pytest.raises(BadInputError, match="`--output_dir` is required"):
+        parse_config(Out, [], prog="t")
