@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= train,eval,demo,dev
 # Offline by default (tiny random models, with a banner saying so). Real models (Hub access, a GPU):
-#   make demo DEMO_ARGS="--base CompVis/stable-diffusion-v1-4 --safe-encoder Adeely93/SafeR_CLIP"
+#   make demo DEMO_ARGS="--base CompVis/stable-diffusion-v1-4 --safe_encoder Adeely93/SafeR_CLIP"
 DEMO_ARGS ?= --tiny
 BENCH_ARGS ?=
 # open_clip needs torchvision. On x86_64 machines without CUDA the only PyPI pair that imports is
@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/python demos/app.py $(DEMO_ARGS)
 
 smoke: setup
-	$(BIN)/python demos/app.py --tiny --smoke-test
+	$(BIN)/python demos/app.py --tiny --smoke_test
 
 lint: setup
 	$(BIN)/ruff check .

@@ -44,7 +44,7 @@ def test_make_targets_expand(target):
 def test_make_demo_is_offline_by_default_and_takes_real_models_on_request():
     default = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "demos/app.py --tiny" in default
-    real = subprocess.run(["make", "-n", "demo", "DEMO_ARGS=--base CompVis/stable-diffusion-v1-4 --safe-encoder Adeely93/SafeR_CLIP"],
+    real = subprocess.run(["make", "-n", "demo", "DEMO_ARGS=--base CompVis/stable-diffusion-v1-4 --safe_encoder Adeely93/SafeR_CLIP"],
                           cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "--tiny" not in real and "--base CompVis/stable-diffusion-v1-4" in real
 
