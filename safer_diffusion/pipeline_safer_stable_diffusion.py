@@ -320,7 +320,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         kwargs["use_safetensors"] = True
 
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path")
+        source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path",
+                                      revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))  # fmt: skip
         config = cls.load_config(source, **hub_kwargs)
         if os.path.isdir(source):
             _check_safetensors_only(Path(source), config)
