@@ -94,6 +94,8 @@ def option(
     legacy_commas: bool = False,
     value_aliases: dict[str, Any] | None = None,
     metavar: str | None = None,
+    aliases: Sequence[str] = (),
+    hidden: bool = False,
 ) -> Any:
     """A dataclass field that :func:`parse_config` turns into a flag.
 
@@ -108,11 +110,13 @@ def option(
         legacy_commas: list items may still be comma-separated (the old syntax), with a warning.
         value_aliases: old value spellings mapped to the current ones (``{"fp16": "float16"}``), with a warning.
         metavar: the placeholder shown in ``--help``.
+        aliases: other current spellings, e.g. a short ``"-v"`` (no warning; not shown in ``--help``).
+        hidden: not shown in ``--help`` (e.g. an old flag kept as its own field because its value changed form).
     """
     metadata = {
         "help": help, "choices": tuple(choices) if choices is not None else None, "bounds": bounds, "group": group,
         "positional": positional, "deprecated": tuple(deprecated), "legacy_commas": legacy_commas,
-        "value_aliases": dict(value_aliases or {}), "metavar": metavar,
+        "value_aliases": dict(value_aliases or {}), "metavar": metavar, "aliases": tuple(aliases), "hidden": hidden,
     }  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
@@ -267,16 +271,17 @@ def build_parser(
         kind, optional = _field_kind(config_cls, f)
         default = (defaults or {}).get(f.name, _default_of(f))
         flag = _flag(f.name)
-        kwargs: dict[str, Any] = {"help": meta.get("help", "")}
+        kwargs: dict[str, Any] = {"help": argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")}
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         origin = typing.get_origin(kind)
         if kind is bool:
-            names = [flag, flag.replace("_", "-")] if "_" in f.name else [flag]
+            names = ([flag, flag.replace("_", "-")] if "_" in f.name else [flag]) + list(meta.get("aliases", ()))
             dest = f.name
             action = target.add_argument(*names, dest=dest, action="store_true", default=default, help=kwargs["help"])
             negative = [f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"]
-            target.add_argument(*dict.fromkeys(negative), dest=dest, action="store_false", help=f"Turn off `{flag}`.")
+            target.add_argument(*dict.fromkeys(negative), dest=dest, action="store_false",
+                                help=argparse.SUPPRESS if meta.get("hidden") else f"Turn off `{flag}`.")
             for old in meta.get("deprecated", ()):
                 target.add_argument(old, dest=dest, action=_DeprecatedFlag, target=action, new=flag, help=argparse.SUPPRESS)
             continue
@@ -295,11 +300,11 @@ def build_parser(
         if meta.get("positional"):
             target.add_argument(f.name, default=None if default is MISSING else default, **kwargs)
             continue
-        if default is MISSING:
+        if default is MISSING and not meta.get("deprecated"):
             kwargs["required"] = True
-        else:
+        else:  # a required flag with old spellings: argparse cannot count those, `validate_config` reports it missing
             kwargs["default"] = default
-        names = [flag, flag.replace("_", "-")] if "_" in f.name else [flag]
+        names = ([flag, flag.replace("_", "-")] if "_" in f.name else [flag]) + list(meta.get("aliases", ()))
         action = target.add_argument(*names, dest=f.name, **kwargs)
         for old in meta.get("deprecated", ()):
             target.add_argument(old, dest=f.name, action=_DeprecatedFlag, target=action, new=flag, help=argparse.SUPPRESS)
