@@ -287,6 +287,8 @@ def build_parser(
             continue
         if origin is list:
             item = typing.get_args(kind)[0]
+            if meta.get("legacy_commas"):  # "512,2048" stays a string until `validate_config` splits and converts it
+                item = str
             kwargs.update(type=_scalar(item, False, flag, meta.get("value_aliases")), nargs="+" if default is MISSING else "*")
         elif origin is dict or kind is dict:
             value_kind = (typing.get_args(kind) or (str, str))[1]
@@ -376,8 +378,15 @@ def validate_config(config: Any) -> Any:
         items = value if isinstance(value, (list, tuple)) else list(value.values()) if isinstance(value, dict) else [value]
         if typing.get_origin(kind) is list and meta.get("legacy_commas"):
             split = [p.strip() for v in value for p in str(v).split(",") if p.strip()]
-            if split != list(value):
+            if split != [str(v) for v in value]:
                 logger.warning("Comma-separated `%s` is deprecated; separate the values with spaces.", flag)
+            item_kind = typing.get_args(kind)[0]
+            if item_kind is not str:  # list[int] etc.: the items were kept as text to split; convert them now
+                try:
+                    split = [_scalar(item_kind, False, flag)(v) for v in split]
+                except argparse.ArgumentTypeError as e:
+                    raise BadInputError(f"`{flag}`: {e}.") from None
+            if split != list(value):
                 setattr(config, f.name, split)
                 items = value = split
         aliases = meta.get("value_aliases") or {}
