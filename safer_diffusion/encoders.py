@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SAFE_TEXT_ENCODER",
+    "TORCH_DTYPE_NAMES",
+    "as_torch_dtype",
     "check_text_encoder",
     "convert_open_clip_text",
     "load_safe_text_encoder",
@@ -52,6 +54,8 @@ DEFAULT_SAFE_TEXT_ENCODER = "Adeely93/SafeR_CLIP"
 
 _OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Dtypes the Python API also accepts by name (``torch_dtype="float16"``): torch's names, as ``--dtype`` uses.
+TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 _LAYOUTS = (
     f"a finetune export folder ({MANIFEST_FILE}), a CLIPModel or CLIPTextModel folder (config.json + model.safetensors), "
     "a diffusers pipeline folder (text_encoder/), an open_clip .safetensors state dict or folder "
@@ -70,6 +74,23 @@ def _quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def as_torch_dtype(value: Any, argument: str = "torch_dtype"):
+    """``None``, a `torch.dtype`, or one of :data:`TORCH_DTYPE_NAMES` (read as that dtype); anything else is refused.
+
+    Raises:
+        ValueError: an unknown name (``"fp16"``, ``"auto"``); TypeError: neither a dtype nor a string.
+    """
+    import torch
+
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in TORCH_DTYPE_NAMES:
+        return getattr(torch, value)
+    raise (ValueError if isinstance(value, str) else TypeError)(
+        f"`{argument}` must be a torch.dtype (e.g. torch.float16) or one of {list(TORCH_DTYPE_NAMES)}, got {value!r}."
+    )
 
 
 def load_safetensors(path: str | os.PathLike, argument: str = "source") -> dict:
@@ -251,7 +272,7 @@ def load_safe_text_encoder(
     Args:
         source: see the module docstring for the accepted layouts. Defaults to the paper's
             released weights, :data:`DEFAULT_SAFE_TEXT_ENCODER`.
-        torch_dtype (`torch.dtype`, *optional*): dtype to load the weights in.
+        torch_dtype (`torch.dtype` or its name, *optional*): dtype to load the weights in (see :func:`as_torch_dtype`).
         with_projection (`bool`, defaults to `False`): return a ``CLIPTextModelWithProjection``
             (hidden states + projected pooled embedding) instead of the ``CLIPTextModel`` that
             Stable Diffusion conditions on.
@@ -269,6 +290,7 @@ def load_safe_text_encoder(
     """
     import torch
 
+    torch_dtype = as_torch_dtype(torch_dtype, "torch_dtype")
     if isinstance(source, dict):
         encoder = convert_open_clip_text(source, hidden_act=hidden_act, num_attention_heads=num_attention_heads)
         encoder = encoder if with_projection else _to_text_model(encoder)

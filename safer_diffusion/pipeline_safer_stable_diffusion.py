@@ -23,7 +23,7 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils import replace_example_docstring
 
-from .encoders import DEFAULT_SAFE_TEXT_ENCODER, check_text_encoder, load_safe_text_encoder, truncate_layers
+from .encoders import DEFAULT_SAFE_TEXT_ENCODER, as_torch_dtype, check_text_encoder, load_safe_text_encoder, truncate_layers
 from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ __all__ = ["ORIGINAL_TEXT_ENCODER_DIR", "SAFETY_MODES", "SaferStableDiffusionPip
 SAFETY_MODES = ("flag", "blur", "black")
 #: Subfolder of a saved pipeline holding the base model's own text encoder (for :meth:`compare`).
 ORIGINAL_TEXT_ENCODER_DIR = "original_text_encoder"
-#: Weights dtypes accepted by name in ``from_pretrained(torch_dtype=...)`` (torch's names, as ``--dtype``).
-_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 _PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _NOT_GIVEN: Any = object()
 
@@ -58,17 +56,6 @@ EXAMPLE_DOC_STRING = """
         >>> cmp.original_images[0], cmp.safe_images[0]
         ```
 """
-
-
-def _as_dtype(value: Any, argument: str):
-    """``None``, a `torch.dtype`, or one of :data:`_DTYPE_NAMES` (read as that dtype); anything else is refused."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and value in _DTYPE_NAMES:
-        return getattr(torch, value)
-    raise (ValueError if isinstance(value, str) else TypeError)(
-        f"`{argument}` must be a torch.dtype (e.g. torch.float16) or one of {list(_DTYPE_NAMES)}, got {value!r}."
-    )
 
 
 def _check_safetensors_only(folder: Path, config: dict | None) -> None:
@@ -308,8 +295,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         if "safety_mode" in kwargs:
             _check_safety_mode(kwargs["safety_mode"])
         # `torch_dtype` (the long-standing name) and `dtype` (diffusers >= 0.42, transformers 5) are both accepted.
-        torch_dtype = _as_dtype(kwargs.pop("torch_dtype", None), "torch_dtype")
-        dtype = _as_dtype(kwargs.pop("dtype", None), "dtype")
+        torch_dtype = as_torch_dtype(kwargs.pop("torch_dtype", None), "torch_dtype")
+        dtype = as_torch_dtype(kwargs.pop("dtype", None), "dtype")
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError(f"Pass either `torch_dtype`={torch_dtype} or `dtype`={dtype}, not both.")
         torch_dtype = dtype if dtype is not None else torch_dtype

@@ -234,3 +234,10 @@ def test_export_manifest_is_read_through_export_format(tmp_path):
         load_safe_text_encoder(folder)
     source = (Path(__file__).parents[1] / "safer_diffusion" / "encoders.py").read_text()
     assert "safer_clip.json" not in source and "safer-clip-encoder" not in source
+
+
+def test_torch_dtype_by_name(tmp_path):
+    folder = save_tiny_clip(tmp_path / "clip")
+    assert load_safe_text_encoder(folder, torch_dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"`torch_dtype` must be a torch\.dtype .*\['float32', 'float16', 'bfloat16'\], got 'auto'"):
+        load_safe_text_encoder(folder, torch_dtype="auto")
