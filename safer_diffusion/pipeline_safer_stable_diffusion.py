@@ -267,7 +267,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 this pipeline, to the safe encoder saved in it. An encoder with exactly one layer
                 more than the base model's (OpenCLIP for SD 2.x) is cut to the base's depth.
             keep_original_text_encoder (`bool`, defaults to `False`): also load the base model's own
-                text encoder as ``original_text_encoder`` (needed by :meth:`compare`).
+                text encoder as ``original_text_encoder`` (needed by :meth:`compare`); an ``original_text_encoder=``
+                module passed explicitly is used either way.
             torch_dtype (or its newer name ``dtype``): a `torch.dtype`, or one of the names ``"float32"``,
                 ``"float16"``, ``"bfloat16"`` (read as that torch dtype).
             nsfw_scorer, safety_mode, and any other keyword: as for `__init__` /
@@ -336,9 +337,11 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 truncate_layers(encoder, base_config.num_hidden_layers)
             kwargs["text_encoder"] = encoder
 
-        if not keep_original_text_encoder:
+        if kwargs.get("original_text_encoder") is not None:
+            pass  # given explicitly: used as is
+        elif not keep_original_text_encoder:
             kwargs["original_text_encoder"] = None
-        elif kwargs.get("original_text_encoder") is None:
+        else:
             kwargs["original_text_encoder"] = cls._load_original_text_encoder(
                 source, pretrained_model_name_or_path, saved_by_us, torch_dtype, hub_kwargs
             )

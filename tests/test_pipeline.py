@@ -496,3 +496,11 @@ def test_from_pretrained_refuses_pickle_only_weights(tiny_folders, tmp_path):
         SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=tiny_folders[1])
     with pytest.raises(ValueError, match="`use_safetensors=False` is not supported"):
         SaferStableDiffusionPipeline.from_pretrained(tiny_folders[0], safe_text_encoder=tiny_folders[1], use_safetensors=False)
+
+
+def test_an_explicit_original_encoder_is_used_without_the_flag(pipe, tiny_folders):
+    base, safe = tiny_folders
+    p = SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, original_text_encoder=pipe.original_text_encoder)
+    assert p.original_text_encoder is pipe.original_text_encoder
+    with pytest.raises(TypeError, match="`original_text_encoder` must be a CLIPTextModel \\(or None\\), got list"):
+        SaferStableDiffusionPipeline(**_components(pipe), original_text_encoder=["transformers", "CLIPTextModel"])
