@@ -1,7 +1,7 @@
 """SaferStableDiffusionPipeline overheads, measured side by side (interleaved) in one run.
 
-    python -m benchmarks.bench_pipeline                                            # CPU, tiny models (seconds)
-    python -m benchmarks.bench_pipeline --size sd15 --device cuda --dtype fp16     # GPU, SD1.5-size, 512 px, 25 steps
+    python -m benchmarks.bench_pipeline                                               # CPU, tiny models (seconds)
+    python -m benchmarks.bench_pipeline --size sd15 --device cuda --dtype float16     # GPU, SD1.5-size, 512 px, 25 steps
 
 Measured on the same components (random weights, built from configs: nothing is downloaded):
 
@@ -21,8 +21,8 @@ text encoders. The last output line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/bench_pipeline.py`
@@ -30,9 +30,31 @@ if __package__ in (None, ""):  # `python benchmarks/bench_pipeline.py`
 
 import torch  # noqa: E402
 
-from benchmarks.timing import dump_json_line, environment, print_table, time_interleaved  # noqa: E402
+from benchmarks.timing import benchmark_main, dump_json_line, environment, print_table, time_interleaved  # noqa: E402
+from safer_diffusion.options import device_option, dtype_option, option, resolve_device_and_dtype  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROG = "python -m benchmarks.bench_pipeline"
+
+
+@dataclass
+class PipelineBenchConfig:
+    size: str = option("tiny", "Model size: tiny, or SD 1.5-size random weights.", choices=("tiny", "sd15"))
+    device: str = device_option("cpu")
+    dtype: str = dtype_option()
+    num_inference_steps: int | None = option(None, "Denoising steps (default: 25 sd15, 10 tiny).", bounds=(1, 1000),
+                                             deprecated=("--steps",))  # fmt: skip
+    height: int | None = option(None, "Image height, a multiple of 8 (default: 512 sd15, 64 tiny).", bounds=(8, 4096))
+    width: int | None = option(None, "Image width, a multiple of 8 (default: 512 sd15, 64 tiny).", bounds=(8, 4096))
+    repeats: int | None = option(None, "Timed repeats per variant (default: 15 tiny, where one run is ~0.1 s and noisy; 5 sd15).",
+                                 bounds=(1, None))  # fmt: skip
+    threads: int | None = option(None, "torch CPU threads (default: torch's).", bounds=(1, None))
+
+    def validate(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ValueError(f"`--{name}` must be a multiple of 8, got {value}.")
+        resolve_device_and_dtype(self.device, self.dtype)
 
 
 def sd15_components(seed: int = 0) -> dict:
@@ -74,32 +96,24 @@ def tiny_components(seed: int = 0) -> dict:
     return parts
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("tiny", "sd15"), default="tiny", help="model size (default: tiny)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights dtype (default: fp32)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 sd15, 10 tiny)")
-    parser.add_argument("--height", type=int, default=None, help="default: 512 sd15, 64 tiny")
-    parser.add_argument("--width", type=int, default=None, help="default: 512 sd15, 64 tiny")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats per variant (default: 15 tiny, where one run is ~0.1 s and noisy; 5 sd15)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sd15 = args.size == "sd15"
-    steps = args.steps or (25 if sd15 else 10)
-    height = args.height or (512 if sd15 else 64)
-    width = args.width or (512 if sd15 else 64)
-    dtype = DTYPES[args.dtype]
+def run(config: PipelineBenchConfig) -> dict:
+    """Time the three variants; print the table and the JSON line; return the result."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    sd15 = config.size == "sd15"
+    steps = config.num_inference_steps or (25 if sd15 else 10)
+    height = config.height or (512 if sd15 else 64)
+    width = config.width or (512 if sd15 else 64)
+    repeats = config.repeats or (5 if sd15 else 15)
+    device, dtype = resolve_device_and_dtype(config.device, config.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
 
     from diffusers import StableDiffusionPipeline
 
     from safer_diffusion.pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
 
     parts = sd15_components() if sd15 else tiny_components()
-    safer = SaferStableDiffusionPipeline(**parts).to(args.device)
+    safer = SaferStableDiffusionPipeline(**parts).to(device)
     if dtype != torch.float32:
         safer.to(dtype=dtype)
     vanilla = StableDiffusionPipeline(
@@ -112,27 +126,25 @@ def main(argv=None) -> dict:
     common = dict(num_inference_steps=steps, height=height, width=width, output_type="np")
 
     def gen():
-        return torch.Generator(args.device).manual_seed(0)
+        return torch.Generator(device).manual_seed(0)
 
     fns = {
         "vanilla StableDiffusionPipeline": lambda: vanilla(prompt, generator=gen(), **common),
         "SaferSD (scoring off)": lambda: safer(prompt, generator=gen(), **common),
         "SaferSD compare()": lambda: safer.compare(prompt, generator=gen(), score=False, **common),
     }
-    cuda = torch.device(args.device).type == "cuda"
+    cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated() if cuda else 0
-    if args.repeats is None:
-        args.repeats = 15 if args.size == "tiny" else 5
-    timings = time_interleaved(fns, warmup=1, repeats=args.repeats)
-    print(f"size={args.size} device={args.device} dtype={args.dtype} steps={steps} {height}x{width} repeats={args.repeats}")
+    timings = time_interleaved(fns, warmup=1, repeats=repeats)
+    print(f"size={config.size} device={device} dtype={dtype_name} num_inference_steps={steps} {height}x{width} repeats={repeats}")
     print_table(timings, baseline="vanilla StableDiffusionPipeline")
     van, safe, cmp = (timings[k] for k in fns)
     result = {
         "benchmark": "bench_pipeline",
-        "size": args.size, "device": args.device, "dtype": args.dtype, "steps": steps, "height": height, "width": width,
-        "repeats": args.repeats,
+        "size": config.size, "device": device, "dtype": dtype_name, "num_inference_steps": steps, "height": height,
+        "width": width, "repeats": repeats,
         "safe_over_vanilla": safe.median / van.median,
         "compare_over_single": cmp.median / safe.median,
         "compare_peak_mem_over_single": (resident + cmp.peak_mem_bytes) / (resident + safe.peak_mem_bytes),
@@ -148,5 +160,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_pipeline``: 0 success, 2 bad input, 1 failure."""
+    return benchmark_main(PipelineBenchConfig, run, argv, prog=PROG, doc=__doc__)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

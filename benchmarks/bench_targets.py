@@ -3,6 +3,7 @@
     python -m benchmarks.bench_targets                                   # CPU, 20k x 20k, extrapolates 200k x 200k
     python -m benchmarks.bench_targets --n 200000 --device cuda          # GPU: measures 200k x 200k directly
     python -m benchmarks.bench_targets --device cuda --dtype bfloat16    # faster shortlist, same exact answer
+    python -m benchmarks.bench_targets --chunk_sizes 512 2048            # the chunk sizes to compare
 
 For every chunk size it times ``nearest_safe`` and, interleaved with it, a plain chunked
 ``matmul + argmax`` (the speed floor, without the exactness machinery: shortlist, float64
@@ -13,9 +14,9 @@ The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/bench_targets.py`
@@ -24,11 +25,28 @@ if __package__ in (None, ""):  # `python benchmarks/bench_targets.py`
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.timing import _rss_bytes, dump_json_line, environment, time_interleaved  # noqa: E402
+from benchmarks.timing import benchmark_main, dump_json_line, environment, rss_bytes, time_interleaved  # noqa: E402
 from finetune.targets import nearest_safe  # noqa: E402
+from safer_diffusion.options import device_option, dtype_option, option, resolve_device_and_dtype  # noqa: E402
 
+PROG = "python -m benchmarks.bench_targets"
 FULL = 200_000
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TargetsBenchConfig:
+    n: int | None = option(None, "Unsafe rows and pool size (default: 20000 on CPU, 200000 on CUDA).", bounds=(1, None))
+    pool: int | None = option(None, "Safe pool size (default: --n).", bounds=(1, None))
+    dim: int = option(768, "Embedding width (768 = CLIP ViT-L/14 projection).", bounds=(1, None))
+    device: str = device_option()
+    dtype: str = dtype_option("float32", help="Matmul dtype of the search's shortlist (auto = float16 on CUDA).")
+    chunk_sizes: list[int] | None = option(None, "Chunk sizes to compare (default: 512 2048 8192 on CPU; 8192 16384 on CUDA).",
+                                           bounds=(1, None), legacy_commas=True)  # fmt: skip
+    repeats: int = option(3, "Timed repeats per variant.", bounds=(1, None))
+    seed: int = option(0, "Random seed of the embeddings.", bounds=(0, 2**63 - 1))
+
+    def validate(self) -> None:
+        resolve_device_and_dtype(self.device, self.dtype)
 
 
 def plain_search(unsafe: torch.Tensor, safe: torch.Tensor, chunk: int, dtype: torch.dtype):
@@ -40,38 +58,26 @@ def plain_search(unsafe: torch.Tensor, safe: torch.Tensor, chunk: int, dtype: to
     return torch.cat(out)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=None, help="unsafe rows and pool size (default 20000 on CPU, 200000 on CUDA)")
-    parser.add_argument("--pool", type=int, default=None, help="safe pool size (default: --n)")
-    parser.add_argument("--dim", type=int, default=768, help="embedding width (768 = CLIP ViT-L/14 projection)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="matmul dtype of the search")
-    parser.add_argument("--chunk_sizes", default=None, help="comma-separated (default 512,2048,8192 on CPU; 8192,16384 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        print(f"(ignoring arguments meant for other benchmarks: {' '.join(unknown)})")
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available")
+def run(args: TargetsBenchConfig) -> dict:
+    """Time every chunk size against the plain search; print the table and the JSON line; return the result."""
+    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    cuda = torch.device(device).type == "cuda"
+    dtype_name = str(dtype).removeprefix("torch.")
     n = args.n or (FULL if cuda else 20_000)
     m = args.pool or n
-    chunks = [int(c) for c in (args.chunk_sizes or ("8192,16384" if cuda else "512,2048,8192")).split(",")]
-    dtype = DTYPES[args.dtype]
+    chunks = list(args.chunk_sizes or ((8192, 16384) if cuda else (512, 2048, 8192)))
 
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     unsafe = F.normalize(torch.randn(n, args.dim, generator=g), dim=1)
     safe = F.normalize(torch.randn(m, args.dim, generator=g), dim=1)
     if cuda:
-        unsafe, safe = unsafe.to("cuda"), safe.to("cuda")
+        unsafe, safe = unsafe.to(device), safe.to(device)
 
     fns = {}
     for c in chunks:
         fns[f"nearest_safe chunk={c}"] = (lambda c=c: nearest_safe(unsafe, safe, chunk_size=c, dtype=dtype))
         fns[f"plain matmul+max chunk={c}"] = (lambda c=c: plain_search(unsafe, safe, c, dtype))
-    base_rss = _rss_bytes()
+    base_rss = rss_bytes()
     timings = time_interleaved(fns, warmup=1, repeats=args.repeats)
 
     # exactness on this data: same indices for every chunk size
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     agree_plain = float((plain_search(unsafe, safe, chunks[0], torch.float32) == ref[0]).float().mean())
 
     env = environment()
-    print(f"exact nearest-safe search: {n} unsafe x {m} safe, dim {args.dim}, {args.device} {args.dtype}, {env.get('device')}, "
+    print(f"exact nearest-safe search: {n} unsafe x {m} safe, dim {args.dim}, {device} {dtype_name}, {env.get('device')}, "
           f"torch threads {env.get('torch_threads')}")
     print(f"{'name':<34}{'median s':>10}{'pairs/s':>12}{'peak MiB':>10}{'ratio':>8}")
     rows = {}
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"200k x 200k: {full_s:.2f} s ({kind}, chunk {best}); goal <= {goal:.0f} s: {'met' if full_s <= goal else 'NOT met'}")
     print(f"chunk-size invariant: {invariant}; agreement with plain argmax: {agree_plain:.4f} (ties/near-ties differ)")
     result = {
-        "benchmark": "bench_targets", "n": n, "pool": m, "dim": args.dim, "device": args.device, "dtype": args.dtype,
+        "benchmark": "bench_targets", "n": n, "pool": m, "dim": args.dim, "device": device, "dtype": dtype_name,
         "chunks": {str(c): rows[c] for c in chunks}, "best_chunk": best, "pairs_per_s": rows[best]["pairs_per_s"],
         "full_200k_s": full_s, "full_200k_kind": kind, "goal_s": goal, "goal_met": full_s <= goal,
         "overhead_over_plain": rows[best]["overhead_over_plain"], "chunk_invariant": invariant,
@@ -110,5 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_targets``: 0 success, 2 bad input, 1 failure."""
+    return benchmark_main(TargetsBenchConfig, run, argv, prog=PROG, doc=__doc__)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -32,8 +32,8 @@ A100 312), for every mode including fp32 (the same yardstick). The last line is 
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/bench_train.py`
@@ -41,7 +41,10 @@ if __package__ in (None, ""):  # `python benchmarks/bench_train.py`
 
 import torch  # noqa: E402
 
-from benchmarks.timing import dump_json_line, environment, print_table, time_interleaved  # noqa: E402
+from benchmarks.timing import benchmark_main, dump_json_line, environment, print_table, time_interleaved  # noqa: E402
+from safer_diffusion.options import device_option, option, resolve_device_and_dtype  # noqa: E402
+
+PROG = "python -m benchmarks.bench_train"
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
 SIZES = {
@@ -164,17 +167,23 @@ def peak_tflops(override: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny", choices=tuple(SIZES), help="text-tower size")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--batch_size", type=int, default=None, help="pairs per step (default: 64 tiny, 256 vit-l14)")
-    parser.add_argument("--finetune", default="lora", choices=("lora", "full"), help="part 1 trainable weights")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default: table by GPU name)")
-    args, _ = parser.parse_known_args(argv)
-    device = torch.device(args.device)
+@dataclass
+class TrainBenchConfig:
+    size: str = option("tiny", "Text-tower size.", choices=tuple(SIZES))
+    device: str = device_option()
+    batch_size: int | None = option(None, "Pairs per step (default: 64 tiny, 256 vit-l14).", bounds=(1, None))
+    finetune: str = option("lora", "Part 1 trainable weights.", choices=("lora", "full"))
+    repeats: int = option(10, "Timed steps per variant.", bounds=(1, None))
+    warmup: int = option(2, "Untimed steps per variant.", bounds=(0, None))
+    peak_tflops: float | None = option(None, "Peak dense bf16 TFLOP/s for MFU (default: a table by GPU name).", bounds=(0.0, None))
+
+    def validate(self) -> None:
+        resolve_device_and_dtype(self.device, "auto")
+
+
+def run(args: TrainBenchConfig) -> dict:
+    """Part 1 everywhere, part 2 on CUDA; print the tables and the JSON line; return the result."""
+    device = torch.device(resolve_device_and_dtype(args.device, "auto")[0])
     B = args.batch_size or SIZES[args.size]["batch"]
     result: dict = {"benchmark": "bench_train", "size": args.size, "batch_size": B, "device": str(device), "env": environment()}
 
@@ -239,5 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_train``: 0 success, 2 bad input, 1 failure."""
+    return benchmark_main(TrainBenchConfig, run, argv, prog=PROG, doc=__doc__)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

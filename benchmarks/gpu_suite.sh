@@ -68,10 +68,10 @@ if [[ -n ${SUITE_DRY_RUN:-} ]]; then
   PIPELINE_ARGS=(--size tiny --device cpu --repeats 3); TARGETS_ARGS=(--n 4000 --dim 768 --device cpu --repeats 1)
   TRAIN_ARGS=(--size tiny --device cpu --repeats 3); EVAL_ARGS=(--tiny --device cpu --repeats 1)
 else
-  PIPELINE_ARGS=(--size sd15 --device cuda --dtype fp16 --steps 25 --height 512 --width 512 --repeats "$REPEATS")
+  PIPELINE_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --height 512 --width 512 --repeats "$REPEATS")
   TARGETS_ARGS=(--n 200000 --dim 768 --device cuda)
   TRAIN_ARGS=(--size vit-l14 --device cuda --batch_size 256 --repeats "$REPEATS")
-  EVAL_ARGS=(--size sd15 --device cuda --dtype float16 --steps 25 --batch-size 1)
+  EVAL_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --batch_size 1)
 fi
 if ! skip tests && [[ -z ${SUITE_DRY_RUN:-} ]]; then
   echo "== GPU tests: pytest --rungpu -m gpu"

@@ -1,23 +1,47 @@
 """Run every benchmark in turn (CPU tiny sizes by default) and print one table of their ratios.
 
-    python benchmarks/run_all.py                 # `make bench`
-    python benchmarks/run_all.py --out bench.json
+    python benchmarks/run_all.py                                  # `make bench`
+    python benchmarks/run_all.py --output bench.json              # also write every result to one JSON file
+    python benchmarks/run_all.py --only bench_pipeline -- --repeats 1
 
 Each benchmark prints its own side-by-side table and, as its last line, one JSON object;
-this runner collects those objects. Extra arguments after ``--`` go to every benchmark.
+this runner collects those objects. Arguments after ``--`` go to every benchmark, so they must be
+flags every benchmark knows (``--repeats``, ``--device``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python benchmarks/run_all.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safer_diffusion.fileio import atomic_write_text, probe_writable_dir  # noqa: E402
+from safer_diffusion.options import configure_logging, option, parse_config, run_main  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_pipeline", "bench_targets", "bench_train", "bench_eval"]
+PROG = "python benchmarks/run_all.py"
+BENCHMARKS = ("bench_pipeline", "bench_targets", "bench_train", "bench_eval")
+
+
+@dataclass
+class RunAllConfig:
+    only: list[str] = option([], "Run only these benchmarks (default: all).", choices=BENCHMARKS)
+    output: Path | None = option(None, "Write all results to this JSON file.", deprecated=("--out",), metavar="FILE.json")
+
+    def validate(self) -> None:
+        if self.output is not None:
+            if self.output.is_dir():
+                raise ValueError(f"`--output` {str(self.output)!r} is a directory; pass a file path such as results.json.")
+            try:
+                probe_writable_dir(self.output.parent)
+            except OSError as e:
+                raise ValueError(f"`--output` {str(self.output)!r}: its folder cannot be written ({e.strerror or e}).") from None
 
 
 def run_one(name: str, extra: list[str]) -> dict:
@@ -36,21 +60,24 @@ def run_one(name: str, extra: list[str]) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
-    parser.add_argument("--out", type=Path, help="write all results as one JSON file")
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
-    results = [run_one(name, extra) for name in (args.only or BENCHMARKS) if (HERE / f"{name}.py").is_file()]
+def run(config: RunAllConfig, extra: list[str]) -> int:
+    results = [run_one(name, extra) for name in (config.only or BENCHMARKS) if (HERE / f"{name}.py").is_file()]
     print("\n=== summary")
     for r in results:
         ratios = {k: v for k, v in (r.get("result") or {}).items() if isinstance(v, (int, float)) and ("over" in k or "ratio" in k or "speedup" in k)}
         print(f"{r['benchmark']:<16} rc={r['returncode']} wall={r['wall_s']:>7.1f}s {json.dumps(ratios)}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    if config.output:
+        atomic_write_text(config.output, json.dumps(results, indent=2))
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
 
+def main(argv: list[str] | None = None) -> int:
+    """0 when every benchmark exited 0, 1 otherwise, 2 on a bad option."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    configure_logging()
+    return run_main(lambda: run(parse_config(RunAllConfig, own, prog=PROG, description=__doc__.split("\n\n")[0]), extra), prog=PROG)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

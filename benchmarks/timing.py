@@ -1,4 +1,5 @@
-"""One small timing helper shared by every benchmark: warm-up, repeats, median, min/max, peak memory.
+"""What every benchmark shares: interleaved timing (warm-up, repeats, median, min/max, peak memory), the
+environment record, the result table and JSON line, and :func:`benchmark_main` (options -> exit status).
 
 Benchmarks measure the things they compare side by side in one run, interleaved, and print
 ratios (machines are noisy; absolute times alone prove little).
@@ -12,10 +13,13 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Timing", "environment", "print_table", "time_interleaved", "time_it"]
+from safer_diffusion.options import configure_logging, parse_config, run_main
+
+__all__ = ["Timing", "benchmark_main", "dump_json_line", "environment", "print_table", "rss_bytes", "time_interleaved"]
 
 
 @dataclass
@@ -37,11 +41,6 @@ class Timing:
     def max(self) -> float:
         return max(self.times_s)
 
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d.update(median_s=self.median, min_s=self.min, max_s=self.max)
-        return d
-
 
 def _cuda_available() -> bool:
     try:
@@ -59,7 +58,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident memory in bytes."""
     try:
         import psutil
 
@@ -87,12 +87,12 @@ def _measure_once(fn: Callable[[], object]) -> tuple[float, int, str]:
     # CPU: sample RSS in a thread for the peak during the call
     import threading
 
-    peak = [_rss_bytes()]
+    peak = [rss_bytes()]
     stop = threading.Event()
 
     def sampler():
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], rss_bytes())
             stop.wait(0.005)
 
     th = threading.Thread(target=sampler, daemon=True)
@@ -105,19 +105,6 @@ def _measure_once(fn: Callable[[], object]) -> tuple[float, int, str]:
         stop.set()
         th.join()
     return dt, peak[0], "rss_peak"
-
-
-def time_it(name: str, fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Timing:
-    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    t = Timing(name)
-    for _ in range(repeats):
-        dt, mem, kind = _measure_once(fn)
-        t.times_s.append(dt)
-        t.peak_mem_bytes = max(t.peak_mem_bytes, mem)
-        t.peak_mem_kind = kind
-    return t
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5) -> dict[str, Timing]:
@@ -167,3 +154,13 @@ def print_table(timings: dict[str, Timing], baseline: str | None = None) -> None
 def dump_json_line(obj: dict) -> None:
     """Print ``obj`` as the final one-line JSON result of a benchmark."""
     print(json.dumps(obj, sort_keys=True))
+
+
+def benchmark_main(config_cls: type, body: Callable[[Any], dict], argv: Sequence[str] | None, *, prog: str, doc: str) -> int:
+    """Parse ``argv`` into ``config_cls`` (:mod:`safer_diffusion.options`), run ``body(config)``; 0, 2 bad input, 1 failure."""
+    configure_logging()
+
+    def run() -> None:
+        body(parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0]))
+
+    return run_main(run, prog=prog)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from safer_diffusion.open_clip_conversion import convert_open_clip
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -233,88 +235,6 @@ def _load_open_clip(name: str, attention: str) -> LoadedCLIP:
         image_mean=list(mean), image_std=list(std), resample=3,
     )
     return LoadedCLIP(model.eval(), clip_tokenizer(pad_token="!"), processor, name)
-
-
-def convert_open_clip(oc_model: nn.Module, model_cfg: dict) -> tuple[Any, int, tuple, tuple]:
-    """Convert a standard OpenCLIP ``CLIP`` (ViT vision tower, transformer text tower) into a ``transformers.CLIPModel``.
-
-    Args:
-        oc_model: the OpenCLIP model (``open_clip.create_model(arch, ...)``).
-        model_cfg: its architecture dict (``open_clip.get_model_config(arch)``).
-
-    Returns:
-        ``(clip_model, image_size, image_mean, image_std)``.
-    """
-    from transformers import CLIPConfig, CLIPModel
-
-    text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
-    if "hf_model_name" in text_cfg or not isinstance(vision_cfg.get("layers"), int) or vision_cfg.get("timm_model_name"):
-        raise ValueError("Only OpenCLIP models with a standard ViT vision tower and transformer text tower can be converted.")
-    # OpenAI weights use QuickGELU even when the architecture config does not say so (open_clip forces it for them)
-    mlp_act = type(getattr(oc_model.transformer.resblocks[0].mlp, "gelu", None)).__name__
-    act = "quick_gelu" if model_cfg.get("quick_gelu") or mlp_act == "QuickGELU" else "gelu"
-    tw, vw = text_cfg["width"], vision_cfg["width"]
-    image_size = vision_cfg["image_size"] if isinstance(vision_cfg["image_size"], int) else vision_cfg["image_size"][0]
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=text_cfg["vocab_size"], hidden_size=tw, intermediate_size=int(tw * text_cfg.get("mlp_ratio", 4.0)),
-            num_hidden_layers=text_cfg["layers"], num_attention_heads=text_cfg["heads"],
-            max_position_embeddings=text_cfg["context_length"], hidden_act=act, layer_norm_eps=1e-5,
-            projection_dim=model_cfg["embed_dim"], bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
-        ),
-        vision_config=dict(
-            hidden_size=vw, intermediate_size=int(vw * vision_cfg.get("mlp_ratio", 4.0)), num_hidden_layers=vision_cfg["layers"],
-            num_attention_heads=vw // vision_cfg.get("head_width", 64), image_size=image_size,
-            patch_size=vision_cfg["patch_size"], hidden_act=act, layer_norm_eps=1e-5, projection_dim=model_cfg["embed_dim"],
-        ),
-        projection_dim=model_cfg["embed_dim"],
-    )
-    sd = {k: v.detach().float() for k, v in oc_model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-
-    def blocks(src: str, dst: str, layers: int) -> None:
-        for i in range(layers):
-            s, d = f"{src}.resblocks.{i}", f"{dst}.encoder.layers.{i}"
-            q, k, v = sd[f"{s}.attn.in_proj_weight"].chunk(3)
-            qb, kb, vb = sd[f"{s}.attn.in_proj_bias"].chunk(3)
-            out.update({
-                f"{d}.self_attn.q_proj.weight": q, f"{d}.self_attn.k_proj.weight": k, f"{d}.self_attn.v_proj.weight": v,
-                f"{d}.self_attn.q_proj.bias": qb, f"{d}.self_attn.k_proj.bias": kb, f"{d}.self_attn.v_proj.bias": vb,
-                f"{d}.self_attn.out_proj.weight": sd[f"{s}.attn.out_proj.weight"],
-                f"{d}.self_attn.out_proj.bias": sd[f"{s}.attn.out_proj.bias"],
-                f"{d}.layer_norm1.weight": sd[f"{s}.ln_1.weight"], f"{d}.layer_norm1.bias": sd[f"{s}.ln_1.bias"],
-                f"{d}.layer_norm2.weight": sd[f"{s}.ln_2.weight"], f"{d}.layer_norm2.bias": sd[f"{s}.ln_2.bias"],
-                f"{d}.mlp.fc1.weight": sd[f"{s}.mlp.c_fc.weight"], f"{d}.mlp.fc1.bias": sd[f"{s}.mlp.c_fc.bias"],
-                f"{d}.mlp.fc2.weight": sd[f"{s}.mlp.c_proj.weight"], f"{d}.mlp.fc2.bias": sd[f"{s}.mlp.c_proj.bias"],
-            })
-
-    blocks("transformer", "text_model", text_cfg["layers"])
-    blocks("visual.transformer", "vision_model", vision_cfg["layers"])
-    out.update({
-        "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
-        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
-        "text_projection.weight": sd["text_projection"].t().contiguous(),
-        "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
-        "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
-        "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],
-        "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
-        "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
-        "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
-        "visual_projection.weight": sd["visual.proj"].t().contiguous(),
-        "logit_scale": sd["logit_scale"].reshape(()),
-    })
-    model = CLIPModel(config)
-    missing, unexpected = model.load_state_dict(out, strict=False)
-    missing = [m for m in missing if not m.endswith("position_ids")]
-    if missing or unexpected:
-        raise ValueError(f"OpenCLIP conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    visual = getattr(oc_model, "visual", None)
-    mean = tuple(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
-    std = tuple(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
-    return model, image_size, mean, std
 
 
 # --------------------------------------------------------------------------- the training wrapper

@@ -24,7 +24,7 @@ _LAZY = {
     "SafetyCheckerScorer": "safer_diffusion.scoring",
     "AnyOf": "safer_diffusion.scoring",
     "NSFWScorer": "safer_diffusion.scoring",
-    "convert_open_clip_text": "safer_diffusion.encoders",
+    "convert_open_clip_text": "safer_diffusion.open_clip_conversion",
     "resolve_model_source": "safer_diffusion.hub",
     "HubUnavailableError": "safer_diffusion.hub",
 }
@@ -45,8 +45,9 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .encoders import convert_open_clip_text, load_safe_text_encoder  # noqa: F401
+    from .encoders import load_safe_text_encoder  # noqa: F401
     from .hub import HubUnavailableError, resolve_model_source  # noqa: F401
+    from .open_clip_conversion import convert_open_clip_text  # noqa: F401
     from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput  # noqa: F401
     from .pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline  # noqa: F401
     from .scoring import AnyOf, NSFWScorer, NudeNetScorer, Q16Scorer, SafetyCheckerScorer, ScoreResult, get_scorer  # noqa: F401

@@ -2,14 +2,15 @@
 
 :func:`load_safe_text_encoder` accepts
 
-* a folder exported by ``python -m finetune.export`` (recognised by ``safer_clip.json``),
+* a folder exported by ``python -m finetune.export`` (the layout :mod:`safer_diffusion.export_format` owns),
 * a full ``CLIPModel`` checkpoint folder (the text tower is taken, the vision tower ignored),
 * a ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` folder,
 * a diffusers pipeline folder (its ``text_encoder/`` is taken),
 * an open_clip text tower: a ``.safetensors`` state dict, a folder holding
   ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.safetensors``, or an ``open_clip``
-  model object; converted to transformers with :func:`convert_open_clip_text` (which, unlike
-  diffusers' ``convert_open_clip_checkpoint``, keeps ``text_projection``),
+  model object; converted to transformers with
+  :func:`~safer_diffusion.open_clip_conversion.convert_open_clip_text` (which, unlike diffusers'
+  ``convert_open_clip_checkpoint``, keeps ``text_projection``),
 * a hub id of any of those, or an already loaded module.
 
 Weights are read from safetensors only; pickle checkpoints (``.bin``, ``.pt``, ``.ckpt``) are refused.
@@ -24,10 +25,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .export_format import (
+    CLIP_DIR,
+    MANIFEST_FILE,
+    TEXT_ENCODER_DIR,
+    TEXT_PROJECTION_FILE,
+    is_export_folder,
+    read_manifest,
+)
+from .open_clip_conversion import convert_open_clip_text, find_open_clip_prefix
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SAFE_TEXT_ENCODER",
+    "TORCH_DTYPE_NAMES",
+    "as_torch_dtype",
     "check_text_encoder",
     "convert_open_clip_text",
     "load_safe_text_encoder",
@@ -40,10 +53,11 @@ __all__ = [
 DEFAULT_SAFE_TEXT_ENCODER = "Adeely93/SafeR_CLIP"
 
 _OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
-_OPEN_CLIP_PREFIXES = ("", "text.", "model.", "cond_stage_model.model.", "module.", "module.text.")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Dtypes the Python API also accepts by name (``torch_dtype="float16"``): torch's names, as ``--dtype`` uses.
+TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 _LAYOUTS = (
-    "a finetune export folder (safer_clip.json), a CLIPModel or CLIPTextModel folder (config.json + model.safetensors), "
+    f"a finetune export folder ({MANIFEST_FILE}), a CLIPModel or CLIPTextModel folder (config.json + model.safetensors), "
     "a diffusers pipeline folder (text_encoder/), an open_clip .safetensors state dict or folder "
     f"({' / '.join(_OPEN_CLIP_FILES)}), a hub id of one of these, or a loaded module"
 )
@@ -60,6 +74,23 @@ def _quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def as_torch_dtype(value: Any, argument: str = "torch_dtype"):
+    """``None``, a `torch.dtype`, or one of :data:`TORCH_DTYPE_NAMES` (read as that dtype); anything else is refused.
+
+    Raises:
+        ValueError: an unknown name (``"fp16"``, ``"auto"``); TypeError: neither a dtype nor a string.
+    """
+    import torch
+
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in TORCH_DTYPE_NAMES:
+        return getattr(torch, value)
+    raise (ValueError if isinstance(value, str) else TypeError)(
+        f"`{argument}` must be a torch.dtype (e.g. torch.float16) or one of {list(TORCH_DTYPE_NAMES)}, got {value!r}."
+    )
 
 
 def load_safetensors(path: str | os.PathLike, argument: str = "source") -> dict:
@@ -100,116 +131,6 @@ def truncate_layers(encoder, num_hidden_layers: int):
         if hasattr(tower, "config") and tower.config is not encoder.config:
             tower.config.num_hidden_layers = num_hidden_layers
     return encoder
-
-
-def _find_prefix(state_dict: dict) -> str | None:
-    for prefix in _OPEN_CLIP_PREFIXES:
-        if f"{prefix}token_embedding.weight" in state_dict and f"{prefix}transformer.resblocks.0.ln_1.weight" in state_dict:
-            return prefix
-    return None
-
-
-def convert_open_clip_text(
-    source: Any,
-    hidden_act: str | None = None,
-    num_attention_heads: int | None = None,
-    eos_token_id: int = 49407,
-):
-    """Convert an open_clip text tower to a transformers ``CLIPTextModelWithProjection``.
-
-    Args:
-        source: an ``open_clip`` model (``CLIP`` or ``CustomTextCLIP``/``TextTransformer``) or its
-            state dict (keys possibly prefixed by ``text.``, ``model.`` or ``cond_stage_model.model.``).
-        hidden_act (`str`, *optional*): ``"gelu"`` or ``"quick_gelu"``. Read from a model object (ignoring this);
-            for a bare state dict defaults to ``"gelu"`` (OpenCLIP ViT-H/ViT-bigG; OpenAI-trained
-            towers use ``"quick_gelu"``).
-        num_attention_heads (`int`, *optional*): read from a model object (ignoring this); for a state dict
-            defaults to ``width // 64`` (open_clip's default head width).
-        eos_token_id (`int`, defaults to 49407): the end-of-text token, where the pooled output is taken.
-
-    Returns:
-        `transformers.CLIPTextModelWithProjection` in float32, in eval mode. Its
-        ``text_projection.weight`` is open_clip's ``text_projection`` transposed, so
-        ``text_embeds`` equals ``open_clip_model.encode_text(tokens)``.
-    """
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    if isinstance(source, torch.nn.Module):
-        module = getattr(source, "text", source) if not hasattr(source, "token_embedding") else source
-        if not hasattr(module, "token_embedding") or not hasattr(module, "transformer"):
-            raise TypeError(f"`source` ({type(source).__name__}) is not an open_clip model with a text tower.")
-        block = module.transformer.resblocks[0]
-        # a model object knows its heads and activation: those win over the arguments (defaults for state dicts)
-        if hasattr(block.attn, "num_heads"):
-            num_attention_heads = int(block.attn.num_heads)
-        act = getattr(block.mlp, "gelu", None)
-        if act is not None:
-            hidden_act = "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
-        state = {k: v for k, v in module.state_dict().items()}
-        if isinstance(getattr(module, "text_projection", None), torch.nn.Linear):
-            if module.text_projection.bias is not None:
-                raise ValueError("open_clip text towers with a biased `text_projection` are not supported.")
-    elif isinstance(source, dict):
-        state = source
-    else:
-        raise TypeError(f"`source` must be an open_clip model or its state dict, got {type(source).__name__}.")
-    prefix = _find_prefix(state)
-    if prefix is None:
-        raise ValueError(
-            "`source` does not look like an open_clip text tower: no `token_embedding.weight` / "
-            "`transformer.resblocks.0.*` keys (with or without a `text.`/`model.` prefix)."
-        )
-    sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    unsupported = sorted({k.split(".")[3] for k in sd if k.startswith("transformer.resblocks.") and k.split(".")[3] in ("ls_1", "ls_2", "ln_attn")})
-    if unsupported:
-        raise ValueError(f"open_clip text towers with {unsupported} (layer scale / extra norms) are not supported.")
-    hidden_act = hidden_act or "gelu"
-    if hidden_act not in ("gelu", "quick_gelu"):
-        raise ValueError(f"`hidden_act` must be 'gelu' or 'quick_gelu', got {hidden_act!r}.")
-    vocab, width = sd["token_embedding.weight"].shape
-    positions = sd["positional_embedding"].shape[0]
-    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
-    intermediate = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    heads = num_attention_heads or max(1, width // 64)
-    if width % heads:
-        raise ValueError(f"`num_attention_heads`={heads} does not divide the width {width}.")
-    proj = sd.get("text_projection", sd.get("text_projection.weight"))
-    if proj is None:
-        raise ValueError("The open_clip state dict has no `text_projection`; it is needed for the pooled embedding.")
-    proj_weight = proj.T if "text_projection" in sd else proj  # Parameter (W, D) -> Linear weight (D, W)
-    config = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=positions, hidden_act=hidden_act,
-        projection_dim=proj_weight.shape[0], layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=eos_token_id,
-        pad_token_id=1,
-    )  # fmt: skip
-    new = {
-        "embeddings.token_embedding.weight": sd["token_embedding.weight"],
-        "embeddings.position_embedding.weight": sd["positional_embedding"],
-        "final_layer_norm.weight": sd["ln_final.weight"],
-        "final_layer_norm.bias": sd["ln_final.bias"],
-    }
-    for i in range(layers):
-        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        q, k, v = sd[src + "attn.in_proj_weight"].chunk(3, dim=0)
-        qb, kb, vb = sd[src + "attn.in_proj_bias"].chunk(3, dim=0)
-        for name, w, b in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
-            new[dst + f"self_attn.{name}.weight"], new[dst + f"self_attn.{name}.bias"] = w, b
-        pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
-                 "mlp.c_proj": "mlp.fc2"}
-        for a, b in pairs.items():
-            new[dst + b + ".weight"], new[dst + b + ".bias"] = sd[src + a + ".weight"], sd[src + a + ".bias"]
-    model = CLIPTextModelWithProjection(config)
-    tower = text_transformer(model)
-    expected = set(tower.state_dict())
-    missing = expected - set(new)
-    if missing:
-        raise ValueError(f"Converted open_clip weights miss transformers keys {sorted(missing)[:5]}.")
-    tower.load_state_dict({k: v.float() for k, v in new.items() if k in expected}, strict=True)
-    with torch.no_grad():
-        model.text_projection.weight.copy_(proj_weight.float())
-    return model.eval()
 
 
 def _to_text_model(encoder):
@@ -275,26 +196,20 @@ def _hf_load(cls, folder: Path, argument: str, torch_dtype, quiet: bool = False)
 def _load_folder(folder: Path, argument: str, torch_dtype, with_projection: bool, hidden_act, num_attention_heads):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if (folder / "safer_clip.json").is_file():
-        meta = _read_json(folder / "safer_clip.json")
-        if meta.get("format") != "safer-clip-encoder":
-            raise ValueError(f"`{argument}`: {os.fspath(folder / 'safer_clip.json')!r} has format {meta.get('format')!r}, "
-                             "expected 'safer-clip-encoder'.")
-        if int(meta.get("format_version", 1)) > 1:
-            raise ValueError(f"`{argument}`: export format_version {meta['format_version']} is newer than this library "
-                             "supports (1); upgrade safer-diffusion.")
-        encoder = _hf_load(CLIPTextModel, folder / "text_encoder", argument, torch_dtype)
+    if is_export_folder(folder):
+        read_manifest(folder, argument=argument)  # format, version and required keys
+        encoder = _hf_load(CLIPTextModel, folder / TEXT_ENCODER_DIR, argument, torch_dtype)
         if not with_projection:
             return encoder
-        if (folder / "text_projection.safetensors").is_file():
-            weight = load_safetensors(folder / "text_projection.safetensors", argument)["weight"]
+        if (folder / TEXT_PROJECTION_FILE).is_file():
+            weight = load_safetensors(folder / TEXT_PROJECTION_FILE, argument)["weight"]
             out = CLIPTextModelWithProjection(encoder.config.__class__(**{**encoder.config.to_dict(), "projection_dim": weight.shape[0]}))
             text_transformer(out).load_state_dict(text_transformer(encoder).state_dict())
             out.text_projection.weight.data.copy_(weight)
             return out.to(encoder.dtype).eval()
-        if (folder / "clip" / "config.json").is_file():
-            return _hf_load(CLIPTextModelWithProjection, folder / "clip", argument, torch_dtype, quiet=True)
-        raise ValueError(f"`{argument}`: export {os.fspath(folder)!r} has no text_projection.safetensors or clip/; "
+        if (folder / CLIP_DIR / "config.json").is_file():
+            return _hf_load(CLIPTextModelWithProjection, folder / CLIP_DIR, argument, torch_dtype, quiet=True)
+        raise ValueError(f"`{argument}`: export {os.fspath(folder)!r} has no {TEXT_PROJECTION_FILE} or {CLIP_DIR}/; "
                          "`with_projection=True` is not possible.")
     if (folder / "config.json").is_file():
         config = _read_json(folder / "config.json")
@@ -322,7 +237,7 @@ def _load_folder(folder: Path, argument: str, torch_dtype, with_projection: bool
 
 def _load_open_clip_file(path: Path, argument: str, torch_dtype, with_projection, hidden_act, num_attention_heads):
     state = load_safetensors(path, argument)
-    if _find_prefix(state) is None:
+    if find_open_clip_prefix(state) is None:
         raise ValueError(f"`{argument}`: {os.fspath(path)!r} is not an open_clip text tower state dict. Accepted: {_LAYOUTS}.")
     encoder = convert_open_clip_text(state, hidden_act=hidden_act, num_attention_heads=num_attention_heads)
     if not with_projection:
@@ -333,10 +248,10 @@ def _load_open_clip_file(path: Path, argument: str, torch_dtype, with_projection
 def _download(repo_id: str, with_projection: bool) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors", "text_projection.safetensors",
-                "text_encoder/*", *_OPEN_CLIP_FILES]
+    patterns = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors", TEXT_PROJECTION_FILE,
+                f"{TEXT_ENCODER_DIR}/*", *_OPEN_CLIP_FILES]
     if with_projection:
-        patterns.append("clip/*")
+        patterns.append(f"{CLIP_DIR}/*")
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
@@ -357,7 +272,7 @@ def load_safe_text_encoder(
     Args:
         source: see the module docstring for the accepted layouts. Defaults to the paper's
             released weights, :data:`DEFAULT_SAFE_TEXT_ENCODER`.
-        torch_dtype (`torch.dtype`, *optional*): dtype to load the weights in.
+        torch_dtype (`torch.dtype` or its name, *optional*): dtype to load the weights in (see :func:`as_torch_dtype`).
         with_projection (`bool`, defaults to `False`): return a ``CLIPTextModelWithProjection``
             (hidden states + projected pooled embedding) instead of the ``CLIPTextModel`` that
             Stable Diffusion conditions on.
@@ -375,6 +290,7 @@ def load_safe_text_encoder(
     """
     import torch
 
+    torch_dtype = as_torch_dtype(torch_dtype, "torch_dtype")
     if isinstance(source, dict):
         encoder = convert_open_clip_text(source, hidden_act=hidden_act, num_attention_heads=num_attention_heads)
         encoder = encoder if with_projection else _to_text_model(encoder)

@@ -94,6 +94,8 @@ def option(
     legacy_commas: bool = False,
     value_aliases: dict[str, Any] | None = None,
     metavar: str | None = None,
+    aliases: Sequence[str] = (),
+    hidden: bool = False,
 ) -> Any:
     """A dataclass field that :func:`parse_config` turns into a flag.
 
@@ -108,11 +110,13 @@ def option(
         legacy_commas: list items may still be comma-separated (the old syntax), with a warning.
         value_aliases: old value spellings mapped to the current ones (``{"fp16": "float16"}``), with a warning.
         metavar: the placeholder shown in ``--help``.
+        aliases: other current spellings, e.g. a short ``"-v"`` (no warning; not shown in ``--help``).
+        hidden: not shown in ``--help`` (e.g. an old flag kept as its own field because its value changed form).
     """
     metadata = {
         "help": help, "choices": tuple(choices) if choices is not None else None, "bounds": bounds, "group": group,
         "positional": positional, "deprecated": tuple(deprecated), "legacy_commas": legacy_commas,
-        "value_aliases": dict(value_aliases or {}), "metavar": metavar,
+        "value_aliases": dict(value_aliases or {}), "metavar": metavar, "aliases": tuple(aliases), "hidden": hidden,
     }  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
@@ -267,21 +271,24 @@ def build_parser(
         kind, optional = _field_kind(config_cls, f)
         default = (defaults or {}).get(f.name, _default_of(f))
         flag = _flag(f.name)
-        kwargs: dict[str, Any] = {"help": meta.get("help", "")}
+        kwargs: dict[str, Any] = {"help": argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")}
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         origin = typing.get_origin(kind)
         if kind is bool:
-            names = [flag, flag.replace("_", "-")] if "_" in f.name else [flag]
+            names = ([flag, flag.replace("_", "-")] if "_" in f.name else [flag]) + list(meta.get("aliases", ()))
             dest = f.name
             action = target.add_argument(*names, dest=dest, action="store_true", default=default, help=kwargs["help"])
             negative = [f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"]
-            target.add_argument(*dict.fromkeys(negative), dest=dest, action="store_false", help=f"Turn off `{flag}`.")
+            target.add_argument(*dict.fromkeys(negative), dest=dest, action="store_false",
+                                help=argparse.SUPPRESS if meta.get("hidden") else f"Turn off `{flag}`.")
             for old in meta.get("deprecated", ()):
                 target.add_argument(old, dest=dest, action=_DeprecatedFlag, target=action, new=flag, help=argparse.SUPPRESS)
             continue
         if origin is list:
             item = typing.get_args(kind)[0]
+            if meta.get("legacy_commas"):  # "512,2048" stays a string until `validate_config` splits and converts it
+                item = str
             kwargs.update(type=_scalar(item, False, flag, meta.get("value_aliases")), nargs="+" if default is MISSING else "*")
         elif origin is dict or kind is dict:
             value_kind = (typing.get_args(kind) or (str, str))[1]
@@ -299,7 +306,7 @@ def build_parser(
             kwargs["required"] = True
         else:  # a required flag with an old spelling: either spelling satisfies it, checked in validate_config
             kwargs["default"] = default
-        names = [flag, flag.replace("_", "-")] if "_" in f.name else [flag]
+        names = ([flag, flag.replace("_", "-")] if "_" in f.name else [flag]) + list(meta.get("aliases", ()))
         action = target.add_argument(*names, dest=f.name, **kwargs)
         for old in meta.get("deprecated", ()):
             target.add_argument(old, dest=f.name, action=_DeprecatedFlag, target=action, new=flag, help=argparse.SUPPRESS)
@@ -371,8 +378,15 @@ def validate_config(config: Any) -> Any:
         items = value if isinstance(value, (list, tuple)) else list(value.values()) if isinstance(value, dict) else [value]
         if typing.get_origin(kind) is list and meta.get("legacy_commas"):
             split = [p.strip() for v in value for p in str(v).split(",") if p.strip()]
-            if split != list(value):
+            if split != [str(v) for v in value]:
                 logger.warning("Comma-separated `%s` is deprecated; separate the values with spaces.", flag)
+            item_kind = typing.get_args(kind)[0]
+            if item_kind is not str:  # list[int] etc.: the items were kept as text to split; convert them now
+                try:
+                    split = [_scalar(item_kind, False, flag)(v) for v in split]
+                except argparse.ArgumentTypeError as e:
+                    raise BadInputError(f"`{flag}`: {e}.") from None
+            if split != list(value):
                 setattr(config, f.name, split)
                 items = value = split
         aliases = meta.get("value_aliases") or {}

@@ -7,9 +7,13 @@ import contextlib
 import copy
 import json
 import logging
+import math
+import numbers
 import os
+import shutil
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,16 +21,21 @@ from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import replace_example_docstring
 
-from .encoders import DEFAULT_SAFE_TEXT_ENCODER, check_text_encoder, load_safe_text_encoder, truncate_layers
+from .encoders import DEFAULT_SAFE_TEXT_ENCODER, as_torch_dtype, check_text_encoder, load_safe_text_encoder, truncate_layers
 from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAFETY_MODES", "SaferStableDiffusionPipeline"]
+__all__ = ["ORIGINAL_TEXT_ENCODER_DIR", "SAFETY_MODES", "SaferStableDiffusionPipeline"]
 
 #: What happens to flagged images: "flag" leaves them untouched, "blur" blurs them heavily, "black" blanks them.
 SAFETY_MODES = ("flag", "blur", "black")
+#: Subfolder of a saved pipeline holding the base model's own text encoder (for :meth:`compare`).
+ORIGINAL_TEXT_ENCODER_DIR = "original_text_encoder"
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_NOT_GIVEN: Any = object()
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -47,6 +56,27 @@ EXAMPLE_DOC_STRING = """
         >>> cmp.original_images[0], cmp.safe_images[0]
         ```
 """
+
+
+def _check_safetensors_only(folder: Path, config: dict | None) -> None:
+    """Refuse a local model folder (or a pipeline folder's component subfolders) whose weights are only pickles."""
+    if config is None:
+        folders = [folder]
+    else:
+        folders = [folder / name for name, value in config.items()
+                   if not name.startswith("_") and isinstance(value, (list, tuple)) and value and value[0] is not None]
+    for sub in folders:
+        if not sub.is_dir():
+            continue
+        names = [f.name for f in sub.iterdir() if f.is_file()]
+        pickles = sorted(n for n in names if n.endswith(_PICKLE_WEIGHTS))
+        if pickles and not any(n.endswith(".safetensors") for n in names):
+            raise ValueError(
+                f"`pretrained_model_name_or_path`: {os.fspath(sub)!r} has weights only as pickle files {pickles}; this "
+                "library loads safetensors only (a pickle can run code when loaded). For a model you trust, convert it once: "
+                "`StableDiffusionPipeline.from_pretrained(FOLDER, use_safetensors=False).save_pretrained(NEW_FOLDER)` "
+                "(diffusers writes safetensors), then load NEW_FOLDER."
+            )
 
 
 def _check_safety_mode(safety_mode: Any) -> str:
@@ -98,6 +128,11 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder:
             as in `StableDiffusionPipeline`; ``text_encoder`` is the safe encoder.
         original_text_encoder (`CLIPTextModel`, *optional*): the base model's text encoder, for :meth:`compare`.
+            It is not one of the pipeline's *components*: ``pipe.components`` has exactly the keys of
+            `StableDiffusionPipeline`, so ``StableDiffusionImg2ImgPipeline(**pipe.components)`` works.
+            ``save_pretrained`` writes it to its own subfolder (``original_text_encoder/``) and
+            ``from_pretrained(..., keep_original_text_encoder=True)`` reads it back; ``to()`` and the CPU
+            offload methods move and hook it like a component.
         requires_safety_checker (`bool`, defaults to `False`): as in the parent; this pipeline scores
             images itself, so a missing safety checker is not warned about by default.
         nsfw_scorer: `None`, a scorer name (``"nudenet"``, ``"q16"``, ``"safety_checker"``), a list of
@@ -106,8 +141,9 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         safety_mode (`str`, defaults to `"flag"`): one of ``"flag"``, ``"blur"``, ``"black"``.
     """
 
+    # `original_text_encoder` is in the offload sequence although it is not a component: see `_with_original_encoder`
     model_cpu_offload_seq = "text_encoder->original_text_encoder->image_encoder->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "original_text_encoder"]
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
 
     def __init__(
@@ -129,6 +165,10 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         cross_attention_dim = unet.config.cross_attention_dim if unet is not None else None
         check_text_encoder(text_encoder, cross_attention_dim, tokenizer, argument="text_encoder")
         if original_text_encoder is not None:
+            if not isinstance(original_text_encoder, torch.nn.Module):
+                raise TypeError(
+                    f"`original_text_encoder` must be a CLIPTextModel (or None), got {type(original_text_encoder).__name__}."
+                )
             check_text_encoder(original_text_encoder, cross_attention_dim, tokenizer, argument="original_text_encoder")
         super().__init__(
             vae=vae,
@@ -141,7 +181,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(original_text_encoder=original_text_encoder)
+        # a plain attribute, not `register_modules`: it stays out of `components` and of `model_index.json`
+        self.original_text_encoder = original_text_encoder
         self.register_to_config(safety_mode=safety_mode)
         self._last_nsfw_scores = None
         self.nsfw_scorer = nsfw_scorer
@@ -192,12 +233,18 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         return self.nsfw_scorer if self.nsfw_scorer is not None else self._safety_checker_scorer()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """As `DiffusionPipeline.save_pretrained`; the scorer is saved as its name/options in ``model_index.json``."""
+        """As `DiffusionPipeline.save_pretrained`; the scorer is saved as its name/options in ``model_index.json``,
+        and the original text encoder (when loaded) in ``original_text_encoder/`` beside the components."""
         if not self.__dict__.get("_nsfw_scorer_savable", True):
             logger.warning(
                 "The NSFW scorer %r has no serialisable config; it is not saved. Pass `nsfw_scorer=` again when loading.",
                 self.nsfw_scorer,
             )
+        folder = Path(save_directory) / ORIGINAL_TEXT_ENCODER_DIR
+        if self.original_text_encoder is not None:  # written first, so that `push_to_hub=True` uploads it too
+            self.original_text_encoder.save_pretrained(folder, safe_serialization=kwargs.get("safe_serialization", True))
+        elif folder.is_dir():  # a stale copy from an earlier save would be loaded by `keep_original_text_encoder=True`
+            shutil.rmtree(folder)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -211,16 +258,20 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         r"""Load a base Stable Diffusion model and swap in a safe text encoder.
 
         Args:
-            pretrained_model_name_or_path: hub id or local folder of a Stable Diffusion (1.x/2.x)
-                pipeline, or of a folder saved by this pipeline's ``save_pretrained``.
+            pretrained_model_name_or_path (`str` or `os.PathLike`): hub id or local folder of a Stable Diffusion
+                (1.x/2.x) pipeline, or of a folder saved by this pipeline's ``save_pretrained``. Weights are read
+                from safetensors only: a folder whose weights exist only as pickles (``.bin``) is refused.
             safe_text_encoder: anything :func:`~safer_diffusion.encoders.load_safe_text_encoder`
                 accepts (hub id, folder, open_clip file, module). Defaults to
                 ``"Adeely93/SafeR_CLIP"`` for a plain Stable Diffusion base; for a folder saved by
                 this pipeline, to the safe encoder saved in it. An encoder with exactly one layer
                 more than the base model's (OpenCLIP for SD 2.x) is cut to the base's depth.
             keep_original_text_encoder (`bool`, defaults to `False`): also load the base model's own
-                text encoder as ``original_text_encoder`` (needed by :meth:`compare`).
-            nsfw_scorer, safety_mode, torch_dtype (or its newer name dtype), and any other keyword: as for `__init__` /
+                text encoder as ``original_text_encoder`` (needed by :meth:`compare`); an ``original_text_encoder=``
+                module passed explicitly is used either way.
+            torch_dtype (or its newer name ``dtype``): a `torch.dtype`, or one of the names ``"float32"``,
+                ``"float16"``, ``"bfloat16"`` (read as that torch dtype).
+            nsfw_scorer, safety_mode, and any other keyword: as for `__init__` /
                 `DiffusionPipeline.from_pretrained`. When a scorer other than ``"safety_checker"``
                 is given, the base model's safety checker is not loaded.
 
@@ -229,6 +280,13 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         """
         from .hub import resolve_model_source
 
+        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            raise TypeError(
+                "`pretrained_model_name_or_path` must be a hub id ('owner/name') or a local folder (str or os.PathLike), "
+                f"got {type(pretrained_model_name_or_path).__name__} {pretrained_model_name_or_path!r}."
+            )
+        if not isinstance(keep_original_text_encoder, bool):
+            raise TypeError(f"`keep_original_text_encoder` must be True or False, got {keep_original_text_encoder!r}.")
         if "nsfw_scorer" in kwargs:
             scorer = kwargs["nsfw_scorer"]
             uses_checker = scorer == "safety_checker" or (isinstance(scorer, (list, tuple)) and "safety_checker" in scorer)
@@ -237,17 +295,25 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 kwargs.setdefault("requires_safety_checker", False)
         if "safety_mode" in kwargs:
             _check_safety_mode(kwargs["safety_mode"])
-        source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path")
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        config = cls.load_config(source, **hub_kwargs)
-        saved_by_us = config.get("_class_name") == cls.__name__ or "original_text_encoder" in config
         # `torch_dtype` (the long-standing name) and `dtype` (diffusers >= 0.42, transformers 5) are both accepted.
-        torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+        torch_dtype = as_torch_dtype(kwargs.pop("torch_dtype", None), "torch_dtype")
+        dtype = as_torch_dtype(kwargs.pop("dtype", None), "dtype")
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError(f"Pass either `torch_dtype`={torch_dtype} or `dtype`={dtype}, not both.")
         torch_dtype = dtype if dtype is not None else torch_dtype
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("`use_safetensors=False` is not supported: weights are loaded from safetensors only (pickles can run code).")
+        kwargs["use_safetensors"] = True
+
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path",
+                                      revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))  # fmt: skip
+        config = cls.load_config(source, **hub_kwargs)
+        if os.path.isdir(source):
+            _check_safetensors_only(Path(source), config)
+        saved_by_us = config.get("_class_name") == cls.__name__ or "original_text_encoder" in config
 
         if "text_encoder" in kwargs and safe_text_encoder is not None:
             raise ValueError("Pass the safe encoder either as `safe_text_encoder` or as `text_encoder`, not both.")
@@ -271,31 +337,79 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 truncate_layers(encoder, base_config.num_hidden_layers)
             kwargs["text_encoder"] = encoder
 
-        if not keep_original_text_encoder:
+        if kwargs.get("original_text_encoder") is not None:
+            pass  # given explicitly: used as is
+        elif not keep_original_text_encoder:
             kwargs["original_text_encoder"] = None
-        elif "original_text_encoder" not in kwargs:
-            saved = config.get("original_text_encoder")
-            if not (saved_by_us and saved and saved[0] is not None):
-                if saved_by_us:
-                    raise ValueError(
-                        f"`keep_original_text_encoder=True`, but {os.fspath(pretrained_model_name_or_path)!r} was saved without "
-                        "an original text encoder. Load the base model instead, or pass `original_text_encoder=`."
-                    )
-                from transformers import CLIPTextModel
-
-                kwargs["original_text_encoder"] = CLIPTextModel.from_pretrained(
-                    source, subfolder="text_encoder", dtype=torch_dtype, **hub_kwargs
-                ).eval()
+        else:
+            kwargs["original_text_encoder"] = cls._load_original_text_encoder(
+                source, pretrained_model_name_or_path, saved_by_us, torch_dtype, hub_kwargs
+            )
         return super().from_pretrained(source, **kwargs)
 
+    @staticmethod
+    def _load_original_text_encoder(source: str, given: Any, saved_by_us: bool, torch_dtype, hub_kwargs: dict):
+        """The base model's own text encoder: ``text_encoder/`` of a base, ``original_text_encoder/`` of our saves."""
+        from transformers import CLIPTextModel
+
+        subfolder = ORIGINAL_TEXT_ENCODER_DIR if saved_by_us else "text_encoder"
+        local = Path(source) / subfolder
+        if saved_by_us and os.path.isdir(source) and not (local / "config.json").is_file():
+            raise ValueError(
+                f"`keep_original_text_encoder=True`, but {os.fspath(given)!r} was saved without an original text encoder "
+                f"(no {ORIGINAL_TEXT_ENCODER_DIR}/ folder). Load the base model instead, or pass `original_text_encoder=`."
+            )
+        if os.path.isdir(source):
+            _check_safetensors_only(local, None)
+        return CLIPTextModel.from_pretrained(
+            source, subfolder=subfolder, dtype=torch_dtype, use_safetensors=True, **hub_kwargs
+        ).eval()
+
     def to(self, *args, **kwargs):
-        """As `DiffusionPipeline.to`; also moves a scorer that has a ``to`` method to the new device."""
+        """As `DiffusionPipeline.to`; also moves the original text encoder, and a scorer that has a ``to`` method."""
         pipe = super().to(*args, **kwargs)
         device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        if self.original_text_encoder is not None and (device is not None or dtype is not None):
+            self.original_text_encoder.to(device=device, dtype=dtype)
         scorer = self.nsfw_scorer
         if device is not None and scorer is not None and hasattr(scorer, "to"):
             scorer.to(device)
         return pipe
+
+    # diffusers' offload helpers walk `self.components`; the original encoder takes part in them as a component would.
+    @contextlib.contextmanager
+    def _with_original_encoder(self):
+        before = self.__dict__.get("_components_with_original", False)
+        self.__dict__["_components_with_original"] = self.original_text_encoder is not None
+        try:
+            yield
+        finally:
+            self.__dict__["_components_with_original"] = before
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """As `DiffusionPipeline.components`: the keys of `StableDiffusionPipeline`, so
+        ``StableDiffusionImg2ImgPipeline(**pipe.components)`` works (the original encoder is not a component)."""
+        components = super().components
+        if self.__dict__.get("_components_with_original"):
+            components["original_text_encoder"] = self.original_text_encoder
+        return components
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        """As in `DiffusionPipeline`; the original text encoder is offloaded in its place in ``model_cpu_offload_seq``."""
+        with self._with_original_encoder():
+            return super().enable_model_cpu_offload(*args, **kwargs)
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        """As in `DiffusionPipeline`, the original text encoder included."""
+        with self._with_original_encoder():
+            return super().enable_sequential_cpu_offload(*args, **kwargs)
+
+    def remove_all_hooks(self):
+        """As in `DiffusionPipeline`, the original text encoder's hooks included."""
+        with self._with_original_encoder():
+            return super().remove_all_hooks()
 
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager
@@ -346,7 +460,7 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             if shim:  # transformers>=5 flattened CLIPTextModel; diffusers' clip_skip still reads `.text_model.final_layer_norm`
                 module.__dict__["text_model"] = types.SimpleNamespace(final_layer_norm=module.final_layer_norm)
             try:
-                return super().encode_prompt(
+                prompt_embeds, negative_prompt_embeds = super().encode_prompt(
                     prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                     lora_scale=lora_scale, clip_skip=clip_skip,
@@ -354,6 +468,7 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             finally:
                 if shim:
                     module.__dict__.pop("text_model", None)
+        return prompt_embeds, negative_prompt_embeds
 
     def score_images(self, image: torch.Tensor):
         """Score decoded images and apply ``safety_mode``.
@@ -396,8 +511,88 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         self._last_nsfw_scores = scores
         return image, flags
 
+    # ------------------------------------------------------------------ checks
+    def default_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """``(height, width)`` with each missing side set to the model's own size (``sample_size x vae_scale_factor``).
+
+        Unlike the parent, which replaces *both* sides when either is missing, a given side is always kept.
+        """
+        size = self.unet.config.sample_size
+        default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
+        return (
+            default_h * self.vae_scale_factor if height is None else height,
+            default_w * self.vae_scale_factor if width is None else width,
+        )
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        callback_steps,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+        *,
+        num_inference_steps: Any = _NOT_GIVEN,
+        timesteps=None,
+        sigmas=None,
+        guidance_scale: Any = _NOT_GIVEN,
+        guidance_rescale: Any = _NOT_GIVEN,
+        eta: Any = _NOT_GIVEN,
+        num_images_per_prompt: Any = _NOT_GIVEN,
+        generator=None,
+        latents=None,
+    ):
+        """The parent's checks, plus those of the arguments it leaves to fail late or silently.
+
+        Raises `ValueError` (a wrong value) or `TypeError` (a wrong kind of object) naming the argument, the value
+        and the fix: ``prompt`` strings; ``height``/``width`` positive multiples of 8; ``num_inference_steps`` and
+        ``num_images_per_prompt`` whole numbers >= 1; ``guidance_scale``, ``guidance_rescale`` and ``eta`` finite;
+        ``generator`` a `torch.Generator` or a list of one per image; ``latents`` of the shape that ``height``,
+        ``width`` and the batch call for. The parent's ``__call__`` calls this with its own arguments only;
+        :meth:`__call__` and :meth:`compare` call it first with all of them, before any work.
+        """
+        _check_prompt(prompt)
+        for name, value in (("height", height), ("width", width)):
+            if not _is_int(value) or value < 8 or value % 8:
+                raise ValueError(f"`{name}` must be a positive multiple of 8, got {value!r}; e.g. {name}=512.")
+        super().check_inputs(
+            prompt, height, width, callback_steps, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        custom_schedule = timesteps is not None or sigmas is not None
+        if num_inference_steps is not _NOT_GIVEN and not (num_inference_steps is None and custom_schedule):
+            _check_count("num_inference_steps", num_inference_steps, "e.g. num_inference_steps=25")
+        for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale), ("eta", eta)):
+            if value is not _NOT_GIVEN and (not _is_real(value) or not math.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}; e.g. guidance_scale=7.5, eta=0.0.")
+        per_prompt = 1
+        if num_images_per_prompt is not _NOT_GIVEN:
+            _check_count("num_images_per_prompt", num_images_per_prompt, "e.g. num_images_per_prompt=1")
+            per_prompt = num_images_per_prompt
+        if isinstance(prompt, (str, list)):
+            batch = (1 if isinstance(prompt, str) else len(prompt)) * per_prompt
+        else:
+            batch = prompt_embeds.shape[0] * per_prompt if torch.is_tensor(prompt_embeds) else None
+        _check_generator(generator, batch)
+        if latents is not None:
+            if not torch.is_tensor(latents):
+                raise TypeError(f"`latents` must be a torch.Tensor (or None), got {type(latents).__name__}.")
+            expected = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            if tuple(latents.shape) != expected:
+                raise ValueError(
+                    f"`latents` has shape {tuple(latents.shape)}, but height={height}, width={width} and {batch} image(s) "
+                    f"need {expected} (latent side = image side / vae_scale_factor {self.vae_scale_factor}); pass latents "
+                    "of that shape, or the height/width that match them."
+                )
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] = None,
@@ -427,14 +622,27 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
     ) -> SaferStableDiffusionPipelineOutput | tuple:
         r"""Generate images with the safe text encoder and score them.
 
-        All arguments are those of `StableDiffusionPipeline.__call__`, with the same defaults.
+        All arguments are those of `StableDiffusionPipeline.__call__`, with the same defaults, checked up front by
+        :meth:`check_inputs`. Two differences: a missing ``height`` or ``width`` alone takes the model's default
+        for that side only (the parent replaces both), and bad values raise a `ValueError`/`TypeError` naming the
+        argument before any work. An empty prompt ``""`` keeps diffusers' behaviour (an unconditional generation);
+        :meth:`compare` refuses it.
+
+        Examples:
 
         Returns:
             [`SaferStableDiffusionPipelineOutput`] (``images``, ``nsfw_content_detected``,
             ``nsfw_scores``), or with ``return_dict=False`` the tuple of those three in that order.
             Flags and scores are `None` when no scorer ran (no scorer, or ``output_type="latent"``).
         """
-        _check_prompt(prompt)
+        height, width = self.default_size(height, width)
+        self.check_inputs(
+            prompt, height, width, kwargs.get("callback_steps"), negative_prompt, prompt_embeds, negative_prompt_embeds,
+            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, eta=eta, num_images_per_prompt=num_images_per_prompt, generator=generator,
+            latents=latents,
+        )  # fmt: skip
         self._last_nsfw_scores = None
         out = super().__call__(
             prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
@@ -481,7 +689,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         for stochastic schedulers too. Images are decoded one branch at a time.
 
         Args:
-            prompt (`str` or `list[str]`): the prompt(s); must not be empty.
+            prompt (`str` or `list[str]`): the prompt(s); required, and none may be empty or only whitespace
+                (unlike `__call__`, which generates unconditionally from ``""`` as diffusers does).
             negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             generator, latents, output_type, eta, guidance_rescale, clip_skip, cross_attention_kwargs:
                 as in `__call__`.
@@ -497,13 +706,12 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 "(or pass `original_text_encoder=`)."
             )
         _check_prompt(prompt, required=True)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
-        if not height or not width:
-            size = self.unet.config.sample_size
-            height = height or (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
-            width = width or (size if isinstance(size, int) else size[1]) * self.vae_scale_factor
-        self.check_inputs(prompt, height, width, None, negative_prompt)
+        height, width = self.default_size(height, width)
+        self.check_inputs(
+            prompt, height, width, None, negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+        )  # fmt: skip
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -588,8 +796,42 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value: Any, example: str) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}; {example}.")
+
+
+def _check_generator(generator: Any, batch: int | None) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, list) and generator and all(isinstance(g, torch.Generator) for g in generator):
+        if batch is not None and len(generator) != batch:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but {batch} image(s) are generated; pass one "
+                "torch.Generator, or a list of exactly one per image."
+            )
+        return
+    kind = type(generator).__name__
+    if isinstance(generator, list):
+        kind = "an empty list" if not generator else f"a list holding a {type(next(g for g in generator if not isinstance(g, torch.Generator))).__name__}"
+    raise TypeError(
+        f"`generator` must be a torch.Generator or a list of them (one per image), got {kind}: {generator!r}; "
+        "e.g. generator=torch.Generator('cpu').manual_seed(0)."
+    )
+
+
 def _check_prompt(prompt: Any, required: bool = False) -> None:
-    if prompt is None and not required:
+    if prompt is None:
+        if required:
+            raise ValueError("`prompt` is required: pass a string or a list of strings.")
         return
     if isinstance(prompt, list):
         if not prompt:
@@ -599,3 +841,12 @@ def _check_prompt(prompt: Any, required: bool = False) -> None:
             raise ValueError(f"`prompt[{bad[0]}]` is a {type(prompt[bad[0]]).__name__}; every prompt must be a string.")
     elif not isinstance(prompt, str):
         raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+    if required:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        blank = next((i for i, p in enumerate(prompts) if not p.strip()), None)
+        if blank is not None:
+            where = "`prompt`" if isinstance(prompt, str) else f"`prompt[{blank}]`"
+            raise ValueError(
+                f"{where} is empty ({prompts[blank]!r}); `compare()` compares how two encoders read a prompt, so it needs "
+                "text. (`pipe(\"\")` still generates unconditionally, as in diffusers.)"
+            )

@@ -1,14 +1,17 @@
 """load_safe_text_encoder: every accepted layout, open_clip conversion checked numerically, and bad inputs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
-from safer_diffusion.encoders import check_text_encoder, convert_open_clip_text, load_safe_text_encoder, text_transformer
+from safer_diffusion.encoders import check_text_encoder, load_safe_text_encoder, text_transformer
+from safer_diffusion.export_format import MANIFEST_FILE, TEXT_ENCODER_DIR, TEXT_PROJECTION_FILE, ExportManifest, write_manifest
 from safer_diffusion.hub import HubUnavailableError
+from safer_diffusion.open_clip_conversion import convert_open_clip, convert_open_clip_text
 from safer_diffusion.testing import save_tiny_clip, tiny_clip_model
 
 open_clip = pytest.importorskip("open_clip")
@@ -124,11 +127,13 @@ def _export(tmp_path, meta=None):
     reference = tiny_clip_model()
     folder = tmp_path / "export"
     encoder = load_safe_text_encoder(reference)
-    encoder.save_pretrained(folder / "text_encoder")
-    save_file({"weight": reference.text_projection.weight.detach().contiguous()}, str(folder / "text_projection.safetensors"))
-    meta = meta or {"format": "safer-clip-encoder", "format_version": 1, "base_model": "tiny", "loss": "safer_clip",
-                    "train_towers": "text", "finetune": "full", "config": {}, "metrics": {}}  # fmt: skip
-    (folder / "safer_clip.json").write_text(json.dumps(meta))
+    encoder.save_pretrained(folder / TEXT_ENCODER_DIR)
+    save_file({"weight": reference.text_projection.weight.detach().contiguous()}, str(folder / TEXT_PROJECTION_FILE))
+    if meta is None:
+        write_manifest(folder, ExportManifest(base_model="tiny", loss="safer_clip", global_step=1, dtype="float32",
+                                              text_encoder_num_layers=2, finetune="full"))  # fmt: skip
+    else:
+        (folder / MANIFEST_FILE).write_text(json.dumps(meta))
     return folder, reference
 
 
@@ -193,3 +198,46 @@ def test_bad_sources(tmp_path, monkeypatch, no_network):
     (tmp_path / "noweights" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has a config.json but no model.safetensors"):
         load_safe_text_encoder(tmp_path / "noweights")
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_full_open_clip_conversion_matches_text_and_image_features(ids, quick_gelu):
+    model = _tiny_open_clip(quick_gelu=quick_gelu)
+    cfg = {"embed_dim": 16, "quick_gelu": quick_gelu,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}  # fmt: skip
+    hf, size, mean, std = convert_open_clip(model, cfg)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.get_text_features(ids).pooler_output, model.encode_text(ids), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(hf.get_image_features(pixels).pooler_output, model.encode_image(pixels), atol=1e-5, rtol=1e-4)
+        # the text tower of the full conversion is the text-only conversion
+        torch.testing.assert_close(convert_open_clip_text(model)(input_ids=ids).text_embeds, model.encode_text(ids), atol=1e-5, rtol=1e-4)
+    assert size == 32 and len(mean) == len(std) == 3 and hf.config.text_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+
+
+def test_one_converter_for_both_packages():
+    import finetune.modeling
+    import safer_diffusion.encoders
+    import safer_diffusion.open_clip_conversion as conversion
+
+    assert finetune.modeling.convert_open_clip is conversion.convert_open_clip
+    assert safer_diffusion.encoders.convert_open_clip_text is conversion.convert_open_clip_text
+
+
+def test_export_manifest_is_read_through_export_format(tmp_path):
+    folder, _ = _export(tmp_path, meta={"format": "safer-clip-encoder", "format_version": 99, "base_model": "tiny"})
+    with pytest.raises(ValueError, match="export format_version 99 is newer than this library reads"):
+        load_safe_text_encoder(folder)
+    (folder / MANIFEST_FILE).write_text(json.dumps({"format": "safer-clip-encoder", "format_version": 1}))
+    with pytest.raises(ValueError, match=r"lacks \['base_model', 'loss', 'global_step', 'dtype', 'text_encoder_num_layers'\]"):
+        load_safe_text_encoder(folder)
+    source = (Path(__file__).parents[1] / "safer_diffusion" / "encoders.py").read_text()
+    assert "safer_clip.json" not in source and "safer-clip-encoder" not in source
+
+
+def test_torch_dtype_by_name(tmp_path):
+    folder = save_tiny_clip(tmp_path / "clip")
+    assert load_safe_text_encoder(folder, torch_dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"`torch_dtype` must be a torch\.dtype .*\['float32', 'float16', 'bfloat16'\], got 'auto'"):
+        load_safe_text_encoder(folder, torch_dtype="auto")

@@ -339,3 +339,168 @@ def test_from_pretrained_conflicting_dtypes(tiny_folders):
     base, safe = tiny_folders
     with pytest.raises(ValueError, match="either `torch_dtype`"):
         SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, torch_dtype=torch.float16, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------- components (the diffusers reuse idiom)
+def test_components_have_the_vanilla_keys_and_build_other_pipelines(pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    vanilla_keys = set(StableDiffusionPipeline(**_components(pipe), safety_checker=None, feature_extractor=None).components)
+    assert set(pipe.components) == vanilla_keys and "original_text_encoder" not in pipe.components
+    assert pipe.original_text_encoder is not None  # kept, outside the registry
+    text2img = StableDiffusionPipeline(**pipe.components)
+    text2img.set_progress_bar_config(disable=True)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    ours = pipe("a cat", num_inference_steps=STEPS, generator=_gen(), output_type="np").images
+    theirs = text2img("a cat", num_inference_steps=STEPS, generator=_gen(), output_type="np").images
+    np.testing.assert_array_equal(ours, theirs)  # the same (safe) encoder, the same weights
+    out = img2img("a cat", image=torch.rand(1, 3, 64, 64), strength=0.5, num_inference_steps=4, generator=_gen(), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+    assert set(SaferStableDiffusionPipeline(**pipe.components).components) == vanilla_keys
+
+
+def test_original_encoder_saved_in_its_own_subfolder_not_in_model_index(pipe, tmp_path):
+    import json
+
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert "original_text_encoder" not in index and index["_class_name"] == "SaferStableDiffusionPipeline"
+    assert (tmp_path / "saved" / "original_text_encoder" / "model.safetensors").is_file()
+    # a later save without the original encoder leaves no stale copy behind
+    light = SaferStableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    light.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "original_text_encoder").exists()
+    with pytest.raises(ValueError, match="was saved without an original text encoder .*original_text_encoder/"):
+        SaferStableDiffusionPipeline.from_pretrained(tmp_path / "saved", keep_original_text_encoder=True)
+
+
+def test_folder_saved_by_the_previous_layout_still_loads(pipe, tmp_path):
+    """Earlier releases registered the original encoder as a component (a `model_index.json` entry)."""
+    import json
+
+    pipe.save_pretrained(tmp_path / "old")
+    index_path = tmp_path / "old" / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "original_text_encoder": ["transformers", "CLIPTextModel"]}))
+    loaded = SaferStableDiffusionPipeline.from_pretrained(tmp_path / "old", keep_original_text_encoder=True)
+    torch.testing.assert_close(loaded.original_text_encoder.state_dict(), pipe.original_text_encoder.state_dict())
+    assert "original_text_encoder" not in loaded.components
+
+
+def test_to_moves_the_original_encoder_and_cpu_offload_hooks_it(tiny_folders):
+    base, safe = tiny_folders
+    p = SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True)
+    p.set_progress_bar_config(disable=True)
+    p.to(torch.bfloat16)
+    assert p.original_text_encoder.dtype == p.text_encoder.dtype == torch.bfloat16
+    p.to(dtype=torch.float32)
+    assert p.original_text_encoder.dtype == torch.float32
+    before = p.compare("a cat", num_inference_steps=STEPS, generator=_gen(), output_type="np")
+    p.enable_model_cpu_offload(device="cpu")  # the accelerate hooks work on the CPU too
+    assert hasattr(p.original_text_encoder, "_hf_hook") and hasattr(p.text_encoder, "_hf_hook")
+    after = p.compare("a cat", num_inference_steps=STEPS, generator=_gen(), output_type="np")
+    np.testing.assert_allclose(after.original_images, before.original_images, atol=1e-6)
+    assert "original_text_encoder" not in p.components  # only inside the offload helpers
+    p.remove_all_hooks()
+    assert not hasattr(p.original_text_encoder, "_hf_hook")
+
+
+def test_example_docstring_is_applied():
+    doc = SaferStableDiffusionPipeline.__call__.__doc__
+    assert "Examples:" in doc and "pipe.compare(" in doc and "keep_original_text_encoder=True" in doc
+
+
+# ---------------------------------------------------------------- check_inputs: refused before any work
+@pytest.mark.parametrize("method", ["call", "compare"])
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        ({"num_inference_steps": 0}, ValueError, r"`num_inference_steps` must be a positive integer, got 0; e\.g\."),
+        ({"num_inference_steps": 2.5}, ValueError, r"`num_inference_steps` must be a positive integer, got 2\.5"),
+        ({"num_inference_steps": -3}, ValueError, r"`num_inference_steps` must be a positive integer, got -3"),
+        ({"num_inference_steps": True}, ValueError, r"`num_inference_steps` must be a positive integer, got True"),
+        ({"guidance_scale": float("inf")}, ValueError, r"`guidance_scale` must be a finite number, got inf"),
+        ({"guidance_scale": float("nan")}, ValueError, r"`guidance_scale` must be a finite number, got nan"),
+        ({"guidance_scale": "7"}, ValueError, r"`guidance_scale` must be a finite number, got '7'"),
+        ({"eta": float("nan")}, ValueError, r"`eta` must be a finite number, got nan"),
+        ({"guidance_rescale": float("inf")}, ValueError, r"`guidance_rescale` must be a finite number, got inf"),
+        ({"num_images_per_prompt": 0}, ValueError, r"`num_images_per_prompt` must be a positive integer, got 0"),
+        ({"num_images_per_prompt": None}, ValueError, r"`num_images_per_prompt` must be a positive integer, got None"),
+        ({"generator": 0}, TypeError, r"`generator` must be a torch\.Generator or a list of them .*got int: 0"),
+        ({"generator": [0]}, TypeError, r"`generator` must be a torch\.Generator .*got a list holding a int"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, r"`generator` is a list of 2 generators, but 1 image"),
+        ({"latents": torch.zeros(1, 4, 3, 3)}, ValueError,
+         r"`latents` has shape \(1, 4, 3, 3\), but height=64, width=64 and 1 image\(s\) need \(1, 4, 32, 32\)"),
+        ({"latents": [[0.0]]}, TypeError, r"`latents` must be a torch\.Tensor"),
+        ({"height": 60}, ValueError, r"`height` must be a positive multiple of 8, got 60"),
+        ({"width": 64.0}, ValueError, r"`width` must be a positive multiple of 8, got 64\.0"),
+        ({"height": 0}, ValueError, r"`height` must be a positive multiple of 8, got 0"),
+    ],
+)
+def test_bad_generation_arguments_are_refused_up_front(pipe, method, kwargs, error, pattern, monkeypatch):
+    def no_unet(*args, **kw):
+        raise AssertionError("the UNet ran: the check came too late")
+
+    monkeypatch.setattr(pipe.unet, "forward", no_unet)
+    run = pipe.compare if method == "compare" else pipe
+    with pytest.raises(error, match=pattern):
+        run("a cat", **{"num_inference_steps": STEPS, **kwargs})
+
+
+def test_width_alone_keeps_its_value_and_matching_latents_pass(pipe):
+    out = pipe("a cat", width=128, num_inference_steps=STEPS, generator=_gen(), output_type="np")
+    assert out.images.shape == (1, 64, 128, 3)  # the parent would give 64 x 64 (it replaces both sides)
+    cmp = pipe.compare("a cat", height=128, num_inference_steps=STEPS, generator=_gen(), output_type="np")
+    assert cmp.safe_images.shape == (1, 128, 64, 3)
+    latents = torch.randn(2, 4, 32, 32, generator=_gen())
+    out = pipe("a cat", num_images_per_prompt=2, latents=latents, num_inference_steps=STEPS, output_type="np")
+    assert out.images.shape == (2, 64, 64, 3)
+
+
+def test_compare_refuses_empty_prompts_but_call_keeps_diffusers_behaviour(pipe):
+    with pytest.raises(ValueError, match=r"`prompt` is empty \(''\); `compare\(\)` compares how two encoders read a prompt"):
+        pipe.compare("", num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match=r"`prompt\[1\]` is empty \('   '\)"):
+        pipe.compare(["a cat", "   "], num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="`prompt` is required"):
+        pipe.compare(None, num_inference_steps=STEPS)
+    out = pipe("", num_inference_steps=STEPS, output_type="np")  # unconditional generation, as in diffusers
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("value", [None, 123, 1.5])
+def test_from_pretrained_source_must_be_a_path_or_hub_id(value):
+    with pytest.raises(TypeError, match=rf"`pretrained_model_name_or_path` must be a hub id .* got {type(value).__name__} {value!r}"):
+        SaferStableDiffusionPipeline.from_pretrained(value)
+
+
+def test_from_pretrained_accepts_dtype_names_and_refuses_others(tiny_folders):
+    base, safe = tiny_folders
+    p = SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, torch_dtype="bfloat16")
+    assert p.unet.dtype == p.text_encoder.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"`torch_dtype` must be a torch\.dtype \(e\.g\. torch\.float16\) or one of "
+                                         r"\['float32', 'float16', 'bfloat16'\], got 'fp16'"):
+        SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, torch_dtype="fp16")
+    with pytest.raises(TypeError, match=r"`dtype` must be a torch\.dtype .*got 32"):
+        SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, dtype=32)
+
+
+def test_from_pretrained_refuses_pickle_only_weights(tiny_folders, tmp_path):
+    import shutil
+
+    base = shutil.copytree(tiny_folders[0], tmp_path / "base")
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(base / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"unet' has weights only as pickle files \['diffusion_pytorch_model\.bin'\]; "
+                                         r"this library loads safetensors only .*save_pretrained\(NEW_FOLDER\)"):
+        SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=tiny_folders[1])
+    with pytest.raises(ValueError, match="`use_safetensors=False` is not supported"):
+        SaferStableDiffusionPipeline.from_pretrained(tiny_folders[0], safe_text_encoder=tiny_folders[1], use_safetensors=False)
+
+
+def test_an_explicit_original_encoder_is_used_without_the_flag(pipe, tiny_folders):
+    base, safe = tiny_folders
+    p = SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, original_text_encoder=pipe.original_text_encoder)
+    assert p.original_text_encoder is pipe.original_text_encoder
+    with pytest.raises(TypeError, match="`original_text_encoder` must be a CLIPTextModel \\(or None\\), got list"):
+        SaferStableDiffusionPipeline(**_components(pipe), original_text_encoder=["transformers", "CLIPTextModel"])

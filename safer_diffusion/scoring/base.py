@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["AnyOf", "NSFWScorer", "ScoreResult", "check_images", "to_rgb"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 from collections.abc import Sequence
@@ -10,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from .base import ScoreResult, check_images, to_rgb
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["Q16Scorer", "load_prompt_embeddings"]
 

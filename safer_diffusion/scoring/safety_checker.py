@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from .base import ScoreResult, check_images, to_rgb
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["SafetyCheckerScorer"]
 
