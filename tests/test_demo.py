@@ -181,7 +181,7 @@ def test_port_in_use_is_an_error_before_loading_models(monkeypatch, capsys):
 def test_unreachable_default_models_exit_with_a_clear_message(monkeypatch, capsys, no_network):
     # conftest sets HF_HUB_OFFLINE=1, so the default hub ids cannot be loaded: no silent fallback to --tiny.
     _forbid_model_loading(monkeypatch)
-    monkeypatch.setattr("safer_diffusion.hub._cached_on_disk", lambda repo_id: False)
+    monkeypatch.setattr("safer_diffusion.hub._cached", lambda repo_id, repo_type, revision: False)
     assert app.main(["--port", str(_free_port())]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
