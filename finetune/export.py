@@ -12,7 +12,7 @@ low-precision copy used in training; :func:`finetune.checkpoint.merged_clip_from
 layout, its names, version and manifest schema are owned by :mod:`safer_diffusion.export_format` and
 documented in docs/EXPORT_FORMAT.md; ``--no_save_full_clip`` leaves out ``clip/``.
 
-Load it with ``CLIPTextModel.from_pretrained(folder + "/text_encoder")`` or
+Load it with ``CLIPTextModel.from_pretrained(folder + "/" + TEXT_ENCODER_DIR)`` or
 ``SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=folder)``
 (:func:`safer_diffusion.encoders.load_safe_text_encoder` is the folder's reader).
 
@@ -115,7 +115,7 @@ def _model_card(meta: dict[str, Any]) -> str:
         "```python",
         "from safer_diffusion import SaferStableDiffusionPipeline",
         "pipe = SaferStableDiffusionPipeline.from_pretrained(BASE_SD_MODEL, safe_text_encoder=THIS_FOLDER)",
-        "# or: transformers.CLIPTextModel.from_pretrained(THIS_FOLDER + '/text_encoder')",
+        f"# or: transformers.CLIPTextModel.from_pretrained(THIS_FOLDER + '/{TEXT_ENCODER_DIR}')",
         "```",
         "",
         "## Training configuration",

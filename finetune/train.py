@@ -225,7 +225,7 @@ def check_inputs(config: TrainConfig) -> TrainConfig:
     if not several or int(os.environ.get("RANK", "0")) == 0:  # one probe per run folder
         _check_writable(Path(config.output_dir).expanduser(), "--output_dir", keep_created=several)
     if config.cache_dir is not None:
-        _check_writable(Path(config.cache_dir).expanduser(), "--cache_dir", keep_created=True)
+        _check_writable(Path(config.cache_dir).expanduser(), "--cache_dir", keep_created=several)
     resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
     return config
 
