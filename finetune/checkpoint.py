@@ -364,31 +364,37 @@ def load_training_state(accelerator, model: SaferCLIP, optimizer, lr_scheduler, 
     problems: list[dict[str, str]] = []
 
     def check(name: str, consequence: str, validate=None) -> Any:
+        """The loaded file, or None after recording why not (raises instead without ``allow_inexact``)."""
         path = ckpt / name
+        what, value = None, None
         try:
             if not path.is_file():
-                raise FileNotFoundError("missing")
-            value = _load_state_file(path)
-            if validate is not None:
-                validate(value)
-            return value
+                what = "is missing"
+            else:
+                value = _load_state_file(path)
+                if validate is not None:
+                    what = validate(value)
         except Exception as e:  # noqa: BLE001 - any failure to read a state file is the same problem for the user
-            what = "is missing" if isinstance(e, FileNotFoundError) else f"is unreadable ({type(e).__name__}: {str(e)[:160]})"
-            if not allow_inexact:
-                raise ResumeError(
-                    f"Cannot resume exactly from {os.fspath(ckpt)!r}: {name} {what}. Resume from an earlier checkpoint "
-                    f"(`--resume_from_checkpoint checkpoint-N`; complete: {[p.name for p in find_checkpoints(ckpt.parent)]}), "
-                    f"or pass `--allow_inexact_resume` to continue with {consequence} (recorded in metrics.json)."
-                ) from None
-            logger.warning("Inexact resume from %s: %s %s; continuing with %s (--allow_inexact_resume).", ckpt, name, what, consequence)
-            problems.append({"checkpoint": os.fspath(ckpt), "file": name, "problem": what, "consequence": consequence})
-            return None
+            logger.debug("reading %s failed", path, exc_info=True)
+            what = f"is unreadable or corrupt ({type(e).__name__})"
+        if what is None:
+            return value
+        if not allow_inexact:
+            raise ResumeError(
+                f"Cannot resume exactly from {os.fspath(ckpt)!r}: {name} {what}. Resume from an earlier checkpoint "
+                f"(`--resume_from_checkpoint checkpoint-N`; complete: {[p.name for p in find_checkpoints(ckpt.parent)]}), "
+                f"or pass `--allow_inexact_resume` to continue with {consequence} (recorded in metrics.json)."
+            )
+        logger.warning("Inexact resume from %s: %s %s; continuing with %s (--allow_inexact_resume).", ckpt, name, what, consequence)
+        problems.append({"checkpoint": os.fspath(ckpt), "file": name, "problem": what, "consequence": consequence})
+        return None
 
-    def rng_keys(states: Any) -> None:
+    def rng_keys(states: Any) -> str | None:
         if not isinstance(states, dict) or any(k not in states for k in _RNG_KEYS):
-            raise ValueError(f"not an RNG state (needs {', '.join(_RNG_KEYS)})")
+            return f"is not an RNG state (needs {', '.join(_RNG_KEYS)})"
         if torch.cuda.is_available() and accelerator.device.type == "cuda" and "torch_cuda_manual_seed" not in states:
-            raise ValueError("no CUDA RNG state (written on a machine without a GPU)")
+            return "has no CUDA RNG state (written on a machine without a GPU)"
+        return None
 
     # 1. check everything, identically on every rank
     try:

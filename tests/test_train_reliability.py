@@ -111,6 +111,9 @@ def test_corrupt_rng_state_stops_the_resume(three_steps, capsys):
     err = capsys.readouterr().err
     assert "python -m finetune.train: failed (ResumeError): Cannot resume exactly" in err and "Traceback" not in err
     assert [p.name for p in find_checkpoints(out)] == ["checkpoint-3"]  # nothing was trained
+    torch.save({"step": 3}, out / "checkpoint-3" / "random_states_0.pkl")  # readable, but not what accelerate writes
+    with pytest.raises(ResumeError, match=r"random_states_0.pkl is not an RNG state \(needs random_state, numpy_random_seed"):
+        run(out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
 
 
 def test_allow_inexact_resume_continues_and_records_it(three_steps):
