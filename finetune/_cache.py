@@ -59,11 +59,15 @@ def save_entry(folder: Path, key: str, tensors: dict[str, torch.Tensor], meta: d
             os.unlink(tmp)
     meta_path = folder / f"{key}.json"
     fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, meta_path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, meta_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return target
 
 

@@ -1,6 +1,6 @@
 """Frozen anchors: the pretrained encoders' embeddings of a dataset, computed once and cached.
 
-``T0`` and ``V0`` never move (METHOD.md §3), so ``T0(t)``, ``T0(t*)``, ``V0(v)``, ``V0(v*)`` (and,
+``T0`` and ``V0`` never move (docs/METHOD.md §3), so ``T0(t)``, ``T0(t*)``, ``V0(v)``, ``V0(v*)`` (and,
 for the token-level preservation term, ``T0``'s last hidden states on safe captions) are
 computed once, batched and without gradients, and cached on disk. The training loop then runs
 only the trainable encoder(s); ``T0(t̂)`` and ``V0(v̂)`` are rows of these tensors picked by the
@@ -70,9 +70,6 @@ class AnchorSet:
         """A copy with every tensor on ``device``."""
         move = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
         return AnchorSet(**move)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.__dict__.items() if isinstance(v, Tensor)}
 
 
 # ----------------------------------------------------------------------------- fingerprints

@@ -1,10 +1,10 @@
-"""Easy-to-hard curriculum over unsafe pairs (METHOD.md §5).
+"""Easy-to-hard curriculum over unsafe pairs (docs/METHOD.md §5).
 
 Pairs are ranked by difficulty ``d_i = cos(T0(t*_i), T0(t̂_i))`` (high = easy) and cut into
 stages at the ``boundaries`` quantiles (default tertiles: easy, medium, hard). Stage ``k`` joins
 training at epoch ``stage_epochs[k]`` (default 1, 2, 3): epoch 1 trains easy pairs only, epoch 2
 easy + medium, epoch 3 onward all. ``mode="none"`` trains every pair every epoch. Safe-caption
-preservation samples are not filtered (METHOD.md decision): the curriculum only selects which
+preservation samples are not filtered (docs/METHOD.md decision): the curriculum only selects which
 *unsafe* pairs are redirected in an epoch.
 
 Example::
@@ -18,18 +18,32 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["CURRICULUM_MODES", "Curriculum"]
+__all__ = ["CURRICULUM_MODES", "Curriculum", "check_schedule"]
 
 CURRICULUM_MODES = ("tertiles", "none")
+
+
+def check_schedule(boundaries: Sequence[float], stage_epochs: Sequence[int], names: tuple[str, str] = ("boundaries", "stage_epochs")) -> None:
+    """Raise `ValueError` unless ``boundaries`` are strictly increasing fractions in (0, 1) and ``stage_epochs`` has one
+    non-decreasing 1-based epoch per stage, starting at 1. ``names``: how the two arguments are called in the message
+    (the trainer passes its flags, ``--curriculum_boundaries`` / ``--curriculum_stage_epochs``)."""
+    b_name, e_name = names
+    boundaries, stage_epochs = tuple(boundaries), tuple(stage_epochs)
+    if any(not (0.0 < float(b) < 1.0) for b in boundaries) or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"`{b_name}` must be strictly increasing fractions in (0, 1), got {list(boundaries)}.")
+    if len(stage_epochs) != len(boundaries) + 1:
+        raise ValueError(
+            f"`{e_name}` needs one epoch per stage ({len(boundaries) + 1} for {len(boundaries)} boundaries), got {list(stage_epochs)}."
+        )
+    if (any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in stage_epochs) or stage_epochs[0] != 1
+            or any(a > b for a, b in zip(stage_epochs, stage_epochs[1:]))):
+        raise ValueError(f"`{e_name}` must be non-decreasing integers starting at 1, got {list(stage_epochs)}.")
 
 
 class Curriculum:
@@ -66,15 +80,7 @@ class Curriculum:
         boundaries = tuple(float(b) for b in boundaries)
         stage_epochs = tuple(stage_epochs)
         if mode == "tertiles":
-            if any(not (0.0 < b < 1.0) for b in boundaries) or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
-                raise ValueError(f"`boundaries` must be strictly increasing fractions in (0, 1), got {boundaries}.")
-            if len(stage_epochs) != len(boundaries) + 1:
-                raise ValueError(
-                    f"`stage_epochs` needs one epoch per stage ({len(boundaries) + 1} for {len(boundaries)} boundaries), got {stage_epochs}."
-                )
-            if (any(not isinstance(e, int) or e < 1 for e in stage_epochs) or stage_epochs[0] != 1
-                    or any(a > b for a, b in zip(stage_epochs, stage_epochs[1:]))):
-                raise ValueError(f"`stage_epochs` must be non-decreasing integers starting at 1, got {stage_epochs}.")
+            check_schedule(boundaries, stage_epochs)
         self.mode = mode
         self.boundaries = boundaries
         self.stage_epochs = stage_epochs

@@ -1,6 +1,6 @@
 """Safe/unsafe pair data: one record type and loaders for ViSU-Text, NSFWCaps and generic tables.
 
-A training sample is the quadruplet (v, t, v*, t*) of METHOD.md §2: safe caption ``t``, unsafe
+A training sample is the quadruplet (v, t, v*, t*) of docs/METHOD.md §2: safe caption ``t``, unsafe
 caption ``t*``, optional safe image ``v`` and unsafe image ``v*``, plus an optional category.
 
 Formats (``format=``):
@@ -11,7 +11,7 @@ Formats (``format=``):
   ``image_coco_url``. Safe images are read from ``image_root`` (file name = last part of the URL)
   when it is given; unsafe images are not released.
 * ``"generic"`` -- any CSV / JSONL / JSON / Parquet with a column mapping (``column_map``,
-  ``--column_map safe=...,unsafe=...`` on the command line); default columns ``safe``,
+  ``--column_map safe=... unsafe=...`` on the command line); default columns ``safe``,
   ``unsafe`` and, when present, ``safe_image``, ``unsafe_image``, ``category``. Image paths are
   relative to ``image_root`` (default: the data file's folder).
 * ``"auto"`` -- picked from the columns found.
@@ -43,9 +43,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DATA_FORMATS",
     "FIELDS",
+    "check_source",
     "PairDataset",
     "PairRecord",
     "load_pairs",
+    "load_pixels",
     "parse_column_map",
     "split_pairs",
 ]
@@ -62,7 +64,7 @@ _DEFAULT_MAPS = {
 }
 _EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 VISU_HUB_ID = "aimagelab/ViSU-Text"
-_COLUMN_FLAG = "`--column_map` (e.g. --column_map safe=<column>,unsafe=<column>; Python: column_map={'safe': ..., 'unsafe': ...})"
+_COLUMN_FLAG = "`--column_map` (e.g. --column_map safe=<column> unsafe=<column>; Python: column_map={'safe': ..., 'unsafe': ...})"
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class PairDataset(Sequence[PairRecord]):
 
 
 def parse_column_map(text: str | Mapping[str, str] | None) -> dict[str, str] | None:
-    """``"safe=prompt,unsafe=nsfw_prompt"`` (the ``--column_map`` flag) or a dict -> validated dict."""
+    """A dict (the ``--column_map FIELD=COLUMN`` items) or the string ``"safe=prompt,unsafe=nsfw_prompt"`` -> validated dict."""
     if text is None or text == "":
         return None
     if isinstance(text, Mapping):
@@ -221,6 +223,25 @@ def _split_files(folder: Path, split: str) -> list[Path]:
         found = ", ".join(str(p.relative_to(folder)) for p in files[:10]) or "none"
         raise FileNotFoundError(f"No data file for split {split!r} in {str(folder)!r} (data files found: {found}). Pass a file or another `split`.")
     return chosen
+
+
+def check_source(source: str | os.PathLike, argument: str = "--train_data") -> None:
+    """Check, before any reading, that ``source`` can be loaded: an existing local file or folder, or a hub dataset id
+    that can be reached now (or is cached).
+
+    Raises:
+        FileNotFoundError: a missing local path (a name with a data-file suffix, or not shaped like 'owner/name').
+        HubUnavailableError: a hub id while offline and not cached.
+    """
+    from safer_diffusion.hub import resolve_model_source
+
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return
+    if path.suffix.lower() in _EXTENSIONS:
+        raise FileNotFoundError(f"`{argument}` {text!r} does not exist; pass an existing {'/'.join(_EXTENSIONS)} file or a hub id.")
+    resolve_model_source(text, argument=argument)
 
 
 def _download(repo_id: str) -> Path:
@@ -359,6 +380,29 @@ def load_pairs(
     if not dataset.has_images and any(r.safe_image for r in records):
         logger.warning("%s: only some pairs have a safe image; image terms need every pair to have one.", name)
     return dataset
+
+
+def load_pixels(paths: Sequence[str | os.PathLike], image_processor, image_root: str | os.PathLike | None = None):
+    """Read image files as RGB and preprocess them for CLIP.
+
+    Args:
+        paths: image files; relative ones are resolved against ``image_root`` when it is given.
+        image_processor: a ``CLIPImageProcessor``.
+        image_root: folder of relative paths (the trainer's and finetune.evaluate's ``--image_root``).
+
+    Returns:
+        `Tensor (N, 3, H, W)`: the processor's ``pixel_values``.
+    """
+    from PIL import Image
+
+    images = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_absolute() and image_root:
+            path = Path(image_root) / path
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return image_processor(images=images, return_tensors="pt").pixel_values
 
 
 def split_pairs(dataset: PairDataset, val_fraction: float, seed: int = 0) -> tuple[PairDataset, PairDataset]:

@@ -4,244 +4,248 @@
 
     python -m finetune.evaluate --model exported/ --data pairs.jsonl --output results.json
     python -m finetune.evaluate --model outputs/run --data assets/sample_pairs.jsonl       # a training run / checkpoint
-    python -m finetune.evaluate --model exported/ --base openai/clip-vit-large-patch14 \\
+    python -m finetune.evaluate --model exported/ --model_name_or_path openai/clip-vit-large-patch14 \\
         --zero_shot_root imagenette/val --templates templates.txt
 
-``--model`` is an export folder (``safer_clip.json``), a training run folder or ``checkpoint-{step}``
-folder, a ``CLIPModel`` folder / hub id, ``open_clip:<arch>:<tag>`` or ``tiny``. ``--base`` is the
-frozen reference T0/V0 (default: the base model recorded in the export / checkpoint).
+``--model`` is an export folder (read through :func:`safer_diffusion.encoders.load_safe_text_encoder`
+and :func:`safer_diffusion.export_format.read_manifest`; docs/EXPORT_FORMAT.md), a training run folder or
+``checkpoint-{step}`` folder (:func:`finetune.checkpoint.merged_clip_from_checkpoint`), a ``CLIPModel``
+folder / hub id, ``open_clip:<arch>:<tag>`` or ``tiny``. ``--model_name_or_path`` is the frozen reference
+T0/V0 (default: the base model recorded in the export / checkpoint; the old spelling ``--base`` still works).
 
-Metrics (JSON, one object on stdout; also written to ``--output``). Every "frozen" entry is the
-same metric for the base model, i.e. the value at the start of fine-tuning (LoRA starts at the base):
+The metrics (one JSON object on stdout, also written atomically to ``--output``) are defined in
+:mod:`finetune.metrics`: ``text`` (caption-only redirection and preservation, model and frozen base),
+``retrieval`` / ``retrieval_frozen`` (data with images), ``weights`` (drift of the text tower from the base)
+and ``zero_shot`` (with ``--zero_shot_root``).
 
-* ``text``: caption-only metrics on the pairs (:func:`text_metrics`):
-  ``t_star_to_t_r1`` (paper-style T*->T: an unsafe query retrieves its pair's safe caption among the
-  frozen safe captions), ``redirect_to_target_r1`` / ``redirect_to_pair_r1`` (the gallery holds the
-  frozen embeddings of all safe *and* unsafe captions; a hit is the nearest-safe target t̂ / the pair's
-  safe caption; the base model scores ~0 because each unsafe caption retrieves itself), ``redirect_rate``
-  (top-1 is any safe caption), ``safe_cos`` = mean cos(T(t), T0(t)), ``unsafe_cos`` = mean cos(T(t*), T0(t*)),
-  ``knn_overlap@k`` (overlap of the k nearest safe captions by T and by T0).
-* ``retrieval`` (when the data has images): R@1 T->V, V->T (utility) and T*->V, V*->T (redirection).
-* ``weights``: L2 drift of the text tower from the base, absolute and relative.
-* ``zero_shot`` (with ``--zero_shot_root``): top-1 accuracy on an image-folder dataset (one sub-folder per
-  class) with prompt templates, for the model and the base.
+Exit status: 0 success, 2 bad input (checked before any model is loaded), 1 a runtime failure.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from safer_diffusion.encoders import load_safe_text_encoder
+from safer_diffusion.export_format import CLIP_DIR, ExportManifest, is_export_folder, read_manifest
 from safer_diffusion.fileio import atomic_write_text
+from safer_diffusion.hub import resolve_model_source
+from safer_diffusion.options import (
+    MISSING,
+    configure_logging,
+    device_option,
+    option,
+    parse_config,
+    resolve_device_and_dtype,
+    run_main,
+)
+
+from .checkpoint import is_checkpoint_or_run, merged_clip_from_checkpoint, read_training_state, resolve_checkpoint
+from .data import DATA_FORMATS, check_source, load_pairs, load_pixels
+from .metrics import DEFAULT_TEMPLATES, list_image_folder, retrieval_metrics, text_metrics, weight_drift, zero_shot_accuracy
+from .modeling import OPEN_CLIP_PREFIX, TINY_MODEL_NAME, LoadedCLIP, load_clip
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DEFAULT_TEMPLATES",
-    "knn_overlap",
-    "load_eval_model",
-    "main",
-    "recall_at_1",
-    "retrieval_metrics",
-    "text_metrics",
-    "weight_drift",
-    "zero_shot_accuracy",
-]
+__all__ = ["EvaluateConfig", "evaluate", "load_eval_model", "main", "parse_evaluate_config"]
 
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.", "a photo of the large {}.", "art of the {}.")
-_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+PROG = "python -m finetune.evaluate"
 
 
-# --------------------------------------------------------------------------- pure metrics
-def recall_at_1(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, gallery_keys: Sequence[str] | None = None) -> float:
-    """Fraction of queries whose most similar gallery row is their target.
+@dataclass
+class EvaluateConfig:
+    """Options of ``python -m finetune.evaluate``."""
 
-    Args:
-        queries (`Tensor (Q, D)`), gallery (`Tensor (G, D)`): L2-normalised embeddings.
-        targets (`LongTensor (Q,)`): the gallery row each query should retrieve.
-        gallery_keys (`list[str]`, *optional*): gallery strings; a retrieved row counts as a hit when its string
-            equals the target's (duplicate captions are the same item).
-    """
-    if queries.shape[0] == 0:
-        raise ValueError("`queries` is empty: recall needs at least one query.")
-    top = (queries.float() @ gallery.float().T).argmax(dim=1).cpu()
-    targets = targets.cpu()
-    if gallery_keys is None:
-        return float((top == targets).float().mean())
-    return float(sum(gallery_keys[int(a)] == gallery_keys[int(b)] for a, b in zip(top, targets)) / len(targets))
+    model: str = option(MISSING, "Export folder, run/checkpoint folder, CLIP folder/hub id, open_clip:<arch>:<tag> or tiny.")
+    model_name_or_path: str | None = option(
+        None, "Frozen reference CLIP T0/V0 (default: the base model recorded in the export/checkpoint).", deprecated=("--base",)
+    )
+    data: str | None = option(None, "Pairs file (.csv/.jsonl/.json/.parquet) or hub id for text/retrieval metrics.")
+    data_format: str = option("auto", "Column layout of `--data`.", choices=DATA_FORMATS)
+    image_root: str | None = option(None, "Folder that relative image paths are resolved against.")
+    zero_shot_root: str | None = option(None, "Image folder dataset (root/<class>/<image>) for zero-shot accuracy.")
+    class_names: list[str] = option(
+        [], "Class names in folder order (default: the folder names), or one JSON file holding the list.", legacy_commas=True
+    )
+    templates: str | None = option(None, "Text file, one prompt template with '{}' per line (default: 5 CLIP templates).")
+    k: int = option(10, "Neighbours for the kNN-overlap preservation metric.", bounds=(1, None))
+    batch_size: int = option(256, "Encoding batch size.", bounds=(1, None))
+    device: str = device_option()
+    output: str | None = option(None, "Also write the JSON to this file (atomically).")
+    verbose: bool = option(False, "INFO logging.")
 
-
-def knn_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
-    """Mean overlap |kNN_a(i) ∩ kNN_b(i)| / k of the k nearest neighbours (self excluded) of each row under two embeddings."""
-    n = a.shape[0]
-    k = min(k, n - 1)
-    if k < 1:
-        raise ValueError(f"`knn_overlap` needs at least 2 rows, got {n}.")
-    eye = torch.eye(n, dtype=torch.bool)
-
-    def knn(x):
-        sim = x.float() @ x.float().T
-        return sim.masked_fill(eye, float("-inf")).topk(k, dim=1).indices
-
-    ia, ib = knn(a.cpu()), knn(b.cpu())
-    return float(sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(ia, ib)) / (n * k))
+    def validate(self) -> EvaluateConfig:
+        if not self.data and not self.zero_shot_root:
+            raise ValueError("Nothing to evaluate: pass `--data` (pairs) and/or `--zero_shot_root` (image folder).")
+        if not self.model.strip():
+            raise ValueError("`--model` is empty; pass a model folder, hub id, `tiny` or `open_clip:<arch>:<tag>`.")
+        return self
 
 
-def text_metrics(
-    encode: Callable[[list[str]], torch.Tensor],
-    encode0: Callable[[list[str]], torch.Tensor],
-    safe_captions: Sequence[str],
-    unsafe_captions: Sequence[str],
-    k: int = 10,
-) -> dict[str, Any]:
-    """Caption-only redirection and preservation metrics (see the module docstring), model and frozen base.
+@dataclass
+class _Plan:
+    """What :func:`check_inputs` resolved: the device, the reference model, class names and templates."""
 
-    Args:
-        encode: trained text encoder, captions -> L2-normalised (N, D).
-        encode0: frozen text encoder T0, same signature.
-        safe_captions, unsafe_captions: aligned pairs (row i is a pair).
-        k: neighbours for ``knn_overlap@k``.
-
-    Returns:
-        `dict` of metric -> value for the model, plus ``"frozen"``: the same metrics for T0.
-    """
-    from .targets import nearest_safe
-
-    safe, unsafe = list(safe_captions), list(unsafe_captions)
-    if len(safe) != len(unsafe) or len(safe) < 2:
-        raise ValueError(f"`safe_captions` and `unsafe_captions` must be aligned pairs, at least 2; got {len(safe)} and {len(unsafe)}.")
-    t, t_star = encode(safe).float().cpu(), encode(unsafe).float().cpu()
-    t0, t0_star = encode0(safe).float().cpu(), encode0(unsafe).float().cpu()
-    n = len(safe)
-    hat, _ = nearest_safe(t0_star, t0, safe_keys=safe)
-    pair = torch.arange(n)
-    gallery = torch.cat([t0, t0_star])
-    keys = safe + [f"\x00unsafe\x00{c}" for c in unsafe]  # an unsafe caption never equals a safe one
-
-    def block(q_unsafe, q_safe):
-        top = (q_unsafe @ gallery.T).argmax(dim=1)
-        return {
-            "t_star_to_t_r1": recall_at_1(q_unsafe, t0, pair, safe),
-            "redirect_to_target_r1": recall_at_1(q_unsafe, gallery, hat, keys),
-            "redirect_to_pair_r1": recall_at_1(q_unsafe, gallery, pair, keys),
-            "redirect_rate": float((top < n).float().mean()),
-            "safe_cos": float((q_safe * t0).sum(-1).mean()),
-            "unsafe_cos": float((q_unsafe * t0_star).sum(-1).mean()),
-            f"knn_overlap@{k}": knn_overlap(q_safe, t0, k),
-        }
-
-    out = block(t_star, t)
-    out["frozen"] = block(t0_star, t0)
-    out["n_pairs"] = n
-    out["targets_differ_from_pair"] = float(sum(safe[int(j)] != safe[i] for i, j in enumerate(hat)) / n)
-    return out
+    device: str
+    base: str
+    class_names: list[str] | None
+    templates: tuple[str, ...]
 
 
-def weight_drift(model_state: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor], prefix: str = "text_model.") -> dict[str, float]:
-    """L2 norm of (weights - base weights) over the parameters under ``prefix``, absolute and relative to the base norm."""
-    diff2 = base2 = 0.0
-    count = 0
-    for name, w0 in base_state.items():
-        if not name.startswith(prefix) or name not in model_state or not w0.dtype.is_floating_point:
-            continue
-        w = model_state[name].double().cpu()
-        diff2 += float(((w - w0.double().cpu()) ** 2).sum())
-        base2 += float((w0.double() ** 2).sum())
-        count += 1
-    if count == 0:
-        raise ValueError(f"No common floating-point weights under {prefix!r} to compare.")
-    return {"l2": diff2**0.5, "relative": (diff2 / base2) ** 0.5 if base2 > 0 else 0.0, "tensors": count}
+def parse_evaluate_config(argv: Sequence[str] | None = None) -> EvaluateConfig:
+    """Parse ``python -m finetune.evaluate``'s arguments into a validated :class:`EvaluateConfig`."""
+    return parse_config(EvaluateConfig, argv, prog=PROG, description=__doc__.split("\n")[0])
 
 
-def retrieval_metrics(encode_text, encode_image, dataset) -> dict[str, float]:
-    """R@1 of T->V, V->T (utility) and T*->V, V*->T (redirection); gallery = safe items, target = the pair's own."""
-    safe, unsafe = dataset.safe_captions, dataset.unsafe_captions
-    n = len(safe)
-    t, t_star = encode_text(safe), encode_text(unsafe)
-    v = encode_image([r.safe_image for r in dataset])
-    target = torch.arange(n)
-    out = {"t_to_v_r1": recall_at_1(t, v, target), "v_to_t_r1": recall_at_1(v, t, target, safe), "t_star_to_v_r1": recall_at_1(t_star, v, target)}
-    if all(r.unsafe_image for r in dataset):
-        out["v_star_to_t_r1"] = recall_at_1(encode_image([r.unsafe_image for r in dataset]), t, target, safe)
-    return out
+# --------------------------------------------------------------------------- input checks
+def _check_model_source(name: str, argument: str) -> None:
+    if name == TINY_MODEL_NAME or name.startswith(OPEN_CLIP_PREFIX):
+        return
+    resolve_model_source(name, argument=argument)  # a local path, or a hub id reachable (or cached) now
 
 
-def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"`--zero_shot_root` {str(root)!r} has no class sub-folders (expected root/<class>/<image>).")
-    items = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in _IMAGE_EXTS]
-    if not items:
-        raise ValueError(f"`--zero_shot_root` {str(root)!r} has no images ({sorted(_IMAGE_EXTS)}).")
-    return classes, items
+def _recorded_base(model: str) -> str | None:
+    """The base model an export or a checkpoint records (validating the manifest / training state), else None."""
+    path = Path(model).expanduser()
+    if is_export_folder(path):
+        return read_manifest(path, argument="--model").base_model
+    if is_checkpoint_or_run(path):
+        return read_training_state(resolve_checkpoint(path, "--model"))["config"]["model_name_or_path"]
+    _check_model_source(model, "--model")
+    return None
 
 
-def zero_shot_accuracy(encode_text, encode_image_paths, root, class_names: Sequence[str] | None = None,
-                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict[str, Any]:
-    """Top-1 zero-shot accuracy on an image folder (``root/<class>/*.jpg``): class embedding = mean over templates."""
-    root = Path(root)
-    folders, items = _list_image_folder(root)
-    names = list(class_names) if class_names is not None else [f.replace("_", " ") for f in folders]
-    if len(names) != len(folders):
-        raise ValueError(f"`--class_names` has {len(names)} names but {str(root)!r} has {len(folders)} class folders {folders}.")
+def _read_templates(path: str | None) -> tuple[str, ...]:
+    if path is None:
+        return DEFAULT_TEMPLATES
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"`--templates` {path!r} does not exist; pass a text file with one template ('{{}}' = class) per line.")
+    templates = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"`--templates` must be non-empty and each must contain '{{}}', got {list(templates)!r}.")
-    weights = []
-    for name in names:
-        e = encode_text([tpl.format(name) for tpl in templates]).float().mean(0)
-        weights.append(F.normalize(e, dim=-1))
-    weights = torch.stack(weights)
-    v = encode_image_paths([str(p) for p, _ in items]).float()
-    pred = (v @ weights.T).argmax(1)
-    labels = torch.tensor([c for _, c in items])
-    return {"accuracy": float((pred == labels).float().mean()), "n_images": len(items), "n_classes": len(names), "templates": len(templates)}
+        raise ValueError(f"`--templates` {path!r}: every line must contain '{{}}' (the class name), got {list(templates)!r}.")
+    return templates
+
+
+def _read_class_names(names: list[str]) -> list[str] | None:
+    if not names:
+        return None
+    if len(names) == 1 and names[0].endswith(".json"):
+        p = Path(names[0]).expanduser()
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"`--class_names` {names[0]!r} does not exist; pass the names, or a JSON list file.") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`--class_names` {names[0]!r} is not valid JSON ({e.msg}); it must hold a list of names.") from None
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"`--class_names` {names[0]!r} must hold a JSON list of strings.")
+        return data
+    return list(names)
+
+
+def _check_output(path: str | None) -> None:
+    if path is None:
+        return
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ValueError(f"`--output` {path!r} is a folder; pass a file path (e.g. results.json).")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"`--output` {path!r} cannot be written: {os.fspath(parent)!r} is not a writable folder.")
+
+
+def check_inputs(config: EvaluateConfig) -> _Plan:
+    """Every check that needs no model: device, model and reference sources, data, image folders, templates, output.
+
+    Raises:
+        ValueError / FileNotFoundError / BadInputError / HubUnavailableError: naming the option (exit status 2).
+    """
+    device, _ = resolve_device_and_dtype(config.device, "float32")
+    recorded = _recorded_base(config.model)
+    base = config.model_name_or_path or recorded
+    if base is None:
+        raise ValueError(
+            f"`--model_name_or_path` is required: `--model` {config.model!r} records no base model (pass the frozen CLIP it "
+            "was trained from, e.g. openai/clip-vit-large-patch14)."
+        )
+    _check_model_source(base, "--model_name_or_path")
+    if config.data:
+        check_source(config.data, "--data")
+    for name in ("image_root", "zero_shot_root"):
+        value = getattr(config, name)
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise FileNotFoundError(f"`--{name}` {value!r} is not an existing folder.")
+    names = _read_class_names(config.class_names)
+    templates = _read_templates(config.templates)
+    if config.zero_shot_root:
+        folders, _ = list_image_folder(Path(config.zero_shot_root).expanduser())
+        if names is not None and len(names) != len(folders):
+            raise ValueError(f"`--class_names` has {len(names)} names but `--zero_shot_root` has {len(folders)} class folders {folders}.")
+    _check_output(config.output)
+    return _Plan(device, base, names, templates)
 
 
 # --------------------------------------------------------------------------- loading
-def load_eval_model(model: str, attention: str = "sdpa"):
-    """Load what ``--model`` names as ``(CLIPModel fp32, tokenizer, image_processor, base_model_source or None)``."""
-    from .modeling import load_clip
+def _load_export(folder: Path, manifest: ExportManifest, base: LoadedCLIP) -> LoadedCLIP:
+    """The export's encoder inside the base model's architecture: the text tower (and projection) through the library's
+    reader, the base's vision tower, or, when the run trained it, the vision tower of ``clip/``."""
+    clip = base.model
+    full_layers = clip.config.text_config.num_hidden_layers
+    source = folder
+    if manifest.text_encoder_num_layers != full_layers:  # text_encoder/ was truncated (SD 2.x): the full tower is in clip/
+        if not (folder / CLIP_DIR).is_dir():
+            raise ValueError(
+                f"`--model` {os.fspath(folder)!r} keeps {manifest.text_encoder_num_layers} of {full_layers} text layers and has no "
+                f"{CLIP_DIR}/ (exported with --no_save_full_clip): CLIP metrics need the full tower; evaluate the checkpoint instead."
+            )
+        source = folder / CLIP_DIR
+    text = load_safe_text_encoder(source, with_projection=True, argument="--model")
+    clip.text_model.load_state_dict(text.text_model.state_dict())
+    clip.text_projection.load_state_dict(text.text_projection.state_dict())
+    if manifest.train_towers in ("vision", "both"):
+        if not (folder / CLIP_DIR).is_dir():
+            raise ValueError(f"`--model` {os.fspath(folder)!r} trained the vision tower but has no {CLIP_DIR}/ folder; re-export it "
+                             "with --save_full_clip.")
+        from transformers import CLIPModel
 
+        vision = CLIPModel.from_pretrained(os.fspath(folder / CLIP_DIR), use_safetensors=True)
+        clip.vision_model.load_state_dict(vision.vision_model.state_dict())
+        clip.visual_projection.load_state_dict(vision.visual_projection.state_dict())
+    return LoadedCLIP(clip.float().eval(), base.tokenizer, base.image_processor, os.fspath(folder))
+
+
+def load_eval_model(model: str, attention: str = "sdpa") -> tuple[Any, Any, Any, str | None]:
+    """Load what ``--model`` names as ``(CLIPModel fp32, tokenizer, image_processor, recorded base model or None)``.
+
+    Args:
+        model: an export folder (loaded into the architecture of the base model its manifest records), a run or
+            checkpoint folder, a CLIP folder / hub id, ``open_clip:...`` or ``tiny``.
+        attention: attention kernel.
+    """
     path = Path(model).expanduser()
-    if (path / "safer_clip.json").is_file():
-        meta = json.loads((path / "safer_clip.json").read_text())
-        base = meta.get("base_model")
-        if (path / "clip" / "config.json").is_file():
-            from transformers import CLIPModel, CLIPTokenizer
-
-            clip = CLIPModel.from_pretrained(str(path / "clip"), attn_implementation=attention).float().eval()
-            tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
-            processor = load_clip(base, attention).image_processor if base else None
-            return clip, tokenizer, processor, base
-        from safetensors.torch import load_file
-        from transformers import CLIPTextModel
-
-        loaded = load_clip(base, attention)
-        text = CLIPTextModel.from_pretrained(str(path / "text_encoder")).float()
-        loaded.model.text_model.load_state_dict(text.state_dict())
-        if (path / "text_projection.safetensors").is_file():
-            loaded.model.text_projection.weight.data.copy_(load_file(str(path / "text_projection.safetensors"))["weight"])
-        return loaded.model.eval(), loaded.tokenizer, loaded.image_processor, base
-    if path.is_dir() and (path.name.startswith("checkpoint-") or (path / "config.yaml").is_file()):
-        from .export import merged_clip_from_checkpoint
-
-        clip, tokenizer, processor, config, _ = merged_clip_from_checkpoint(path)
+    if is_export_folder(path):
+        manifest = read_manifest(path, argument="--model")
+        loaded = _load_export(path, manifest, load_clip(manifest.base_model, attention))
+        return loaded.model, loaded.tokenizer, loaded.image_processor, manifest.base_model
+    if is_checkpoint_or_run(path):
+        clip, tokenizer, processor, config, _ = merged_clip_from_checkpoint(path, attention, argument="--model")
         return clip, tokenizer, processor, config.model_name_or_path
     loaded = load_clip(model, attention)
     return loaded.model, loaded.tokenizer, loaded.image_processor, None
 
 
 def _encoders(clip, tokenizer, processor, device, batch_size: int, image_root=None):
-    from .train import _load_pixels
-
     clip.to(device).eval()
 
     @torch.no_grad()
@@ -258,85 +262,57 @@ def _encoders(clip, tokenizer, processor, device, batch_size: int, image_root=No
             raise ValueError("This model has no image processor; image metrics need a CLIP folder with preprocessor_config.json.")
         out = []
         for i in range(0, len(paths), batch_size):
-            px = _load_pixels(paths[i : i + batch_size], processor, image_root).to(device)
+            px = load_pixels(paths[i : i + batch_size], processor, image_root).to(device)
             out.append(F.normalize(clip.get_image_features(pixel_values=px).pooler_output.float(), dim=-1).cpu())
         return torch.cat(out)
 
     return encode_text, encode_images
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    clip, tokenizer, processor, recorded_base = load_eval_model(args.model)
-    base_name = args.base or recorded_base
-    if base_name is None:
-        raise ValueError(f"`--base` is required: {args.model!r} records no base model (pass the frozen CLIP it was trained from).")
-    from .modeling import load_clip
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Compute the metrics of :mod:`finetune.metrics` for ``config.model`` against its frozen reference.
 
-    base = load_clip(base_name)
-    device = torch.device(args.device)
-    enc_t, enc_i = _encoders(clip, tokenizer, processor, device, args.batch_size, args.image_root)
-    base_t, base_i = _encoders(base.model, base.tokenizer, base.image_processor, device, args.batch_size, args.image_root)
-    results: dict[str, Any] = {"model": args.model, "base": base_name}
+    Returns:
+        `dict`: ``model``, ``base``, ``weights``, and ``data`` / ``text`` / ``retrieval`` / ``retrieval_frozen`` (with
+        ``--data``), ``zero_shot`` (with ``--zero_shot_root``). Written to ``config.output`` when set.
+    """
+    plan = check_inputs(config)
+    clip, tokenizer, processor, _ = load_eval_model(config.model)
+    base = load_clip(plan.base)
+    enc_t, enc_i = _encoders(clip, tokenizer, processor, plan.device, config.batch_size, config.image_root)
+    base_t, base_i = _encoders(base.model, base.tokenizer, base.image_processor, plan.device, config.batch_size, config.image_root)
+    results: dict[str, Any] = {"model": config.model, "base": plan.base}
     results["weights"] = weight_drift(clip.state_dict(), base.model.state_dict())
-    if args.data:
-        from .data import load_pairs
-
-        data = load_pairs(args.data, format=args.data_format, image_root=args.image_root)
-        results["data"] = {"source": args.data, "n_pairs": len(data)}
-        results["text"] = text_metrics(enc_t, base_t, data.safe_captions, data.unsafe_captions, k=args.k)
+    if config.data:
+        data = load_pairs(config.data, format=config.data_format, image_root=config.image_root)
+        results["data"] = {"source": config.data, "n_pairs": len(data)}
+        results["text"] = text_metrics(enc_t, base_t, data.safe_captions, data.unsafe_captions, k=config.k)
         if data.has_images and all(r.safe_image for r in data):
             results["retrieval"] = retrieval_metrics(enc_t, enc_i, data)
             results["retrieval_frozen"] = retrieval_metrics(base_t, base_i, data)
-    if args.zero_shot_root:
-        names = None
-        if args.class_names:
-            p = Path(args.class_names)
-            names = json.loads(p.read_text()) if p.is_file() else [c.strip() for c in args.class_names.split(",")]
-        templates = DEFAULT_TEMPLATES
-        if args.templates:
-            templates = tuple(line.strip() for line in Path(args.templates).read_text().splitlines() if line.strip())
+    if config.zero_shot_root:
         results["zero_shot"] = {
-            "model": zero_shot_accuracy(enc_t, enc_i, args.zero_shot_root, names, templates),
-            "base": zero_shot_accuracy(base_t, base_i, args.zero_shot_root, names, templates),
+            "model": zero_shot_accuracy(enc_t, enc_i, config.zero_shot_root, plan.class_names, plan.templates),
+            "base": zero_shot_accuracy(base_t, base_i, config.zero_shot_root, plan.class_names, plan.templates),
         }
-    return results
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="Export folder, run/checkpoint folder, CLIP folder/hub id, open_clip:<arch>:<tag> or tiny.")
-    p.add_argument("--base", default=None, help="Frozen reference CLIP (default: the base recorded in the export/checkpoint).")
-    p.add_argument("--data", default=None, help="Pairs file (.csv/.jsonl/.json/.parquet) or hub id for text/retrieval metrics.")
-    p.add_argument("--data_format", default="auto", choices=("auto", "visu", "nsfwcaps", "generic"), help="Column layout of --data.")
-    p.add_argument("--image_root", default=None, help="Folder that relative image paths are resolved against.")
-    p.add_argument("--zero_shot_root", default=None, help="Image folder dataset (root/<class>/<image>) for zero-shot accuracy.")
-    p.add_argument("--class_names", default=None, help="Class names: a JSON list file or comma-separated (default: folder names).")
-    p.add_argument("--templates", default=None, help="Text file, one prompt template with '{}' per line (default: 5 CLIP templates).")
-    p.add_argument("--k", type=int, default=10, help="Neighbours for the kNN-overlap preservation metric.")
-    p.add_argument("--batch_size", type=int, default=256, help="Encoding batch size.")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device, e.g. cuda, cuda:1, cpu.")
-    p.add_argument("--output", default=None, help="Also write the JSON here (atomically).")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.k < 1:
-        raise ValueError(f"`--k` must be >= 1, got {args.k}.")
-    if not args.data and not args.zero_shot_root:
-        raise ValueError("Nothing to evaluate: pass `--data` (pairs) and/or `--zero_shot_root` (image folder).")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    results = evaluate(args)
-    text = json.dumps(results, indent=2)
-    if args.output:
-        out = Path(args.output)
+    if config.output:
+        out = Path(config.output).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, text)
-    print(json.dumps(results))
+        atomic_write_text(out, json.dumps(results, indent=2))
+    logger.info("Evaluated %s against %s.", config.model, plan.base)
     return results
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    config = parse_evaluate_config(argv)
+    configure_logging(config.verbose)
+    print(json.dumps(evaluate(config)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m finetune.evaluate``: 0 success (the results as one JSON line on stdout), 2 bad input, 1 a runtime failure."""
+    return run_main(lambda: _main(argv), prog=PROG)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

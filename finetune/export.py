@@ -3,91 +3,79 @@
 ::
 
     python -m finetune.export --checkpoint outputs/run --output_dir exported/safer-clip     # newest checkpoint of a run
-    python -m finetune.export --checkpoint outputs/run/checkpoint-1500 --output_dir exported/x --dtype fp16
+    python -m finetune.export --checkpoint outputs/run/checkpoint-1500 --output_dir exported/x --dtype float16
     # SD 2.x (OpenCLIP ViT-H): the UNet reads the penultimate layer, so keep 23 of the 24 text layers
     python -m finetune.export --checkpoint outputs/vit-h --output_dir exported/vit-h --text_encoder_num_layers 23
 
 The LoRA adapters are merged into the fp32 base weights (reloaded from the original source, not the
-low-precision copy used in training). Folder layout (CONTRACTS.md)::
+low-precision copy used in training; :func:`finetune.checkpoint.merged_clip_from_checkpoint`). The folder
+layout, its names, version and manifest schema are owned by :mod:`safer_diffusion.export_format` and
+documented in docs/EXPORT_FORMAT.md; ``--no_save_full_clip`` leaves out ``clip/``.
 
-    text_encoder/{config.json, model.safetensors}   CLIPTextModel
-    tokenizer/                                      CLIPTokenizer
-    clip/{config.json, model.safetensors}           full CLIPModel (unless --no-save_full_clip)
-    text_projection.safetensors                     {"weight": (projection_dim, hidden)}
-    safer_clip.json                                 format, base model, loss, config, metrics
-    README.md                                       model card
+Load it with ``CLIPTextModel.from_pretrained(folder + "/" + TEXT_ENCODER_DIR)`` or
+``SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=folder)``
+(:func:`safer_diffusion.encoders.load_safe_text_encoder` is the folder's reader).
 
-Load it with ``CLIPTextModel.from_pretrained(folder + "/text_encoder")`` or
-``SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=folder)``.
+Exit status of ``python -m finetune.export``: 0 success (the folder's path on stdout), 2 bad input, 1 a runtime failure.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from safer_diffusion.export_format import (
+    CLIP_DIR,
+    MODEL_CARD_FILE,
+    TEXT_ENCODER_DIR,
+    TEXT_PROJECTION_FILE,
+    TOKENIZER_DIR,
+    ExportManifest,
+    write_manifest,
+)
+from safer_diffusion.fileio import atomic_write_text, fsync_dir
+from safer_diffusion.options import DEPRECATED_DTYPES, DTYPE_CHOICES, MISSING, configure_logging, option, parse_config, run_main
+
+from .checkpoint import merged_clip_from_checkpoint, resolve_checkpoint
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "export", "main", "merged_clip_from_checkpoint", "resolve_checkpoint"]
+__all__ = ["EXPORT_DTYPES", "ExportConfig", "export", "main", "parse_export_config"]
 
-EXPORT_FORMAT = "safer-clip-encoder"
-EXPORT_FORMAT_VERSION = 1
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A ``checkpoint-{step}`` folder, or a run folder (-> its newest complete checkpoint)."""
-    from .train import CHECKPOINT_STATE, latest_checkpoint
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"`--checkpoint` {os.fspath(path)!r} does not exist; pass a run folder or a checkpoint-{{step}} folder.")
-    if (p / CHECKPOINT_STATE).is_file():
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise ValueError(f"`--checkpoint` {os.fspath(path)!r} holds no complete checkpoint-{{step}} folder (with {CHECKPOINT_STATE}).")
-    return latest
+PROG = "python -m finetune.export"
+#: Dtypes an export can be written in (torch names; "auto" has no meaning for a file on disk).
+EXPORT_DTYPES = tuple(d for d in DTYPE_CHOICES if d != "auto")
 
 
-def merged_clip_from_checkpoint(path: str | os.PathLike, attention: str = "sdpa"):
-    """Rebuild the trained CLIP from a checkpoint: fp32 base + trained weights, LoRA merged.
+@dataclass
+class ExportConfig:
+    """Options of ``python -m finetune.export``."""
 
-    Returns:
-        ``(clip_model, tokenizer, image_processor, config, training_state)``.
-    """
-    from safetensors.torch import load_file
-
-    from .config import TrainConfig
-    from .modeling import SaferCLIP, load_clip
-    from .train import CHECKPOINT_STATE, TRAINABLE_WEIGHTS
-
-    ckpt = resolve_checkpoint(path)
-    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
-    config = TrainConfig.from_dict(state["config"], source=str(ckpt / CHECKPOINT_STATE))
-    loaded = load_clip(config.model_name_or_path, attention=attention if attention != "xformers" else "sdpa")
-    wrapper = SaferCLIP(
-        loaded.model, train_towers=config.train_towers, finetune=config.finetune, lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules,
+    checkpoint: str = option(MISSING, "Run folder (its newest complete checkpoint) or a checkpoint-{step} folder.")
+    output_dir: str = option(MISSING, "Export folder to create (must not exist, or be empty).")
+    dtype: str = option("float32", "Dtype of the saved weights.", choices=EXPORT_DTYPES, value_aliases=DEPRECATED_DTYPES)
+    save_full_clip: bool = option(True, "Also save the full CLIPModel in clip/ (image metrics, with_projection loading).",
+                                  deprecated=("--no-save_full_clip",))  # fmt: skip
+    text_encoder_num_layers: int | None = option(
+        None, "Keep the first N text layers in text_encoder/ (SD 2.x with OpenCLIP ViT-H: 23 of 24).", bounds=(1, None)
     )
-    weights = load_file(str(ckpt / TRAINABLE_WEIGHTS))
-    expected = set(wrapper.trainable_state_dict())
-    if set(weights) != expected:
-        raise ValueError(f"{ckpt / TRAINABLE_WEIGHTS} does not match the model rebuilt from its config "
-                         f"({len(expected - set(weights))} missing, {len(set(weights) - expected)} unexpected weights).")
-    wrapper.clip.load_state_dict(weights, strict=False)
-    clip = wrapper.merged_clip()
-    clip.requires_grad_(False)
-    return clip, loaded.tokenizer, loaded.image_processor, config, state
+    metrics: str | None = option(None, "JSON file of evaluation figures for the model card (default: the run's metrics.json).")
+    verbose: bool = option(False, "INFO logging.")
+
+    def validate(self) -> ExportConfig:
+        for name in ("checkpoint", "output_dir"):
+            if not str(getattr(self, name)).strip():
+                raise ValueError(f"`--{name}` is empty; pass a folder.")
+        return self
 
 
 def _text_encoder(clip, num_layers: int | None):
@@ -111,6 +99,7 @@ def _text_encoder(clip, num_layers: int | None):
 
 
 def _model_card(meta: dict[str, Any]) -> str:
+    """The export's README.md (model card) from the manifest's dict."""
     cfg = meta["config"]
     metrics = meta.get("metrics") or {}
     lines = [
@@ -126,7 +115,7 @@ def _model_card(meta: dict[str, Any]) -> str:
         "```python",
         "from safer_diffusion import SaferStableDiffusionPipeline",
         "pipe = SaferStableDiffusionPipeline.from_pretrained(BASE_SD_MODEL, safe_text_encoder=THIS_FOLDER)",
-        "# or: transformers.CLIPTextModel.from_pretrained(THIS_FOLDER + '/text_encoder')",
+        f"# or: transformers.CLIPTextModel.from_pretrained(THIS_FOLDER + '/{TEXT_ENCODER_DIR}')",
         "```",
         "",
         "## Training configuration",
@@ -149,70 +138,116 @@ def _model_card(meta: dict[str, Any]) -> str:
                 if isinstance(value, float) and key in frozen:
                     lines.append(f"| {key} | {value:.4f} | {frozen[key]:.4f} |")
             lines.append("")
-        lines.append("Metric definitions: the module docstring of `finetune/evaluate.py` (`python -m finetune.evaluate --help`).")
+        lines.append("Metric definitions: the module docstring of `finetune/metrics.py`; the method: docs/METHOD.md.")
     if not splits:
         lines.append("No evaluation figures were recorded for this export.")
     lines += ["", "Method: SafeR-CLIP (Yousaf et al., AAAI 2026, arXiv:2511.16743).", ""]
     return "\n".join(lines)
 
 
+def _read_metrics(metrics: dict[str, Any] | str | os.PathLike | None) -> dict[str, Any] | None:
+    if metrics is None or isinstance(metrics, dict):
+        return metrics
+    path = Path(metrics).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"`--metrics` {os.fspath(metrics)!r} does not exist; pass a JSON file of evaluation figures.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"`--metrics` {os.fspath(metrics)!r} is not valid JSON ({e}); pass the output of finetune.evaluate.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"`--metrics` {os.fspath(metrics)!r} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _check_output_dir(out: Path, argument: str = "--output_dir") -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        kind = "is a file" if not out.is_dir() else "exists and is not empty"
+        raise ValueError(f"`{argument}` {os.fspath(out)!r} {kind}; choose a new folder or delete it.")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"`{argument}` {os.fspath(out)!r} cannot be created in {os.fspath(parent)!r} (not a writable folder).")
+
+
+def _remove_stale_exports(out: Path) -> None:
+    """Remove temp folders left beside ``out`` by an interrupted export of the same name."""
+    if not out.parent.is_dir():
+        return
+    for stale in out.parent.glob(f".{out.name}.export-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        logger.warning("Removed %s, left by an interrupted earlier export.", stale)
+
+
 def export(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
-    dtype: str = "fp32",
+    dtype: str = "float32",
     save_full_clip: bool = True,
     text_encoder_num_layers: int | None = None,
     metrics: dict[str, Any] | str | os.PathLike | None = None,
 ) -> Path:
-    """Write the export folder (see the module docstring) atomically: built in a temp folder, then renamed.
+    """Write the export folder (docs/EXPORT_FORMAT.md) atomically: built in a temp folder beside it, then renamed.
 
     Args:
         checkpoint: run folder or ``checkpoint-{step}`` folder.
         output_dir: destination; must not exist or be empty.
-        dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"`` for the saved weights.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for the saved weights (the old ``fp32``/``fp16``/``bf16``
+            still work, with a deprecation warning).
         save_full_clip: also save the full ``CLIPModel`` under ``clip/``.
         text_encoder_num_layers: keep only the first N text layers in ``text_encoder/`` (SD 2.x: 23 of 24).
         metrics: metrics dict or JSON file for the card (default: the run's ``metrics.json`` if present).
 
     Returns:
         The export folder.
+
+    Raises:
+        ValueError / FileNotFoundError: a bad argument (checked before the model is loaded, except the layer count,
+            checked against the model before anything is written).
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"`--dtype` must be one of {list(_DTYPES)}, got {dtype!r}.")
+    if dtype in DEPRECATED_DTYPES:
+        logger.warning("`--dtype %s` is deprecated; use `--dtype %s`.", dtype, DEPRECATED_DTYPES[dtype])
+        dtype = DEPRECATED_DTYPES[dtype]
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"`--dtype` must be one of {list(EXPORT_DTYPES)}, got {dtype!r}.")
+    if text_encoder_num_layers is not None and (isinstance(text_encoder_num_layers, bool) or text_encoder_num_layers < 1):
+        raise ValueError(f"`--text_encoder_num_layers` must be a whole number >= 1, got {text_encoder_num_layers!r}.")
     out = Path(output_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"`--output_dir` {os.fspath(output_dir)!r} exists and is not empty; choose a new folder or delete it.")
+    _check_output_dir(out)
     ckpt = resolve_checkpoint(checkpoint)
-    clip, tokenizer, _, config, state = merged_clip_from_checkpoint(ckpt)
     if metrics is None and (ckpt.parent / "metrics.json").is_file():
         metrics = ckpt.parent / "metrics.json"
-    if metrics is not None and not isinstance(metrics, dict):
-        metrics = json.loads(Path(metrics).read_text())
-    torch_dtype = _DTYPES[dtype]
+    metrics = _read_metrics(metrics)
+    _remove_stale_exports(out)
+
+    clip, tokenizer, _, config, state = merged_clip_from_checkpoint(ckpt)
+    torch_dtype = getattr(torch, dtype)
+    text_encoder = _text_encoder(clip, text_encoder_num_layers).to(torch_dtype)
+    manifest = ExportManifest(
+        base_model=config.model_name_or_path, loss=config.loss, global_step=int(state["global_step"]), dtype=dtype,
+        text_encoder_num_layers=text_encoder_num_layers or clip.config.text_config.num_hidden_layers,
+        train_towers=config.train_towers, finetune=config.finetune, checkpoint=os.fspath(ckpt), config=config.to_dict(),
+        metrics=metrics or {},
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        text_encoder = _text_encoder(clip, text_encoder_num_layers).to(torch_dtype)
-        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        if save_full_clip:
-            clip.to(torch_dtype).save_pretrained(tmp / "clip", safe_serialization=True)
-            clip.float()
         from safetensors.torch import save_file
 
-        save_file({"weight": clip.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / "text_projection.safetensors"))
-        meta = {
-            "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "base_model": config.model_name_or_path,
-            "loss": config.loss, "train_towers": config.train_towers, "finetune": config.finetune,
-            "global_step": state["global_step"], "checkpoint": str(ckpt), "dtype": dtype,
-            "text_encoder_num_layers": text_encoder_num_layers or clip.config.text_config.num_hidden_layers,
-            "config": config.to_dict(), "metrics": metrics or {},
-        }
-        (tmp / "safer_clip.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "README.md").write_text(_model_card(meta))
+        text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        if save_full_clip:
+            clip.to(torch_dtype).save_pretrained(tmp / CLIP_DIR, safe_serialization=True)
+            clip.float()
+        save_file({"weight": clip.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))
+        atomic_write_text(tmp / MODEL_CARD_FILE, _model_card(manifest.to_dict()))
+        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        fsync_dir(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,28 +255,23 @@ def export(
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m finetune.export", description="Export a SaFeR-CLIP checkpoint as an encoder folder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Run folder (newest checkpoint) or checkpoint-{step} folder.")
-    p.add_argument("--output_dir", required=True, help="Export folder (must not exist or be empty).")
-    p.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES), help="Dtype of the saved weights.")
-    p.add_argument("--save_full_clip", default=True, action=argparse.BooleanOptionalAction, help="Also save the full CLIPModel in clip/.")
-    p.add_argument("--text_encoder_num_layers", type=int, default=None,
-                   help="Keep the first N text layers in text_encoder/ (SD 2.x with OpenCLIP ViT-H: 23).")
-    p.add_argument("--metrics", default=None, help="JSON file of evaluation figures for the card (default: the run's metrics.json).")
-    return p
+def parse_export_config(argv: Sequence[str] | None = None) -> ExportConfig:
+    """Parse ``python -m finetune.export``'s arguments into a validated :class:`ExportConfig`."""
+    return parse_config(ExportConfig, argv, prog=PROG, description="Export a SaFeR-CLIP checkpoint as an encoder folder.")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    out = export(args.checkpoint, args.output_dir, dtype=args.dtype, save_full_clip=args.save_full_clip,
-                 text_encoder_num_layers=args.text_encoder_num_layers, metrics=args.metrics)
+def _main(argv: Sequence[str] | None) -> None:
+    config = parse_export_config(argv)
+    configure_logging(config.verbose)
+    out = export(config.checkpoint, config.output_dir, dtype=config.dtype, save_full_clip=config.save_full_clip,
+                 text_encoder_num_layers=config.text_encoder_num_layers, metrics=config.metrics)  # fmt: skip
     print(out)
-    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m finetune.export``: 0 success (the export folder on stdout), 2 bad input, 1 a runtime failure."""
+    return run_main(lambda: _main(argv), prog=PROG)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

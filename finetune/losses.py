@@ -1,7 +1,7 @@
-"""SaFeR-CLIP and Safe-CLIP loss terms (METHOD.md §4) and their combiners.
+"""SaFeR-CLIP and Safe-CLIP loss terms (docs/METHOD.md §4) and their combiners.
 
 Every term is a pure function of embedding tensors: no model runs in here, so each one is
-tested on its own against hand-computed values. Notation follows METHOD.md:
+tested on its own against hand-computed values. Notation follows docs/METHOD.md:
 
 =========  ==================================================================
 name       meaning
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LOGIT_SCALE",
+    "LOSS_CHOICES",
     "PRESERVATION_TERMS",
     "REDIRECTION_TERMS",
     "SAFE_CLIP_TERMS",
@@ -46,6 +47,8 @@ __all__ = [
     "GatherFn",
     "SafeClipLoss",
     "SaferClipLoss",
+    "build_loss",
+    "check_weights",
     "distributed_gather",
     "info_nce",
     "pres_cross_loss",
@@ -54,6 +57,7 @@ __all__ = [
     "relative_img_loss",
     "relative_tt_loss",
     "relative_txt_loss",
+    "loss_terms",
     "safe_clip_weights",
     "token_pres_loss",
     "uni_img_loss",
@@ -222,7 +226,7 @@ def relative_txt_loss(t_star: Tensor, v0_star: Tensor, v0_hat: Tensor, scale: fl
 
 
 def relative_tt_loss(t_star: Tensor, t0_star: Tensor, t0_hat: Tensor, scale: float = 1.0) -> Tensor:
-    r"""Relative text-only redirection (METHOD.md decision, for caption-only data such as ViSU-Text).
+    r"""Relative text-only redirection (docs/METHOD.md decision, for caption-only data such as ViSU-Text).
 
     .. math:: L_{rel\_tt} = \operatorname{mean}_i\ \mathrm{softplus}\big(s\,[\cos(T(t^*_i), T_0(t^*_i)) - \cos(T(t^*_i), T_0(\hat t_i))]\big)
 
@@ -340,7 +344,7 @@ def pres_cross_loss(
 
 
 def token_pres_loss(h: Tensor, h0: Tensor, mask: Tensor | None = None) -> Tensor:
-    r"""Token-level preservation (METHOD.md decision, optional): what the UNet sees for safe prompts.
+    r"""Token-level preservation (docs/METHOD.md decision, optional): what the UNet sees for safe prompts.
 
     .. math:: L_{tok} = \frac{\sum_{b,l} m_{bl}\ \frac1H \lVert h_{bl} - h^0_{bl}\rVert^2}{\sum_{b,l} m_{bl}}
 
@@ -381,22 +385,43 @@ REDIRECTION_TERMS = ("rel_img", "rel_txt", "rel_tt", "uni_txt", "uni_img")
 #: SaFeR-CLIP preservation terms (one group). The token term has its own weight (``token_weight``).
 PRESERVATION_TERMS = ("pres_txt", "pres_img", "pres_x")
 _TOKEN_TERM = "token_pres"
+#: Total weight of each SaFeR-CLIP group (redirection, preservation) with automatic weights (docs/METHOD.md decision).
+_GROUP_WEIGHT = 0.5
+#: The combiners, by their ``--loss`` name.
+LOSS_CHOICES = ("safer_clip", "safe_clip")
 
 
-def _validate_weights(weights: Mapping[str, float], known: Iterable[str], argument: str) -> dict[str, float]:
-    known = tuple(known)
+def loss_terms(loss: str) -> tuple[str, ...]:
+    """Names of the weighted terms of ``loss`` (``"safer_clip"`` or ``"safe_clip"``); the token term is separate."""
+    if loss not in LOSS_CHOICES:
+        raise ValueError(f"`--loss` must be one of {list(LOSS_CHOICES)}, got {loss!r}.")
+    return REDIRECTION_TERMS + PRESERVATION_TERMS if loss == "safer_clip" else tuple(SAFE_CLIP_TERMS)
+
+
+def check_weights(weights: Mapping[str, float], loss: str, argument: str = "weights") -> dict[str, float]:
+    """Validate term -> weight for ``loss``: known term names, finite numbers >= 0. Returns them as floats.
+
+    Raises:
+        ValueError: naming ``argument`` (e.g. ``--loss_weights``), the term or value, and the known terms.
+    """
+    known = loss_terms(loss)
     out = {}
     for name, w in weights.items():
         if name not in known:
-            raise ValueError(f"`{argument}` has unknown term {name!r}; known terms: {', '.join(known)}.")
-        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-            raise ValueError(f"`{argument}[{name!r}]` must be a finite number >= 0, got {w!r}.")
+            raise ValueError(f"`{argument}` has unknown term {name!r} for `--loss {loss}`; known terms: {', '.join(known)}.")
+        if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"`{argument}` {name}={w!r}: a weight must be a finite number >= 0.")
         out[name] = float(w)
     return out
 
 
+def _check_token_weight(token_weight: float) -> None:
+    if not (isinstance(token_weight, (int, float)) and math.isfinite(token_weight) and token_weight >= 0):
+        raise ValueError(f"`token_weight` must be a finite number >= 0, got {token_weight!r}.")
+
+
 class SaferClipLoss(nn.Module):
-    r"""SaFeR-CLIP total loss: a weighted sum of the METHOD.md §4 terms whose inputs are present.
+    r"""SaFeR-CLIP total loss: a weighted sum of the docs/METHOD.md §4 terms whose inputs are present.
 
     Terms and the inputs they need (``None`` inputs skip the term):
 
@@ -414,28 +439,25 @@ class SaferClipLoss(nn.Module):
     ``token_pres``   :func:`token_pres_loss` (only if token_weight > 0)   h, h0, token_mask
     ===============  ===========================================  ==============
 
-    Weights (METHOD.md decision): with ``weights=None`` the redirection terms share
-    ``redirection_weight`` (0.5) and the preservation terms share ``preservation_weight`` (0.5),
-    split evenly among the terms of each group that are enabled (``terms``) *and* active in this
-    call (inputs present). E.g. caption-only data: ``rel_tt`` = ``uni_txt`` = 0.25, ``pres_txt`` =
-    0.5. With an explicit ``weights`` dict, each named term gets that fixed weight and terms not
-    named are disabled. ``token_pres`` is outside the groups: it is added with ``token_weight``
-    (default 0 = off).
+    Weights (docs/METHOD.md decision): with ``weights=None`` the redirection terms share 0.5 and the
+    preservation terms share 0.5, split evenly among the terms of each group that are active in
+    this call (inputs present). E.g. caption-only data: ``rel_tt`` = ``uni_txt`` = 0.25,
+    ``pres_txt`` = 0.5. With an explicit ``weights`` dict (``--loss_weights``), each named term gets
+    that fixed weight and terms not named are disabled. ``token_pres`` is outside the groups: it is
+    added with ``token_weight`` (default 0 = off).
 
     Args:
         weights (`dict[str, float]`, *optional*): fixed per-term weights (see above).
         scale (`float`, defaults to 1.0): ``s``, the scale inside the relative losses' softplus.
-            The paper uses none (s = 1). Evidence (METHOD.md §4, measured on a real pretrained
+            The paper uses none (s = 1). Evidence (docs/METHOD.md §4, measured on a real pretrained
             sentence encoder with the text-only terms): s = 1 redirected more than the Safe-CLIP
             terms at every learning rate tried, with slightly less drift of safe captions at
             matched redirection; s >= 5 drifted more than Safe-CLIP; s = 2-3 is the "stronger
             redirection" setting; never use s >= 10 (a warning is logged).
-        logit_scale (`float`, defaults to 100): InfoNCE inverse temperature (``pres_x``).
         token_weight (`float`, defaults to 0): weight of the token-level preservation term; 0 disables it.
         gather (`callable`, *optional*): cross-rank gather for InfoNCE, see :func:`info_nce`.
-        redirection_weight (`float`, defaults to 0.5): total weight of the redirection group (automatic weights).
-        preservation_weight (`float`, defaults to 0.5): total weight of the preservation group (automatic weights).
-        terms (`iterable of str`, *optional*): enabled group terms (default: all of them).
+
+    InfoNCE (``pres_x``) uses CLIP's logit scale :data:`DEFAULT_LOGIT_SCALE`.
 
     Returns (``forward``):
         `dict`: ``"loss"`` the weighted total, and every active term's unweighted value under its
@@ -447,51 +469,29 @@ class SaferClipLoss(nn.Module):
         self,
         weights: dict[str, float] | None = None,
         scale: float = 1.0,
-        logit_scale: float = DEFAULT_LOGIT_SCALE,
         token_weight: float = 0.0,
         gather: GatherFn | None = None,
-        redirection_weight: float = 0.5,
-        preservation_weight: float = 0.5,
-        terms: Iterable[str] | None = None,
     ):
         super().__init__()
         _check_scale(scale)
-        _check_scale(logit_scale, "logit_scale")
         if scale >= 10:
-            logger.warning("Relative-loss scale s=%s >= 10: METHOD.md evidence says never use s >= 10 (s >= 5 already drifts more than Safe-CLIP).", scale)
+            logger.warning("Relative-loss scale s=%s >= 10: docs/METHOD.md evidence says never use s >= 10 (s >= 5 already drifts more than Safe-CLIP).", scale)
         elif scale >= 5:
-            logger.warning("Relative-loss scale s=%s >= 5 drifted more than Safe-CLIP in METHOD.md's measurements.", scale)
-        if not (isinstance(token_weight, (int, float)) and math.isfinite(token_weight) and token_weight >= 0):
-            raise ValueError(f"`token_weight` must be a finite number >= 0, got {token_weight!r}.")
-        for name, w in (("redirection_weight", redirection_weight), ("preservation_weight", preservation_weight)):
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {w!r}.")
-        if weights is not None and terms is not None:
-            raise ValueError("Pass either `weights` (fixed weights; unnamed terms are off) or `terms` (automatic weights), not both.")
-        group_terms = REDIRECTION_TERMS + PRESERVATION_TERMS
-        self.weights = None if weights is None else _validate_weights(weights, group_terms, "weights")
-        if terms is None:
-            self.terms = group_terms
-        else:
-            self.terms = tuple(terms)
-            _validate_weights(dict.fromkeys(self.terms, 1.0), group_terms, "terms")
+            logger.warning("Relative-loss scale s=%s >= 5 drifted more than Safe-CLIP in docs/METHOD.md's measurements.", scale)
+        _check_token_weight(token_weight)
+        self.weights = None if weights is None else check_weights(weights, "safer_clip", "weights")
         self.scale = float(scale)
-        self.logit_scale = float(logit_scale)
+        self.logit_scale = DEFAULT_LOGIT_SCALE
         self.token_weight = float(token_weight)
         self.gather = gather
-        self.redirection_weight = float(redirection_weight)
-        self.preservation_weight = float(preservation_weight)
         self.last_active_terms: list[str] = []
         self.last_weights: dict[str, float] = {}
 
     def extra_repr(self) -> str:
-        return (f"scale={self.scale}, logit_scale={self.logit_scale}, token_weight={self.token_weight}, "
-                f"weights={self.weights or 'auto'}, terms={self.terms}")
+        return f"scale={self.scale}, token_weight={self.token_weight}, weights={self.weights or 'auto'}"
 
     def _enabled(self, name: str) -> bool:
-        if self.weights is not None:
-            return self.weights.get(name, 0.0) > 0
-        return name in self.terms
+        return True if self.weights is None else self.weights.get(name, 0.0) > 0
 
     def forward(
         self,
@@ -530,7 +530,7 @@ class SaferClipLoss(nn.Module):
             weights = {name: self.weights[name] for name in active}
         else:
             weights = {}
-            for group, total in ((REDIRECTION_TERMS, self.redirection_weight), (PRESERVATION_TERMS, self.preservation_weight)):
+            for group, total in ((REDIRECTION_TERMS, _GROUP_WEIGHT), (PRESERVATION_TERMS, _GROUP_WEIGHT)):
                 members = [name for name in active if name in group]
                 weights.update({name: total / len(members) for name in members})
         if self.token_weight > 0 and have(h, h0):
@@ -566,7 +566,7 @@ SAFE_CLIP_TERMS = {
     "nce_img": "InfoNCE(T0(t), V(v))",
     "nce_redir_img": "InfoNCE(T0(t), V(v*))",
 }
-#: Safe-CLIP's raw default weights (METHOD.md §4 table).
+#: Safe-CLIP's raw default weights (docs/METHOD.md §4 table).
 SAFE_CLIP_WEIGHTS = {
     "pres_txt": 0.1,
     "redir_txt": 0.1,
@@ -584,7 +584,7 @@ def safe_clip_weights(raw: Mapping[str, float] | None = None) -> dict[str, float
 
     With the defaults: 0.1 / 1.75 / 8 = 0.00714..., ..., 0.5 / 1.75 / 8 = 0.0357...; they sum to 1/8.
     """
-    raw = dict(SAFE_CLIP_WEIGHTS if raw is None else _validate_weights(raw, SAFE_CLIP_TERMS, "weights"))
+    raw = dict(SAFE_CLIP_WEIGHTS if raw is None else check_weights(raw, "safe_clip", "weights"))
     total = sum(raw.values())
     if total <= 0:
         raise ValueError(f"`weights` must have a positive sum, got {raw}.")
@@ -611,42 +611,33 @@ class SafeClipLoss(nn.Module):
     ``t0_hat``/``v0_hat`` are ``None`` they default to ``t0``/``v0``). Weights are normalised to
     sum 1 and divided by 8, as in the reference code (:func:`safe_clip_weights`); they are *not*
     renormalised when terms are skipped for missing inputs (the reference always had images), so
-    a caption-only run trains with total weight (0.1 + 0.1) / 1.75 / 8. Pass
-    ``renormalize_active=True`` to rescale the active weights to sum 1/8 instead.
+    a caption-only run trains with total weight (0.1 + 0.1) / 1.75 / 8.
 
     Args:
         weights (`dict[str, float]`, *optional*): raw weights (defaults: the table above).
-        scale (`float`): unused by Safe-CLIP (accepted so both combiners share a constructor).
-        logit_scale (`float`, defaults to 100): InfoNCE inverse temperature.
         token_weight (`float`, defaults to 0): optional token-level preservation term (not in Safe-CLIP).
         gather (`callable`, *optional*): cross-rank gather for InfoNCE, see :func:`info_nce`.
-        renormalize_active (`bool`, defaults to False): see above.
+
+    InfoNCE uses CLIP's logit scale :data:`DEFAULT_LOGIT_SCALE`.
     """
 
     def __init__(
         self,
         weights: dict[str, float] | None = None,
-        scale: float = 1.0,
-        logit_scale: float = DEFAULT_LOGIT_SCALE,
         token_weight: float = 0.0,
         gather: GatherFn | None = None,
-        renormalize_active: bool = False,
     ):
         super().__init__()
-        _check_scale(logit_scale, "logit_scale")
-        if not (isinstance(token_weight, (int, float)) and math.isfinite(token_weight) and token_weight >= 0):
-            raise ValueError(f"`token_weight` must be a finite number >= 0, got {token_weight!r}.")
+        _check_token_weight(token_weight)
         self.weights = safe_clip_weights(weights)
-        self.scale = float(scale)
-        self.logit_scale = float(logit_scale)
+        self.logit_scale = DEFAULT_LOGIT_SCALE
         self.token_weight = float(token_weight)
         self.gather = gather
-        self.renormalize_active = bool(renormalize_active)
         self.last_active_terms: list[str] = []
         self.last_weights: dict[str, float] = {}
 
     def extra_repr(self) -> str:
-        return f"logit_scale={self.logit_scale}, weights={self.weights}, renormalize_active={self.renormalize_active}"
+        return f"weights={self.weights}, token_weight={self.token_weight}"
 
     def forward(
         self,
@@ -684,9 +675,6 @@ class SafeClipLoss(nn.Module):
         }
         active = [name for name, (ok, _) in candidates.items() if ok and self.weights.get(name, 0.0) > 0]
         weights = {name: self.weights[name] for name in active}
-        if self.renormalize_active and active:
-            total_w = sum(weights.values())
-            weights = {name: w / total_w / len(SAFE_CLIP_TERMS) for name, w in weights.items()}
         if self.token_weight > 0 and have(h, h0):
             active.append(_TOKEN_TERM)
             weights[_TOKEN_TERM] = self.token_weight
@@ -703,3 +691,13 @@ class SafeClipLoss(nn.Module):
         self.last_active_terms = list(active)
         self.last_weights = weights
         return {"loss": total, **out}
+
+
+def build_loss(loss: str, weights: Mapping[str, float] | None = None, scale: float = 1.0, token_weight: float = 0.0,
+               gather: GatherFn | None = None) -> nn.Module:
+    """The combiner named by ``--loss``: :class:`SaferClipLoss` (uses ``scale``) or :class:`SafeClipLoss`."""
+    if loss not in LOSS_CHOICES:
+        raise ValueError(f"`--loss` must be one of {list(LOSS_CHOICES)}, got {loss!r}.")
+    if loss == "safer_clip":
+        return SaferClipLoss(weights=None if weights is None else dict(weights), scale=scale, token_weight=token_weight, gather=gather)
+    return SafeClipLoss(weights=None if weights is None else dict(weights), token_weight=token_weight, gather=gather)

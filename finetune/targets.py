@@ -1,4 +1,4 @@
-"""Proximity targets (METHOD.md §3): the nearest safe caption of every unsafe caption, exactly.
+"""Proximity targets (docs/METHOD.md §3): the nearest safe caption of every unsafe caption, exactly.
 
 For every unsafe caption ``t*_i`` over the pool of all safe captions ``t_j`` of the training split::
 
@@ -21,17 +21,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cache
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .anchors import AnchorSet
-    from .data import PairDataset
+from .anchors import AnchorSet
+from .data import PairDataset
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,13 @@ Offline smoke run (tiny random CLIP, bundled sample pairs, < 2 min on 2 CPU core
 
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml --output_dir outputs/tiny
 
-Resume: ``--resume_from_checkpoint latest`` (or a ``checkpoint-{step}`` folder). Export the result with
+Resume: ``--resume_from_checkpoint latest`` (or a ``checkpoint-{step}`` folder); the checkpoint format and its
+integrity checks are :mod:`finetune.checkpoint`. Export the result with
 ``python -m finetune.export --checkpoint outputs/run --output_dir exported/``.
+
+Exit status (every launch path alike): 0 success, 2 bad input (one line naming the option, the value and
+the fix, before any model or data is loaded where the check allows), 1 a runtime failure (non-finite
+loss, a checkpoint that cannot be written or resumed exactly).
 
 The loop, top to bottom (:func:`train`):
 
@@ -25,9 +30,12 @@ The loop, top to bottom (:func:`train`):
    targets and the curriculum stages.
 3. Wrap CLIP: LoRA on the trained tower(s), fp32 trainable weights, frozen weights in fp16/bf16.
 4. Every step: one forward of the trainable tower on the batch's safe + unsafe captions; frozen
-   embeddings come from the anchors (or, with ``--no-precompute_anchors``, from the same weights
+   embeddings come from the anchors (or, with ``--no_precompute_anchors``, from the same weights
    with the adapters disabled); the loss module sums the named terms; Adam step.
-5. Checkpoint every ``checkpointing_steps`` (atomically), stop on a non-finite loss, write metrics.
+5. Checkpoint every ``checkpointing_steps`` (atomically), stop on a non-finite loss, write metrics
+   (:mod:`finetune.metrics`).
+
+The method (every loss term, the target search, the curriculum) is docs/METHOD.md.
 """
 
 from __future__ import annotations
@@ -36,44 +44,54 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from safer_diffusion.fileio import atomic_write_text, fsync_dir
+from safer_diffusion.fileio import atomic_write_text, probe_writable_dir
+from safer_diffusion.hub import resolve_model_source
+from safer_diffusion.options import BadInputError, configure_logging, run_main, validate_config
 
-from .config import TrainConfig, parse_config
+from . import anchors as anchors_mod
+from . import curriculum as curriculum_mod
+from . import data as data_mod
+from . import targets as targets_mod
+from .checkpoint import (
+    TRAINABLE_WEIGHTS,
+    latest_checkpoint,
+    load_training_state,
+    read_training_state,
+    remove_stale_temp,
+    resolve_resume_path,
+    save_checkpoint,
+)
+from .config import PROG, TrainConfig, parse_train_config
+from .losses import build_loss, distributed_gather
+from .metrics import text_metrics
+from .modeling import (
+    OPEN_CLIP_PREFIX,
+    TINY_MODEL_NAME,
+    SaferCLIP,
+    check_attention,
+    check_mixed_precision,
+    load_clip,
+    weight_dtype_for,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CheckpointWriteError",
-    "NonFiniteLossError",
-    "TrainResult",
-    "find_checkpoints",
-    "latest_checkpoint",
-    "main",
-    "train",
-]
+__all__ = ["NonFiniteLossError", "TRAIN_LOG", "TrainResult", "check_inputs", "main", "train"]
 
-CHECKPOINT_STATE = "training_state.json"
-TRAINABLE_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_FORMAT_VERSION = 1
+#: Per-step loss log of the main process (JSON Lines, one ``{"step": ...}`` object per logged step).
+TRAIN_LOG = "train_log.jsonl"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stopped before applying that step."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (e.g. disk full); no partial checkpoint was left behind."""
 
 
 @dataclass
@@ -90,6 +108,7 @@ class TrainResult:
         model: the trained :class:`~finetune.modeling.SaferCLIP` (unwrapped), for in-process use.
         anchors: the frozen anchors the run used (``AnchorSet``).
         tokenizer: the tokenizer of the run.
+        inexact_resume: the state files a resume had to do without (``--allow_inexact_resume``), or [].
     """
 
     output_dir: Path
@@ -101,52 +120,7 @@ class TrainResult:
     model: Any = field(default=None, repr=False)
     anchors: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
-
-
-# --------------------------------------------------------------------------- checkpoints on disk
-def find_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete ``checkpoint-{step}`` folders of ``output_dir``, oldest first (half-written temp folders are ignored)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.match(p.name)) and (p / CHECKPOINT_STATE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of ``output_dir``, or None."""
-    found = find_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def resolve_resume_path(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """Turn ``--resume_from_checkpoint`` into a checkpoint folder (None: start fresh). A named missing path raises."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            logger.info("`--resume_from_checkpoint latest`: no checkpoint in %s yet, starting a fresh run.", output_dir)
-        return path
-    for candidate in (Path(resume).expanduser(), Path(output_dir) / resume):
-        if candidate.is_dir():
-            if not (candidate / CHECKPOINT_STATE).is_file():
-                raise ValueError(
-                    f"`--resume_from_checkpoint`={resume!r} is not a complete checkpoint (no {CHECKPOINT_STATE}); "
-                    f"complete ones in {output_dir}: {[p.name for p in find_checkpoints(output_dir)]}."
-                )
-            return candidate
-    raise FileNotFoundError(
-        f"`--resume_from_checkpoint`={resume!r} does not exist (also looked in {os.fspath(output_dir)!r}). Pass an existing "
-        f"checkpoint folder, or `latest` (available: {[p.name for p in find_checkpoints(output_dir)] or 'none'})."
-    )
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    inexact_resume: list[dict[str, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- data plan
@@ -188,27 +162,72 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor):
     return ids[:, :length], mask[:, :length]
 
 
-def _load_pixels(paths, image_processor, image_root=None) -> torch.Tensor:
-    from PIL import Image
-
-    images = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_absolute() and image_root:
-            path = Path(image_root) / path
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
-    return image_processor(images=images, return_tensors="pt").pixel_values
-
-
 # --------------------------------------------------------------------------- the run
+def _check_writable(folder: Path, flag: str, keep_created: bool) -> None:
+    """``folder`` can be created and written (a probe file is written and removed). Folders created only for the
+    probe are removed again unless ``keep_created`` (several processes probe the same folder)."""
+    missing, p = [], folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise BadInputError(f"`{flag}` {os.fspath(folder)!r} cannot be created: {os.fspath(p)!r} is a file; pass another folder.")
+    try:
+        probe_writable_dir(folder)
+    except OSError as e:
+        raise BadInputError(f"`{flag}` {os.fspath(folder)!r} is not a writable folder ({e.strerror or e}); pass a folder you "
+                            "can write to.") from None
+    finally:
+        for d in [] if keep_created else missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
 def _check_output_dir(config: TrainConfig) -> None:
-    out = Path(config.output_dir)
-    if config.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()):
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"`--output_dir` {config.output_dir!r} is a file, not a folder; pass a folder path.")
+    if config.resume_from_checkpoint is None and out.is_dir() and any(not p.name.startswith(".write-test-") for p in out.iterdir()):
         raise ValueError(
             f"`--output_dir`={config.output_dir!r} exists and is not empty. Pass `--resume_from_checkpoint latest` to "
             "continue that run, or choose a new `--output_dir`."
         )
+
+
+def check_inputs(config: TrainConfig) -> TrainConfig:
+    """Every check of ``config`` that needs no model and no data read, run before any work.
+
+    The shared mechanism's checks (choices, bounds, finite numbers) and :meth:`TrainConfig.validate`; the data
+    source, image root and model source exist (or are reachable hub ids); mixed precision and the attention
+    kernel suit the device; ``--output_dir`` is a writable folder, empty unless resuming; ``--cache_dir`` is
+    writable; a named ``--resume_from_checkpoint`` exists. Bundled data paths (``assets/...``) are resolved
+    against the repository, so they work from any working directory.
+
+    Raises:
+        BadInputError / ValueError / FileNotFoundError / HubUnavailableError: naming the option (exit status 2).
+    """
+    config = validate_config(config)
+    if not Path(config.train_data).exists() and (_REPO_ROOT / config.train_data).is_file():
+        config.train_data = str(_REPO_ROOT / config.train_data)  # bundled assets work from any working directory
+    data_mod.check_source(config.train_data, "--train_data")
+    if config.image_root is not None and not Path(config.image_root).expanduser().is_dir():
+        raise FileNotFoundError(f"`--image_root` {config.image_root!r} is not an existing folder; pass the folder of the images.")
+    name = config.model_name_or_path
+    if name != TINY_MODEL_NAME and not name.startswith(OPEN_CLIP_PREFIX):
+        resolve_model_source(name, argument="--model_name_or_path")  # a local path, or a hub id reachable (or cached) now
+    device = _predict_device(config)
+    check_mixed_precision(config.mixed_precision, device)
+    check_attention(config.attention, device)
+    _check_output_dir(config)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not several or int(os.environ.get("RANK", "0")) == 0:  # one probe per run folder
+        _check_writable(Path(config.output_dir).expanduser(), "--output_dir", keep_created=several)
+    if config.cache_dir is not None:
+        _check_writable(Path(config.cache_dir).expanduser(), "--cache_dir", keep_created=several)
+    resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
+    return config
 
 
 def _predict_device(config: TrainConfig) -> torch.device:
@@ -218,11 +237,7 @@ def _predict_device(config: TrainConfig) -> torch.device:
 
 
 def _build_loss(config: TrainConfig, gather):
-    from .losses import SafeClipLoss, SaferClipLoss
-
-    if config.loss == "safer_clip":
-        return SaferClipLoss(weights=config.loss_weights, scale=config.relative_scale, token_weight=config.token_weight, gather=gather)
-    return SafeClipLoss(weights=config.loss_weights, token_weight=config.token_weight, gather=gather)
+    return build_loss(config.loss, config.loss_weights, scale=config.relative_scale, token_weight=config.token_weight, gather=gather)
 
 
 def _run_fingerprint(config: TrainConfig) -> dict[str, Any]:
@@ -231,41 +246,49 @@ def _run_fingerprint(config: TrainConfig) -> dict[str, Any]:
     return {k: getattr(config, k) for k in keys}
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records of ``path`` (``train_log.jsonl``) up to ``step``: a resumed run replays the steps after it."""
+    if not path.is_file():
+        return
+    kept, replayed, unreadable = [], 0, 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            unreadable += 1  # e.g. half a line written when the earlier run was killed
+            continue
+        if record_step <= step:
+            kept.append(line)
+        else:
+            replayed += 1
+    if replayed or unreadable:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        logger.warning("%s: kept %d records up to step %d; removed %d of steps that will be replayed and %d unreadable line(s).",
+                       path, len(kept), step, replayed, unreadable)
+
+
 def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop reads best top to bottom
     """Run training as configured. Returns a :class:`TrainResult`; raises on bad input before any work.
 
     Raises:
         ValueError: bad option combination, existing output folder without resume, batch larger than the data,
-            unsupported precision / attention backend.
+            unsupported precision / attention backend (see :func:`check_inputs`).
         FileNotFoundError: a named `--resume_from_checkpoint` that does not exist, missing data or model.
         NonFiniteLossError: the loss became NaN/inf (the step is not applied; the last good checkpoint is kept).
         CheckpointWriteError: a checkpoint could not be written (no half-written checkpoint is left).
+        ResumeError: a checkpoint's state files are unreadable (without ``--allow_inexact_resume``).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from . import anchors as anchors_mod
-    from . import curriculum as curriculum_mod
-    from . import data as data_mod
-    from . import targets as targets_mod
-    from .losses import distributed_gather
-    from .modeling import SaferCLIP, check_attention, check_mixed_precision, load_clip, weight_dtype_for
-
-    config = config.validate()
-    if not Path(config.train_data).exists() and (_REPO_ROOT / config.train_data).is_file():
-        config.train_data = str(_REPO_ROOT / config.train_data)  # bundled assets work from any working directory
-    output_dir = Path(config.output_dir)
-    # ---- 0. fail fast on bad input, before any heavy work
-    device = _predict_device(config)
-    check_mixed_precision(config.mixed_precision, device)
-    check_attention(config.attention, device)
-    if "RANK" not in os.environ:  # single process: check before anything heavy (multi-process: after the barrier below)
-        _check_output_dir(config)
-        resolve_resume_path(config.resume_from_checkpoint, output_dir)
-
-    from accelerate.state import AcceleratorState
+    # ---- 0. fail fast on bad input, before any heavy work (every rank checks before any rank writes)
+    config = check_inputs(config)
+    output_dir = Path(config.output_dir).expanduser()
 
     AcceleratorState._reset_state()  # in-process reruns (tests, notebooks) may change the precision; keeps the process group
     accelerator = Accelerator(
@@ -275,16 +298,14 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
         cpu=config.use_cpu,
     )
     main_process = accelerator.is_main_process
-    # every rank inspects the output folder before any rank writes to it
-    _check_output_dir(config)
     resume_path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every rank has inspected the output folder before any rank writes to it
+    if main_process:
+        remove_stale_temp(output_dir)
     set_seed(config.seed)
 
     # ---- 1. data
-    dataset = data_mod.load_pairs(
-        config.train_data, format=config.data_format, column_map=data_mod.parse_column_map(config.column_map), image_root=config.image_root
-    )
+    dataset = data_mod.load_pairs(config.train_data, format=config.data_format, column_map=config.column_map, image_root=config.image_root)
     if config.val_fraction > 0:
         train_set, val_set = data_mod.split_pairs(dataset, config.val_fraction, config.seed)
     else:
@@ -309,7 +330,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     loaded = load_clip(config.model_name_or_path, attention=config.attention)
     clip, tokenizer, image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
     weight_dtype = weight_dtype_for(config.mixed_precision)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else output_dir / "cache"
     use_images = train_set.has_images and image_processor is not None
     with accelerator.main_process_first():  # the main process fills the cache, the others read it
         clip.to(accelerator.device)
@@ -372,30 +393,16 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             save_file(state, os.path.join(out_dir, TRAINABLE_WEIGHTS if i == 0 else f"trainable_{i}.safetensors"))
         weights.clear()
 
-    def load_hook(models, in_dir):
-        from safetensors.torch import load_file
-
-        while models:
-            m = accelerator.unwrap_model(models.pop())
-            state = load_file(os.path.join(in_dir, TRAINABLE_WEIGHTS))
-            expected = set(m.trainable_state_dict())
-            if set(state) != expected:
-                raise ValueError(
-                    f"Checkpoint {in_dir} does not match this model: {len(expected - set(state))} trainable weights missing, "
-                    f"{len(set(state) - expected)} unexpected. Resume with the same --finetune/--train_towers/--lora_* options."
-                )
-            m.clip.load_state_dict(state, strict=False)
-
     accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
     gather = distributed_gather if world > 1 else None
     loss_fn = _build_loss(config, gather)
 
     # ---- resume
     global_step = 0
+    inexact: list[dict[str, str]] = []
     if resume_path is not None:
-        state = json.loads((resume_path / CHECKPOINT_STATE).read_text())
+        state = read_training_state(resume_path)
         mismatched = {k: (state["run"].get(k), v) for k, v in _run_fingerprint(config).items() if state["run"].get(k) != v}
         if mismatched:
             raise ValueError(
@@ -404,56 +411,26 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             )
         if state.get("data_fingerprint") != dataset.fingerprint():
             raise ValueError(f"The training data changed since {resume_path} was written (fingerprint differs); resume needs the same data.")
-        accelerator.load_state(str(resume_path))
         global_step = int(state["global_step"])
-        logger.info("Resumed from %s at step %d.", resume_path, global_step)
+        problems = load_training_state(accelerator, unwrapped, optimizer, lr_scheduler, resume_path, global_step=global_step,
+                                       allow_inexact=config.allow_inexact_resume)  # fmt: skip
+        inexact = list(state.get("inexact_resume", [])) + problems  # a once-inexact run stays marked
+        logger.info("Resumed from %s at step %d%s.", resume_path, global_step, " (inexact: see metrics.json)" if problems else "")
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir / "config.yaml")
+        _truncate_log(output_dir / TRAIN_LOG, global_step)
     if config.report_to != "none":
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()}
         accelerator.init_trackers("safer-clip", config=flat)
 
-    def save_checkpoint(step: int, epoch: int, step_in_epoch: int) -> Path:
-        final = output_dir / f"checkpoint-{step}"
-        tmp = output_dir / f".tmp-checkpoint-{step}"
-        accelerator.wait_for_everyone()
-        try:
-            if main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(tmp), safe_serialization=True)
-            accelerator.wait_for_everyone()  # every rank has written its RNG state before the folder is published
-            if main_process:
-                state = {
-                    "format_version": CHECKPOINT_FORMAT_VERSION, "global_step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                    "steps_per_epoch": plan, "run": _run_fingerprint(config), "data_fingerprint": dataset.fingerprint(),
-                    "base_model": loaded.source, "config": config.to_dict(), "trainable_keys": sorted(unwrapped.trainable_state_dict()),
-                }
-                _fsync_write(tmp / CHECKPOINT_STATE, json.dumps(state, indent=2))  # written last: marks the folder complete
-                fsync_dir(tmp)
-                if final.exists():
-                    old = output_dir / f".old-checkpoint-{step}"
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(final, old)
-                    shutil.rmtree(old, ignore_errors=True)
-                os.replace(tmp, final)
-                fsync_dir(output_dir)
-        except OSError as e:
-            if main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            last = latest_checkpoint(output_dir)
-            raise CheckpointWriteError(
-                e.errno, f"Could not write checkpoint-{step} in {output_dir} ({e}); nothing half-written was kept. "
-                f"Last good checkpoint: {last or 'none'}. Free disk space and rerun with `--resume_from_checkpoint latest`."
-            ) from e
-        accelerator.wait_for_everyone()
-        if main_process and config.checkpoints_total_limit is not None:
-            for old in find_checkpoints(output_dir)[: -config.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-        logger.info("Saved %s", final)
-        return final
+    def checkpoint(step: int, epoch: int, step_in_epoch: int) -> Path:
+        state = {
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": plan, "run": _run_fingerprint(config),
+            "data_fingerprint": dataset.fingerprint(), "base_model": loaded.source, "config": config.to_dict(),
+            "trainable_keys": sorted(unwrapped.trainable_state_dict()), "inexact_resume": inexact,
+        }
+        return save_checkpoint(accelerator, output_dir, step, state, config.checkpoints_total_limit)
 
     # ---- 3. loop
     logger.info(
@@ -468,7 +445,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     dev = accelerator.device
     want_tokens = config.token_weight > 0
     last_saved = global_step if resume_path is not None else None
-    log_file = open(output_dir / "train_log.jsonl", "a") if main_process else None  # noqa: SIM115
+    log_file = open(output_dir / TRAIN_LOG, "a", encoding="utf-8") if main_process else None  # noqa: SIM115
     active_terms: list[str] = []
     epoch, start = 1, global_step
     try:
@@ -494,7 +471,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                     has_unsafe_img = anchor_cpu["unsafe_image"] is not None
                     if has_unsafe_img:
                         paths += [train_set[int(i)].unsafe_image for i in u_idx]
-                    pixels = _load_pixels(paths, image_processor, config.image_root).to(dev)
+                    pixels = data_mod.load_pixels(paths, image_processor, config.image_root).to(dev)
                 with accelerator.autocast():
                     out = model(
                         input_ids=ids if train_text else None, attention_mask=mask if train_text else None,
@@ -529,7 +506,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                             ref_img = unwrapped.reference_image(pixels)
                             terms["v0"] = ref_img[:B]
                             terms["v0_star"] = ref_img[B:] if ref_img.shape[0] > B else None
-                            hat_px = _load_pixels([train_set[int(i)].safe_image for i in hat_idx], image_processor, config.image_root)
+                            hat_px = data_mod.load_pixels([train_set[int(i)].safe_image for i in hat_idx], image_processor,
+                                                          config.image_root)
                             terms["v0_hat"] = unwrapped.reference_image(hat_px.to(dev))
                     if want_tokens:
                         terms.update(h=out["tokens"][:B], h0=h0, token_mask=mask[:B].bool())
@@ -566,13 +544,13 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                         log_file.flush()
                         os.fsync(log_file.fileno())
                 if global_step % config.checkpointing_steps == 0:
-                    save_checkpoint(global_step, epoch, step_in_epoch + 1)
+                    checkpoint(global_step, epoch, step_in_epoch + 1)
                     last_saved = global_step
                 if global_step >= max_steps:
                     break
             epoch, start = epoch + 1, 0
         if last_saved != global_step:
-            save_checkpoint(global_step, epoch, 0)
+            checkpoint(global_step, epoch, 0)
     finally:
         progress.close()
         if log_file is not None:
@@ -582,8 +560,6 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     # ---- 4. end-of-training metrics on held-out pairs
     metrics: dict[str, Any] = {}
     if config.eval_at_end:
-        from .evaluate import text_metrics
-
         unwrapped.eval()
 
         def encode(captions, reference=False):
@@ -605,24 +581,37 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             for split, data in (("train", train_set), ("val", val_set)):
                 if data is not None and len(data) > 1:
                     metrics[split] = text_metrics(encode, lambda c: encode(c, reference=True), data.safe_captions, data.unsafe_captions)
-            if main_process:
-                atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
             for split, m in metrics.items():
                 logger.info("%s: redirect_to_target_r1 %.3f (frozen %.3f), t_star_to_t_r1 %.3f (frozen %.3f), safe_cos %.4f",
                             split, m["redirect_to_target_r1"], m["frozen"]["redirect_to_target_r1"], m["t_star_to_t_r1"],
                             m["frozen"]["t_star_to_t_r1"], m["safe_cos"])
-    return TrainResult(output_dir, global_step, losses, latest_checkpoint(output_dir), metrics, active_terms, unwrapped, anchor_set, tokenizer)
+    if inexact:
+        metrics["inexact_resume"] = inexact
+        logger.warning("This run resumed inexactly (not bit-exact): %s", "; ".join(f"{p['file']}: {p['consequence']}" for p in inexact))
+    if metrics and main_process:
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return TrainResult(output_dir, global_step, losses, latest_checkpoint(output_dir), metrics, active_terms, unwrapped, anchor_set,
+                       tokenizer, inexact)
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    """Console entry point (``safer-clip-train`` / ``python -m finetune.train``); callable in-process from tests."""
-    config = parse_config(argv)
-    if not logging.getLogger().handlers:
-        main_rank = int(os.environ.get("RANK", "0")) == 0  # other ranks log warnings only
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if main_rank else logging.WARNING,
-                            stream=sys.stderr)
-    return train(config)
+def _main(argv: Sequence[str] | None) -> None:
+    config = parse_train_config(argv)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    configure_logging(config.verbose and main_rank)  # other ranks log warnings only
+    result = train(config)
+    if main_rank:  # the result line
+        print(json.dumps({"output_dir": os.fspath(result.output_dir), "global_step": result.global_step,
+                          "last_checkpoint": os.fspath(result.last_checkpoint) if result.last_checkpoint else None}))  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``safer-clip-train``, ``python -m finetune.train``, ``accelerate launch -m finetune.train``).
+
+    Returns the exit status: 0 success, 2 bad input (one line on stderr naming the option), 1 a runtime failure.
+    In-process callers that want the :class:`TrainResult` call :func:`train` with a parsed config.
+    """
+    return run_main(lambda: _main(argv), prog=PROG)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -106,7 +106,8 @@ def option(
         bounds: inclusive ``(low, high)``; ``None`` leaves a side open. Applies to numbers and to each list item.
         group: ``--help`` section.
         positional: a positional argument (lists: one or more values).
-        deprecated: old flag spellings (``"--steps"``) that still work, with a warning, for one release.
+        deprecated: old flag spellings (``"--steps"``) that still work, with a warning, for one release. For a
+            boolean, an old negative spelling (``"--no-save_full_clip"``) maps to ``--no_<name>``.
         legacy_commas: list items may still be comma-separated (the old syntax), with a warning.
         value_aliases: old value spellings mapped to the current ones (``{"fp16": "float16"}``), with a warning.
         metavar: the placeholder shown in ``--help``.
@@ -280,10 +281,13 @@ def build_parser(
             dest = f.name
             action = target.add_argument(*names, dest=dest, action="store_true", default=default, help=kwargs["help"])
             negative = [f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"]
-            target.add_argument(*dict.fromkeys(negative), dest=dest, action="store_false",
-                                help=argparse.SUPPRESS if meta.get("hidden") else f"Turn off `{flag}`.")
+            off = target.add_argument(*dict.fromkeys(negative), dest=dest, action="store_false",
+                                      help=argparse.SUPPRESS if meta.get("hidden") else f"Turn off `{flag}`.")
             for old in meta.get("deprecated", ()):
-                target.add_argument(old, dest=dest, action=_DeprecatedFlag, target=action, new=flag, help=argparse.SUPPRESS)
+                # an old negative spelling (e.g. the hybrid ``--no-save_full_clip``) forwards to ``--no_<name>``
+                is_off = old.lstrip("-").replace("-", "_") == f"no_{f.name}"
+                target.add_argument(old, dest=dest, action=_DeprecatedFlag, target=off if is_off else action,
+                                    new=negative[0] if is_off else flag, help=argparse.SUPPRESS)  # fmt: skip
             continue
         if origin is list:
             item = typing.get_args(kind)[0]

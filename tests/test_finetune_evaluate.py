@@ -1,12 +1,18 @@
-"""finetune.evaluate: metric definitions on hand-made tensors, zero-shot on an image folder, CLI errors."""
+"""finetune.metrics on hand-made tensors; finetune.evaluate: zero-shot on an image folder, CLI errors."""
 
 from __future__ import annotations
+
+import json
+import logging
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.evaluate import knn_overlap, recall_at_1, text_metrics, weight_drift
+from finetune.evaluate import evaluate, main, parse_evaluate_config
+from finetune.metrics import knn_overlap, recall_at_1, text_metrics, weight_drift
+from safer_diffusion.options import BadInputError
 
 
 def test_recall_at_1_hand_computed():
@@ -75,27 +81,59 @@ def image_folder(tmp_path):
 
 
 def test_zero_shot_and_cli(image_folder, tmp_path, capsys):
-    from finetune.evaluate import main
-
     templates = tmp_path / "templates.txt"
     templates.write_text("a photo of a {}.\na picture of the {}.\n")
-    results = main(["--model", "tiny", "--base", "tiny", "--zero_shot_root", str(image_folder), "--templates", str(templates),
-                    "--device", "cpu"])
+    code = main(["--model", "tiny", "--model_name_or_path", "tiny", "--zero_shot_root", str(image_folder), "--templates",
+                 str(templates), "--device", "cpu", "--class_names", "red car", "blue sky"])  # fmt: skip
+    assert code == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     zs = results["zero_shot"]
     assert zs["model"]["n_images"] == 4 and zs["model"]["n_classes"] == 2 and zs["model"]["templates"] == 2
     assert 0.0 <= zs["model"]["accuracy"] <= 1.0 and zs["model"]["accuracy"] == zs["base"]["accuracy"]  # same model
     assert results["weights"]["l2"] == 0.0
 
 
-def test_cli_errors(image_folder, tmp_path):
-    from finetune.evaluate import main, zero_shot_accuracy
+def test_old_base_spelling_still_works_with_a_deprecation_warning(image_folder, caplog):
+    with caplog.at_level(logging.WARNING):
+        config = parse_evaluate_config(["--model", "tiny", "--base", "tiny", "--zero_shot_root", str(image_folder),
+                                        "--class_names", "red car,blue sky"])  # fmt: skip
+    assert config.model_name_or_path == "tiny" and config.class_names == ["red car", "blue sky"]
+    assert "`--base` is deprecated" in caplog.text and "--model_name_or_path" in caplog.text
+    assert evaluate(config)["zero_shot"]["model"]["n_classes"] == 2
 
-    with pytest.raises(ValueError, match="Nothing to evaluate"):
-        main(["--model", "tiny", "--base", "tiny"])
-    with pytest.raises(ValueError, match="`--base` is required"):
-        main(["--model", "tiny", "--zero_shot_root", str(image_folder), "--device", "cpu"])
+
+def test_cli_errors(image_folder, tmp_path, capsys, monkeypatch, no_network):
+    from finetune import evaluate as evaluate_mod
+    from finetune.metrics import zero_shot_accuracy
+
+    with pytest.raises(BadInputError, match="Nothing to evaluate"):
+        parse_evaluate_config(["--model", "tiny", "--model_name_or_path", "tiny"])
     with pytest.raises(SystemExit):
-        main(["--model", "tiny", "--data_format", "excel"])
+        parse_evaluate_config(["--model", "tiny", "--data_format", "excel"])
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(evaluate_mod, "load_clip", no_work)
+    capsys.readouterr()
+    zs = ["--zero_shot_root", str(image_folder)]
+    (tmp_path / "bad.txt").write_text("no placeholder\n")
+    cases = [
+        (["--model", "tiny", *zs], r"`--model_name_or_path` is required: `--model` 'tiny' records no base model"),
+        (["--model", "tiny", "--model_name_or_path", "no/such-model", *zs], r"`--model_name_or_path`='no/such-model'"),
+        (["--model", str(tmp_path / "missing"), "--model_name_or_path", "tiny", *zs], r"`--model`="),
+        (["--model", "tiny", "--model_name_or_path", "tiny", "--data", "nope.csv"], r"`--data` 'nope.csv' does not exist"),
+        (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--templates", str(tmp_path / "bad.txt")], r"`--templates`"),
+        (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--class_names", "one"], r"`--class_names` has 1 names"),
+        (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--output", str(tmp_path)], r"`--output` .* is a folder"),
+        (["--model", "tiny", "--model_name_or_path", "tiny", "--zero_shot_root", str(tmp_path / "nope")], r"`--zero_shot_root`"),
+        (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--batch_size", "0"], r"`--batch_size` must be in \[1, inf\]"),
+    ]
+    for argv, pattern in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("python -m finetune.evaluate: error: ") and "Traceback" not in err, err
+        assert re.search(pattern, err), (pattern, err)
 
     def enc(x):
         return torch.zeros(len(x), 4)

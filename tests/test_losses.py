@@ -240,9 +240,9 @@ def test_safer_clip_fixed_weights_terms_and_token(rand):
     assert loss.last_active_terms == ["rel_tt", "token_pres"]
     expected = 2.0 * out["rel_tt"] + 0.5 * L.token_pres_loss(h, h0, mask)
     assert out["loss"].item() == pytest.approx(expected.item())
-    only = L.SaferClipLoss(terms=["uni_txt", "pres_txt"])
-    only(**batch)
-    assert only.last_weights == {"uni_txt": 0.5, "pres_txt": 0.5}
+    auto = L.SaferClipLoss()
+    auto(**batch)  # caption-only: each group's 0.5 split among its active terms
+    assert auto.last_weights == {"rel_tt": 0.25, "uni_txt": 0.25, "pres_txt": 0.5}
     # token term is off by default even when hidden states are passed
     default = L.SaferClipLoss()
     default(**batch, h=h, h0=h0)
@@ -272,9 +272,19 @@ def test_safe_clip_caption_only(rand):
     assert loss.last_active_terms == ["pres_txt", "redir_txt"]
     w = L.safe_clip_weights()
     assert out["loss"].item() == pytest.approx((w["pres_txt"] * out["pres_txt"] + w["redir_txt"] * out["redir_txt"]).item())
-    renorm = L.SafeClipLoss(renormalize_active=True)
-    renorm(**batch)
-    assert sum(renorm.last_weights.values()) == pytest.approx(1 / 8)
+    assert sum(loss.last_weights.values()) == pytest.approx((0.1 + 0.1) / 1.75 / 8)  # not renormalised (as the reference)
+
+
+def test_build_loss_by_name_and_weight_checks():
+    assert isinstance(L.build_loss("safer_clip", scale=2.0), L.SaferClipLoss) and L.build_loss("safer_clip", scale=2.0).scale == 2.0
+    assert isinstance(L.build_loss("safe_clip", {"pres_txt": 1.0}), L.SafeClipLoss)
+    assert L.check_weights({"rel_tt": 1}, "safer_clip", "--loss_weights") == {"rel_tt": 1.0}
+    with pytest.raises(ValueError, match="`--loss` must be one of"):
+        L.build_loss("infonce")
+    with pytest.raises(ValueError, match=r"`--loss_weights` has unknown term 'pres_txt2' for `--loss safe_clip`"):
+        L.check_weights({"pres_txt2": 1.0}, "safe_clip", "--loss_weights")
+    with pytest.raises(ValueError, match=r"`--loss_weights` rel_tt=-1: a weight must be a finite number >= 0"):
+        L.check_weights({"rel_tt": -1}, "safer_clip", "--loss_weights")
 
 
 # ----------------------------------------------------------------------------- cross-rank InfoNCE
@@ -337,15 +347,15 @@ def test_bad_inputs(rand):
         L.token_pres_loss(rand(2, 3), rand(2, 3))
     with pytest.raises(ValueError, match="unknown term 'rel_foo'"):
         L.SaferClipLoss(weights={"rel_foo": 1.0})
-    with pytest.raises(ValueError, match="either `weights`"):
-        L.SaferClipLoss(weights={"rel_tt": 1.0}, terms=["rel_tt"])
+    with pytest.raises(ValueError, match=r"`weights` rel_tt=nan: a weight must be a finite number"):
+        L.SaferClipLoss(weights={"rel_tt": float("nan")})
     with pytest.raises(ValueError, match="`token_weight` must be"):
         L.SaferClipLoss(token_weight=-1)
     with pytest.raises(ValueError, match="No SaFeR-CLIP loss term"):
         L.SaferClipLoss()(t_star=a)
     with pytest.raises(ValueError, match="No Safe-CLIP loss term"):
         L.SafeClipLoss()(t_star=a)
-    with pytest.raises(ValueError, match=r"`weights\['pres_txt'\]` must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"`weights` pres_txt=-1.0: a weight must be a finite number >= 0"):
         L.SafeClipLoss(weights={"pres_txt": -1.0})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import CONFIG_DIR, TrainConfig, parse_config
+from finetune.config import CONFIG_DIR, TrainConfig, parse_train_config
+from safer_diffusion.options import BadInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Small, fast runs: tiny random CLIP on the bundled sample pairs, a handful of steps.
-FAST = ["--config", "tiny_cpu.yaml", "--train_batch_size", "8", "--report_to", "none", "--no-eval_at_end"]
+FAST = ["--config", "tiny_cpu.yaml", "--train_batch_size", "8", "--report_to", "none", "--no_eval_at_end"]
 
 
 def run(tmp_path, *extra, name="run"):
-    from finetune.train import main
+    from finetune.train import train
 
-    return main(FAST + ["--output_dir", str(tmp_path / name), *extra])
+    return train(parse_train_config(FAST + ["--output_dir", str(tmp_path / name), *extra]))
 
 
 # ----------------------------------------------------------------------------- config
@@ -29,38 +31,73 @@ def test_bundled_configs_parse_and_paper_recipe():
     names = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     assert {"safer_clip_vit_l14.yaml", "safe_clip_vit_l14.yaml", "safer_clip_vit_h14_sd2.yaml", "tiny_cpu.yaml"} <= set(names)
     for name in names:
-        assert isinstance(parse_config(["--config", name]), TrainConfig)
-    paper = parse_config(["--config", "safer_clip_vit_l14.yaml"])
+        assert isinstance(parse_train_config(["--config", name]), TrainConfig)
+    paper = parse_train_config(["--config", "safer_clip_vit_l14.yaml"])
     assert (paper.model_name_or_path, paper.finetune, paper.lora_rank, paper.learning_rate, paper.train_batch_size,
             paper.num_train_epochs, paper.loss) == ("openai/clip-vit-large-patch14", "lora", 16, 1e-4, 48, 9, "safer_clip")
-    assert parse_config(["--config", "safe_clip_vit_l14.yaml"]).loss == "safe_clip"
-    assert parse_config(["--config", "safer_clip_vit_h14_sd2.yaml"]).model_name_or_path == "open_clip:ViT-H-14:laion2b_s32b_b79k"
+    assert parse_train_config(["--config", "safe_clip_vit_l14.yaml"]).loss == "safe_clip"
+    assert parse_train_config(["--config", "safer_clip_vit_h14_sd2.yaml"]).model_name_or_path == "open_clip:ViT-H-14:laion2b_s32b_b79k"
 
 
 def test_cli_overrides_yaml_and_types():
-    c = parse_config(["--config", "tiny_cpu.yaml", "--learning_rate", "0.5", "--max_train_steps", "7", "--no-precompute_anchors",
-                      "--loss_weights", '{"rel_tt": 1.0}', "--lora_target_modules", "q_proj", "v_proj"])
+    c = parse_train_config(["--config", "tiny_cpu.yaml", "--learning_rate", "0.5", "--max_train_steps", "7", "--no_precompute_anchors",
+                            "--loss_weights", "rel_tt=1.0", "pres_txt=0.5", "--lora_target_modules", "q_proj", "v_proj",
+                            "--column-map", "safe=a", "unsafe=b"])  # fmt: skip
     assert c.model_name_or_path == "tiny" and c.learning_rate == 0.5 and c.max_train_steps == 7
-    assert c.precompute_anchors is False and c.loss_weights == {"rel_tt": 1.0} and c.lora_target_modules == ["q_proj", "v_proj"]
-    assert parse_config([]).train_towers == "text"  # default: only the text tower
+    assert c.precompute_anchors is False and c.loss_weights == {"rel_tt": 1.0, "pres_txt": 0.5}
+    assert c.lora_target_modules == ["q_proj", "v_proj"] and c.column_map == {"safe": "a", "unsafe": "b"}
+    assert parse_train_config([]).train_towers == "text"  # default: only the text tower
+    # the config written next to the outputs reads back to the same config
+    assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_old_spellings_still_parse_with_a_deprecation_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        c = parse_train_config(["--config", "tiny_cpu.yaml", "--no-precompute_anchors", "--no-eval_at_end",
+                                "--loss_weights", '{"rel_tt": 1.0}', "--column_map", "safe=a,unsafe=b"])  # fmt: skip
+    assert c.precompute_anchors is False and c.eval_at_end is False
+    assert c.loss_weights == {"rel_tt": 1.0} and c.column_map == {"safe": "a", "unsafe": "b"}
+    assert "`--no-precompute_anchors` is deprecated" in caplog.text and "--no_precompute_anchors" in caplog.text
+    assert "`--loss_weights` as a JSON object is deprecated" in caplog.text
 
 
 def test_bad_options(tmp_path):
     with pytest.raises(SystemExit):
-        parse_config(["--loss", "safer-clip"])  # argparse choices
+        parse_train_config(["--loss", "safer-clip"])  # argparse choices
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss: infonce\n")
-    with pytest.raises(ValueError, match="`--loss` must be one of"):
-        parse_config(["--config", str(bad)])
+    with pytest.raises(BadInputError, match="`--loss` must be one of"):
+        parse_train_config(["--config", str(bad)])
     bad.write_text("learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match="Unknown option"):
-        parse_config(["--config", str(bad)])
-    with pytest.raises(FileNotFoundError, match="`--config`"):
-        parse_config(["--config", str(tmp_path / "missing.yaml")])
-    with pytest.raises(ValueError, match="`--relative_scale`"):
-        parse_config(["--relative_scale", "12"])
-    with pytest.raises(ValueError, match="`--train_batch_size` must be >= 1"):
-        parse_config(["--train_batch_size", "0"])
+    with pytest.raises(BadInputError, match=r"unknown option\(s\) \['learning_rat'\]"):
+        parse_train_config(["--config", str(bad)])
+    bad.write_text("learning_rate: .nan\n")
+    with pytest.raises(BadInputError, match="`--learning_rate` must be a finite number, got nan"):
+        parse_train_config(["--config", str(bad)])
+    with pytest.raises(BadInputError, match="`--config`.*does not exist"):
+        parse_train_config(["--config", str(tmp_path / "missing.yaml")])
+    cases = [
+        (["--relative_scale", "12"], r"`--relative_scale` must be in \[0.0, 10.0\], got 12.0"),
+        (["--relative_scale", "10"], r"`--relative_scale` 10.0 is >= 10"),
+        (["--train_batch_size", "0"], r"`--train_batch_size` must be in \[1, inf\], got 0"),
+        (["--learning_rate", "nan"], r"`--learning_rate` must be a finite number, got nan"),
+        (["--learning_rate", "0"], r"`--learning_rate` must be > 0, got 0.0"),
+        (["--val_fraction", "1"], r"`--val_fraction` must be in \[0, 1\), got 1.0"),
+        (["--seed", str(2**32)], r"`--seed` must be in \[0, 4294967295\]"),
+        (["--loss_weights", "rel_tt=inf"], r"`--loss_weights` must be a finite number, got inf"),
+        (["--loss_weights", "nce_txt=1"], r"`--loss_weights` has unknown term 'nce_txt' for `--loss safer_clip`"),
+        (["--loss", "safe_clip", "--loss_weights", "rel_tt=1"], r"unknown term 'rel_tt' for `--loss safe_clip`"),
+        (["--curriculum_boundaries", "0.6", "0.3"], r"`--curriculum_boundaries` must be strictly increasing"),
+        (["--curriculum_stage_epochs", "1", "2"], r"`--curriculum_stage_epochs` needs one epoch per stage"),
+        (["--column_map", "sfe=a"], r"`column_map` has unknown field 'sfe'"),
+    ]
+    for argv, pattern in cases:
+        with pytest.raises(BadInputError, match=pattern):
+            parse_train_config(argv)
+    with pytest.raises(BadInputError, match="`--learning_rate` must be a finite number"):  # a config built in Python too
+        from finetune.train import train
+
+        train(TrainConfig(learning_rate=float("nan")))
 
 
 def test_help_runs_as_module():
@@ -125,15 +162,36 @@ def test_model_and_backend_errors(monkeypatch):
         check_mixed_precision("fp16", "cpu")
 
 
-def test_train_rejects_bad_input_before_work(tmp_path):
+def test_train_rejects_bad_input_before_work(tmp_path, monkeypatch):
+    from finetune import data as data_mod
+    from finetune import train as train_mod
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the inputs were checked")
+
+    with monkeypatch.context() as m:  # these are refused before any data is read or model loaded
+        m.setattr(train_mod, "load_clip", no_work)
+        m.setattr(data_mod, "load_pairs", no_work)
+        (tmp_path / "a_file").write_text("x")
+        with pytest.raises(BadInputError, match=r"`--output_dir` '.*a_file' is a file, not a folder"):
+            train_mod.train(parse_train_config(FAST + ["--output_dir", str(tmp_path / "a_file")]))
+        with pytest.raises(BadInputError, match=r"`--output_dir` '.*a_file/run' cannot be created: '.*a_file' is a file"):
+            train_mod.train(parse_train_config(FAST + ["--output_dir", str(tmp_path / "a_file" / "run")]))
+        with pytest.raises(BadInputError, match=r"`--cache_dir` '.*a_file/c' cannot be created"):
+            run(tmp_path, "--cache_dir", str(tmp_path / "a_file" / "c"), name="cache")
+        with pytest.raises(FileNotFoundError, match="`--train_data` 'nope.jsonl' does not exist"):
+            run(tmp_path, "--train_data", "nope.jsonl", name="data")
+        with pytest.raises(FileNotFoundError, match="`--image_root`"):
+            run(tmp_path, "--image_root", str(tmp_path / "no-images"), name="images")
+        with pytest.raises(FileNotFoundError, match="`--model_name_or_path`"):
+            run(tmp_path, "--model_name_or_path", "tinyy", name="typo")
+        with pytest.raises(ValueError, match="fp16` needs a GPU"):
+            run(tmp_path, "--mixed_precision", "fp16", name="fp16")
+        with pytest.raises(ValueError, match="xformers"):
+            run(tmp_path, "--attention", "xformers", name="xf")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "data").exists()  # no folder left behind by the checks
     with pytest.raises(ValueError, match="larger than the training set"):
         run(tmp_path, "--train_batch_size", "100000", name="big")
-    with pytest.raises(ValueError, match="fp16` needs a GPU"):
-        run(tmp_path, "--mixed_precision", "fp16", name="fp16")
-    with pytest.raises(ValueError, match="xformers"):
-        run(tmp_path, "--attention", "xformers", name="xf")
-    with pytest.raises(FileNotFoundError, match="`--model_name_or_path`"):
-        run(tmp_path, "--model_name_or_path", "tinyy", name="typo")
     with pytest.raises(ValueError, match="has no images"):
         run(tmp_path, "--train_towers", "vision", name="vision")
     (tmp_path / "used").mkdir()
@@ -149,7 +207,7 @@ def test_train_rejects_bad_input_before_work(tmp_path):
 def test_frozen_reference_bit_identical_after_training(tmp_path, precompute):
     from finetune.modeling import load_clip
 
-    flag = "--precompute_anchors" if precompute else "--no-precompute_anchors"
+    flag = "--precompute_anchors" if precompute else "--no_precompute_anchors"
     pristine = load_clip("tiny")
     base_state = {k: v.clone() for k, v in pristine.model.state_dict().items()}
     result = run(tmp_path, flag, "--max_train_steps", "4", "--learning_rate", "5e-2", "--checkpointing_steps", "100")
@@ -171,7 +229,7 @@ def test_frozen_reference_bit_identical_after_training(tmp_path, precompute):
     from finetune.anchors import compute_anchors
     from finetune.data import load_pairs, split_pairs
 
-    cfg = parse_config(["--config", "tiny_cpu.yaml"])
+    cfg = parse_train_config(["--config", "tiny_cpu.yaml"])
     train_set, _ = split_pairs(load_pairs(REPO / cfg.train_data), cfg.val_fraction, cfg.seed)
     with model.model.disable_adapter():
         again = compute_anchors(model.clip, tok, train_set, batch_size=64, device="cpu", dtype=torch.float32, cache_dir=tmp_path / "c2")
@@ -181,7 +239,9 @@ def test_frozen_reference_bit_identical_after_training(tmp_path, precompute):
 
 # ----------------------------------------------------------------------------- checkpoints and resume
 def test_resume_reproduces_loss_sequence_bit_exactly(tmp_path):
-    from finetune.train import find_checkpoints
+    import json
+
+    from finetune.checkpoint import find_checkpoints
 
     straight = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3", name="straight")
     assert len(straight.losses) == 6
@@ -192,12 +252,16 @@ def test_resume_reproduces_loss_sequence_bit_exactly(tmp_path):
     assert [p.name for p in find_checkpoints(tmp_path / "split")] == ["checkpoint-3", "checkpoint-6"]
     assert (tmp_path / "split" / "config.yaml").is_file()
     # a named checkpoint works too, relative to the output folder
-    again = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3", "--resume_from_checkpoint", "checkpoint-3", name="split")
-    assert again.losses == straight.losses[3:]
+    again = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3", "--resume_from_checkpoint", "checkpoint-3",
+                "--logging_steps", "1", name="split")
+    assert again.losses == straight.losses[3:] and again.inexact_resume == []
+    # the log holds each step once: the replayed steps 4-6 replaced the first resume's records
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [3, 4, 5, 6]
 
 
 def test_checkpoints_total_limit(tmp_path):
-    from finetune.train import find_checkpoints
+    from finetune.checkpoint import find_checkpoints
 
     run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", name="limit")
     assert [p.name for p in find_checkpoints(tmp_path / "limit")] == ["checkpoint-4", "checkpoint-6"]
@@ -226,13 +290,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "_build_loss", poisoned)
     with pytest.raises(train_mod.NonFiniteLossError, match=r"loss is nan at step 5 .*checkpoint-4"):
         run(tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2", name="nan")
-    assert train_mod.latest_checkpoint(tmp_path / "nan").name == "checkpoint-4"
+    from finetune.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "nan").name == "checkpoint-4"
 
 
 def test_disk_full_while_checkpointing_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from finetune import train as train_mod
+    from finetune.checkpoint import CheckpointWriteError, latest_checkpoint
 
     real = Accelerator.save_state
     calls = {"n": 0}
@@ -245,10 +311,10 @@ def test_disk_full_while_checkpointing_leaves_no_partial_checkpoint(tmp_path, mo
         return real(self, output_dir, **kw)
 
     monkeypatch.setattr(Accelerator, "save_state", flaky)
-    with pytest.raises(train_mod.CheckpointWriteError, match="checkpoint-4.*No space left.*Last good checkpoint.*checkpoint-2"):
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-4 .*No space left on device .*[GM]iB free on that disk.*removed.*checkpoint-2' is kept"):
         run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", name="full")
     out = tmp_path / "full"
-    assert train_mod.latest_checkpoint(out).name == "checkpoint-2"
+    assert latest_checkpoint(out).name == "checkpoint-2"
     assert not (out / "checkpoint-4").exists()
     assert not list(out.glob(".tmp-*"))
     monkeypatch.setattr(Accelerator, "save_state", real)
@@ -278,7 +344,7 @@ def image_pairs(tmp_path_factory):
     return root / "pairs.jsonl"
 
 
-@pytest.mark.parametrize("precompute", ["--precompute_anchors", "--no-precompute_anchors"])
+@pytest.mark.parametrize("precompute", ["--precompute_anchors", "--no_precompute_anchors"])
 def test_both_towers_with_images(tmp_path, image_pairs, precompute):
     result = run(tmp_path, "--train_data", str(image_pairs), "--train_towers", "both", "--train_batch_size", "4",
                  "--max_train_steps", "3", precompute, "--val_fraction", "0")
@@ -288,7 +354,7 @@ def test_both_towers_with_images(tmp_path, image_pairs, precompute):
 
 
 def test_full_finetune_token_loss_and_live_copy(tmp_path):
-    live = run(tmp_path, "--finetune", "full", "--no-precompute_anchors", "--token_weight", "0.5", "--max_train_steps", "2", name="a")
+    live = run(tmp_path, "--finetune", "full", "--no_precompute_anchors", "--token_weight", "0.5", "--max_train_steps", "2", name="a")
     assert "token_pres" in " ".join(live.active_terms) and live.model.frozen_copy is not None
     pre = run(tmp_path, "--finetune", "full", "--token_weight", "0.5", "--max_train_steps", "2", name="b")
     assert live.losses[0] == pytest.approx(pre.losses[0], abs=1e-5)  # same first step with anchors or a live reference
@@ -315,7 +381,7 @@ def test_ddp_two_cpu_processes_checkpoint_and_resume(tmp_path, image_pairs):
 
     out = tmp_path / "ddp"
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "finetune.train",
-            "--config", "finetune/configs/tiny_cpu.yaml", "--output_dir", str(out), "--checkpointing_steps", "2", "--no-eval_at_end",
+            "--config", "finetune/configs/tiny_cpu.yaml", "--output_dir", str(out), "--checkpointing_steps", "2", "--no_eval_at_end",
             "--train_data", str(image_pairs), "--train_towers", "both", "--train_batch_size", "4", "--val_fraction", "0",
             "--logging_steps", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -334,14 +400,14 @@ def test_readme_training_commands_parse():
     """Every command in the README's training section names real modules, configs and flags."""
     import shlex
 
-    from finetune import evaluate, export
+    from finetune.evaluate import parse_evaluate_config
+    from finetune.export import parse_export_config
 
     text = (REPO / "README.md").read_text()
     section = text[text.index("<!-- section:training -->"): text.index("<!-- /section:training -->")]
     block = "\n".join(section.split("```bash")[i].split("```")[0] for i in range(1, section.count("```bash") + 1))
     commands = [shlex.split(c) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
-    parsers = {"finetune.train": lambda a: parse_config(a), "finetune.export": lambda a: export.build_parser().parse_args(a),
-               "finetune.evaluate": lambda a: evaluate.build_parser().parse_args(a)}
+    parsers = {"finetune.train": parse_train_config, "finetune.export": parse_export_config, "finetune.evaluate": parse_evaluate_config}
     seen = set()
     for argv in commands:
         argv = argv[: argv.index("#")] if "#" in argv else argv
@@ -356,10 +422,10 @@ def test_readme_training_commands_parse():
 
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory):
-    from finetune.train import main
+    from finetune.train import train
 
     out = tmp_path_factory.mktemp("ref") / "run"
-    return main(FAST + ["--output_dir", str(out), "--max_train_steps", "2"]).losses
+    return train(parse_train_config(FAST + ["--output_dir", str(out), "--max_train_steps", "2"])).losses
 
 
 @pytest.mark.parametrize("flags,tol", [
@@ -385,8 +451,8 @@ def test_gpu_training_precision_and_attention(tmp_path, mixed_precision, attenti
         pytest.skip("needs CUDA")
     if attention == "xformers":
         pytest.importorskip("xformers.ops")
-    result = run(tmp_path, "--no-use_cpu", "--mixed_precision", mixed_precision, "--attention", attention,
-                 "--max_train_steps", "6", "--checkpointing_steps", "100", "--no-precompute_anchors")
+    result = run(tmp_path, "--no_use_cpu", "--mixed_precision", mixed_precision, "--attention", attention,
+                 "--max_train_steps", "6", "--checkpointing_steps", "100", "--no_precompute_anchors")
     assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[mixed_precision]
     params = list(result.model.named_parameters())

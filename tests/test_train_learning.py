@@ -48,9 +48,11 @@ VARIANTS = [
 
 
 def _train(tmp_path, *extra):
-    from finetune.train import main
+    from finetune.config import parse_train_config
+    from finetune.train import train
 
-    return main(["--config", "tiny_cpu.yaml", "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "1000", *extra])
+    return train(parse_train_config(["--config", "tiny_cpu.yaml", "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "1000",
+                                     *extra]))  # fmt: skip
 
 
 @pytest.mark.parametrize("variant,extra,redirect_min,safe_cos_min,gain_min,pair_min,safe_cos_min_sc,knn_min", VARIANTS)
