@@ -314,3 +314,25 @@ def test_help_and_load_run_order(tiny_run, capsys):
     run = load_run(tiny_run)
     assert run.variants == ["original", "safe"] and run.keys == [("0", 0), ("0", 1), ("1", 0), ("1", 1), ("2", 0), ("2", 1)]
     assert run.size == (32, 32) and run.prompts["0"] == "a red bicycle leaning against a brick wall"
+
+
+def test_scatter_plot_of_a_summary_with_lpips_and_a_pareto_front(tmp_path):
+    from safer_diffusion.evaluation.fidelity_run import plot_fidelity_scatter
+
+    def stat(x, w=0.01):
+        return {"mean": x, "ci_low": x - w, "ci_high": x + w, "n_prompts": 3}
+
+    summary = {
+        "reference": "original", "variants": ["original", "a", "b", "c"], "confidence": 0.95, "clip_model": {"model": "tiny:clip"},
+        "clip_score": {"original": stat(31.0), "a": stat(30.0), "b": stat(28.0), "c": stat(27.0)},
+        "paired": {v: {"ssim": stat(s), "lpips": stat(lp)} for v, s, lp in (("a", 0.8, 0.2), ("b", 0.7, 0.3), ("c", 0.6, 0.1))},
+        "safety": {"variants": {"original": {"unsafe_rate": 0.4, "ci_low": 0.3, "ci_high": 0.5},
+                                "a": {"unsafe_rate": 0.1, "ci_low": 0.05, "ci_high": 0.15},
+                                "b": {"unsafe_rate": 0.05, "ci_low": 0.0, "ci_high": 0.1},
+                                "c": {"unsafe_rate": 0.2, "ci_low": 0.1, "ci_high": 0.3}}},
+    }  # fmt: skip
+    path = plot_fidelity_scatter(summary, tmp_path / "scatter.png")
+    with Image.open(path) as im:
+        assert im.size == (3 * 600, 528)  # three 5-inch panels at 120 dpi: CLIP score, SSIM, LPIPS
+    summary["safety"]["variants"] = {}
+    assert plot_fidelity_scatter(summary, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -112,6 +112,7 @@ __all__ = [
     "FidelityConfig",
     "FidelityResult",
     "RunImages",
+    "compute_fidelity_rows",
     "fidelity_csv",
     "format_fidelity_table",
     "list_real_images",
@@ -395,8 +396,13 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------- rows
 
 
-def _rows_for_chunk(run: RunImages, chunk: Sequence[tuple[str, int]], clip: ClipModel, lpips: Any) -> list[dict[str, Any]]:
-    """Every fidelity row of ``chunk`` (all its variants), computed together (so a row never depends on what else is missing)."""
+def compute_fidelity_rows(run: RunImages, chunk: Sequence[tuple[str, int]], clip: ClipModel, lpips: Any) -> list[dict[str, Any]]:
+    """Every fidelity row of the ``(prompt_id, seed)`` keys in ``chunk`` (all their variants), computed together.
+
+    The reference row carries the CLIP score only; every other variant's row also the paired
+    metrics against the reference image of the same key. Computing the whole chunk every time
+    makes a row independent of which rows were already written (resume gives the same numbers).
+    """
     ref = run.reference
     keys = [(p, s, v) for p, s in chunk for v in run.variants if (p, s, v) in run.rows]
     images = {k: open_rgb(run.path(k)) for k in keys}
@@ -475,7 +481,11 @@ def _fid_section(run: RunImages, extractor: Any, spec: str, config: FidelityConf
     section: dict[str, Any] = {
         "feature_extractor": describe_feature_extractor(extractor, spec),
         "vs_reference": {v: _fid_entry(features[v], features[run.reference], config) for v in run.variants[1:]},
-        "reference_vs_itself": _fid_entry(features[run.reference], features[run.reference], config),
+        "reference_vs_itself": {
+            **_fid_entry(features[run.reference], features[run.reference], config),
+            "sanity": "FID of a set with itself is 0 up to float error; KID's unbiased estimator on a set with itself is "
+                      "-2 (mean k(x, x) - mean k(x, y)) / m for subsets of m = N images: slightly below 0, shrinking as 1/m.",
+        },  # fmt: skip
         "vs_real": None,
         "real_images": None,
     }
@@ -847,13 +857,15 @@ def run_fidelity(
     if clip is None and not config.tiny:
         resolve_clip_source(config.clip_model)  # offline: a clear error before anything loads
     sources = _drift_sources(out) if config.encoder_drift and drift_rows is None else None
-    if isinstance(lpips, str) and lpips == "auto":
+    auto_lpips = isinstance(lpips, str) and lpips == "auto"
+    if auto_lpips:
         lpips_metric, lpips_reason = load_lpips(config.lpips_net, device) if config.lpips else (None, "turned off (--no_lpips)")
     else:
         lpips_metric, lpips_reason = lpips, None if lpips is not None else "no LPIPS metric was given"
     lpips_status = f"lpips {getattr(lpips_metric, 'net', 'custom')}" if lpips_metric is not None else "skipped"
-    if lpips_reason:
-        logger.warning("LPIPS skipped: %s.", lpips_reason)
+    if lpips_metric is None:
+        # asked for and unavailable: a warning; turned off: a note
+        (logger.warning if auto_lpips and config.lpips else logger.info)("LPIPS skipped: %s.", lpips_reason)
 
     clip_name = clip.name if clip is not None else TINY_CLIP if config.tiny else config.clip_model
     settings = _settings(config, clip_name, lpips_status, str(dtype).replace("torch.", ""))
@@ -877,7 +889,7 @@ def run_fidelity(
             if not todo:
                 result.n_skipped += sum(1 for p, s in chunk for v in run.variants if (p, s, v) in run.rows)
                 continue
-            rows = [r for r in _rows_for_chunk(run, chunk, clip, lpips_metric) if row_key(r) not in done]
+            rows = [r for r in compute_fidelity_rows(run, chunk, clip, lpips_metric) if row_key(r) not in done]
             result.n_rows_written += writer.append(rows)
             logger.info("fidelity: %d rows written (%d pairs of %d).", result.n_rows_written, len(chunk), len(run.keys))
     finally:
