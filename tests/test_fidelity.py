@@ -84,7 +84,7 @@ def _summary(out):
     return json.loads((out / "fidelity.json").read_text())
 
 
-def test_three_variants_identical_set_sanity_and_outputs(tiny_run, tmp_path, capsys):
+def test_three_variants_identical_set_sanity_and_outputs(tiny_run, tmp_path, capsys, caplog):
     out = _copy(tiny_run, tmp_path / "run")
     code, stdout, err = _run_main(["--output_dir", str(out), "--tiny", "--encoder_drift", "--bootstrap", "200"], capsys)
     assert code == 0, err
@@ -135,6 +135,14 @@ def test_three_variants_identical_set_sanity_and_outputs(tiny_run, tmp_path, cap
     code, stdout, _ = _run_main(["--output_dir", str(out), "--tiny", "--bootstrap", "200"], capsys)
     assert code == 0 and "0 rows written, 18 already done" in stdout
     assert read_results_file(out / FIDELITY_NAME) == rows
+    # a damaged complete line: skipped by the reader (with a warning) and its row computed again
+    lines = (out / FIDELITY_NAME).read_text().splitlines(keepends=True)
+    (out / FIDELITY_NAME).write_text("".join(["{not json\n", *lines[1:]]))
+    code, stdout, err = _run_main(["--output_dir", str(out), "--tiny", "--bootstrap", "200"], capsys)
+    assert code == 0 and "1 rows written, 17 already done" in stdout
+    assert "fidelity.jsonl line 1 is not a valid result row; skipping it." in caplog.text
+    key = lambda r: row_key(r)  # noqa: E731
+    assert sorted(read_results_file(out / FIDELITY_NAME), key=key) == sorted(rows, key=key)
 
 
 def test_shuffled_results_give_the_same_summary(tiny_run, tmp_path, capsys):

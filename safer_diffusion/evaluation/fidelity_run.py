@@ -96,7 +96,7 @@ from .fidelity import (
     resolve_clip_source,
     ssim,
 )
-from .results import ResultsWriter, quarantine_corrupt_lines, read_results, read_results_file, row_key, writing
+from .results import ResultsWriter, read_results, read_results_file, row_key, writing
 from .settings import read_settings
 from .summary import MEAN_KEY, _ci, _quiet_nanmean, _rng, summarize
 
@@ -875,19 +875,19 @@ def run_fidelity(
         clip = ClipModel.load(source, device=device, dtype=dtype, name=clip_name)
     result = FidelityResult(out_dir=out)
     kept = "Every fidelity row written so far is kept; rerun the same command to resume."
-    with writing(out / FIDELITY_SETTINGS_NAME, kept):
-        if not resuming:
+    if not resuming:
+        with writing(out / FIDELITY_SETTINGS_NAME, kept):
             atomic_write_text(out / FIDELITY_SETTINGS_NAME, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        quarantine_corrupt_lines(out / FIDELITY_NAME)  # also truncates a torn last line
-
+    # the writer truncates a torn last line (a killed run); a corrupt complete line is skipped by the reader with a
+    # warning and its row computed again (quarantine_corrupt_lines would move it into the evaluation's results.corrupt.jsonl)
     done = {row_key(r) for r in _fidelity_rows(out)}
     t0 = time.perf_counter()
     writer = ResultsWriter(out / FIDELITY_NAME)
     try:
         for chunk in batched(run.keys, config.batch_size):
-            todo = [(p, s, v) for p, s in chunk for v in run.variants if (p, s, v) in run.rows and (p, s, v) not in done]
-            if not todo:
-                result.n_skipped += sum(1 for p, s in chunk for v in run.variants if (p, s, v) in run.rows)
+            present = [(p, s, v) for p, s in chunk for v in run.variants if (p, s, v) in run.rows]
+            result.n_skipped += sum(1 for k in present if k in done)
+            if all(k in done for k in present):
                 continue
             rows = [r for r in compute_fidelity_rows(run, chunk, clip, lpips_metric) if row_key(r) not in done]
             result.n_rows_written += writer.append(rows)
