@@ -484,7 +484,8 @@ def _fid_section(run: RunImages, extractor: Any, spec: str, config: FidelityConf
         "reference_vs_itself": {
             **_fid_entry(features[run.reference], features[run.reference], config),
             "sanity": "FID of a set with itself is 0 up to float error; KID's unbiased estimator on a set with itself is "
-                      "-2 (mean k(x, x) - mean k(x, y)) / m for subsets of m = N images: slightly below 0, shrinking as 1/m.",
+                      "-2 (mean k(x_i, x_i) - mean over i != j of k(x_i, x_j)) / m for subsets of m = N images: slightly below 0, "
+                      "shrinking as 1/m.",
         },  # fmt: skip
         "vs_real": None,
         "real_images": None,
@@ -721,7 +722,9 @@ def format_fidelity_table(summary: dict[str, Any]) -> str:
         safety = (summary.get("safety") or {}).get("variants", {}).get(v) or {}
         unsafe = "n/a" if safety.get("unsafe_rate") is None else f"{100 * safety['unsafe_rate']:.1f}%"
         name = f"{v} (reference)" if v == summary["reference"] else v
-        lines.append([name, cell(summary["clip_score"][v], 2), cell(p.get("ssim")), cell(p.get("psnr_db"), 2),
+        psnr = p.get("psnr_db") or {}
+        psnr_cell = f"inf ({psnr['n_identical']} identical)" if psnr.get("mean") is None and psnr.get("n_identical") else cell(psnr, 2)
+        lines.append([name, cell(summary["clip_score"][v], 2), cell(p.get("ssim")), psnr_cell,
                       cell(p.get("clip_image_cosine")), cell(p.get("lpips")), "n/a" if f is None else f"{f:.3f}", unsafe])  # fmt: skip
     widths = [max(len(r[i]) for r in [head, *lines]) + 2 for i in range(len(head))]
     out = ["".join(h.ljust(w) for h, w in zip(head, widths)), "-" * sum(widths)]
