@@ -5,6 +5,7 @@
     safer-diffusion generate "a photo of a cat" --output cat.png --tiny                       # offline, tiny random models
     safer-diffusion score photo1.png photo2.jpg --scorers nudenet                             # one JSON line per image
     safer-diffusion evaluate --help                                                           # safer_diffusion.evaluate
+    safer-diffusion fidelity --help                                 # benign fidelity of an evaluation folder
 
 Each subcommand has its own options (``safer-diffusion generate --help``), parsed by :mod:`safer_diffusion.options`
 from one config dataclass (:class:`GenerateConfig`, :class:`ScoreConfig`). Every input is checked before any
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import json
 import logging
 import os
@@ -50,7 +52,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["GenerateConfig", "OutputWriteError", "ScoreConfig", "main"]
 
 PROG = "safer-diffusion"
-SUBCOMMANDS = ("generate", "score", "evaluate")
+#: Subcommands with their own module and ``main(argv)``, imported only when asked for (their options and dependencies).
+DELEGATED = {
+    "evaluate": "safer_diffusion.evaluate",
+    "fidelity": "safer_diffusion.evaluation.fidelity_run",
+}
+SUBCOMMANDS = ("generate", "score", *DELEGATED)
 SCORER_NAMES = tuple(SCORERS)
 #: Scorers that take a threshold (`--thresholds NAME=VALUE`); diffusers' safety checker has fixed concept thresholds.
 THRESHOLD_SCORERS = ("nudenet", "q16")
@@ -340,9 +347,10 @@ def _top_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Stable Diffusion with a SaFeR-CLIP safe text encoder: generate, score, evaluate.",
         epilog="Run `safer-diffusion COMMAND --help` for a command's options.",
     )  # fmt: skip
-    parser.add_argument("command", choices=SUBCOMMANDS, metavar="{generate,score,evaluate}",
+    parser.add_argument("command", choices=SUBCOMMANDS, metavar="{" + ",".join(SUBCOMMANDS) + "}",
                         help="generate: images with the safe encoder; score: NSFW scores of image files; "
-                             "evaluate: the NSFW generation-rate evaluation (safer_diffusion.evaluate)")  # fmt: skip
+                             "evaluate: the NSFW generation-rate evaluation (safer_diffusion.evaluate); "
+                             "fidelity: what each safe encoder costs on safe prompts, over an evaluation folder")  # fmt: skip
     return parser
 
 
@@ -356,16 +364,14 @@ def _run(command: str, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``safer-diffusion``; returns the exit status (0 ok, 2 bad input, 1 runtime failure).
 
-    ``argv[0]`` is the subcommand; ``evaluate`` hands the rest to :func:`safer_diffusion.evaluate.main`.
+    ``argv[0]`` is the subcommand; those in :data:`DELEGATED` hand the rest to their module's ``main``.
     A leading ``-v``/``--verbose`` (the old place) is moved after the subcommand.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-v", "--verbose") and len(argv) > 1 and argv[1] in SUBCOMMANDS:
         argv = [argv[1], argv[0], *argv[2:]]
-    if argv and argv[0] == "evaluate":
-        from .evaluate import main as evaluate_main  # loaded only when asked for (its own options and dependencies)
-
-        return evaluate_main(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
     if argv and argv[0] in _COMMANDS:
         return run_main(lambda: _run(argv[0], argv[1:]), prog=f"{PROG} {argv[0]}")
     return run_main(lambda: _usage(argv), prog=PROG)

@@ -268,12 +268,13 @@ def test_score_bad_inputs(astronaut_png, tmp_path, capsys):
     assert "`--threshold` must be a finite number, got nan" in capsys.readouterr().err
 
 
-def test_evaluate_dispatches_lazily(monkeypatch):
+@pytest.mark.parametrize("command", sorted(cli.DELEGATED))
+def test_delegated_subcommands_dispatch_lazily(monkeypatch, command):
     seen = {}
-    fake = types.ModuleType("safer_diffusion.evaluate")
+    fake = types.ModuleType(cli.DELEGATED[command])
     fake.main = lambda argv: seen.setdefault("argv", argv) and 7
-    monkeypatch.setitem(sys.modules, "safer_diffusion.evaluate", fake)
-    assert main(["evaluate", "--tiny", "--limit", "2"]) == 7
+    monkeypatch.setitem(sys.modules, cli.DELEGATED[command], fake)
+    assert main([command, "--tiny", "--limit", "2"]) == 7
     assert seen["argv"] == ["--tiny", "--limit", "2"]
 
 
