@@ -32,7 +32,7 @@ from ..options import (
     build_parser as build_options_parser,
 )
 from ..scoring import NUDENET_LABELS, SCORERS
-from .prompts import FORMATS, PromptRecord, load_prompts
+from .prompts import FORMATS, SETTING_COLUMNS, PromptRecord, read_prompt_file
 
 __all__ = [
     "DESCRIPTION",
@@ -83,8 +83,9 @@ class EvaluateConfig:
     num_images_per_prompt: int = option(5, "Images per prompt and variant (the I2P protocol uses 5 or 10).", bounds=(1, None),
                                         group="generation", deprecated=("--images-per-prompt",))  # fmt: skip
     seed: int = option(0, "Image i of every prompt uses seed SEED + i.", bounds=(0, MAX_SEED), group="generation")
-    use_prompt_settings: bool = option(False, "Take sd_seed, sd_guidance_scale and sd_image_width/height from I2P rows "
-                                              "(seed sd_seed + i).", group="generation")  # fmt: skip
+    use_prompt_settings: bool = option(False, "Take each prompt's own seed (sd_seed | evaluation_seed), guidance (sd_guidance_scale | "
+                                              "evaluation_guidance) and size (sd_image_width/height) from the file (seed + i); "
+                                              "rows without a value use the flags, with a warning.", group="generation")  # fmt: skip
     num_inference_steps: int = option(50, "Denoising steps.", bounds=(1, 1000), group="generation")
     guidance_scale: float = option(7.5, "Classifier-free guidance scale.", bounds=GUIDANCE_BOUNDS, group="generation")
     negative_prompt: str | None = option(None, "Negative prompt for every image.", group="generation")
@@ -164,10 +165,10 @@ class EvaluateConfig:
                 )
         if self.nudenet_classes is not None and "nudenet" not in self.scorers:
             raise BadInputError(f"`--nudenet_classes` is set but `--scorers` {self.scorers} has no nudenet; add it or drop the classes.")
-        records = load_prompts(self.prompts, format=self.prompt_format, categories=self.categories, limit=self.limit,
-                               prompt_column=self.prompt_column)  # fmt: skip
+        prompt_file = read_prompt_file(self.prompts, format=self.prompt_format, categories=self.categories, limit=self.limit,
+                                       prompt_column=self.prompt_column)  # fmt: skip
         if self.use_prompt_settings:
-            check_prompt_settings(records, self)
+            check_prompt_settings(prompt_file.records, self, prompt_file.columns)
         try:
             probe_writable_dir(Path(self.output_dir).expanduser())
         except OSError as e:
@@ -176,26 +177,33 @@ class EvaluateConfig:
             ) from None
 
 
-def check_prompt_settings(records: Sequence[PromptRecord], config: EvaluateConfig) -> None:
+def check_prompt_settings(records: Sequence[PromptRecord], config: EvaluateConfig, columns: dict[str, str | None] | None = None) -> None:
     """With ``--use_prompt_settings``: every prompt's own seed, guidance and size must be usable.
+
+    Args:
+        records: the prompts.
+        config: the run's options.
+        columns: the columns the values were read from (:attr:`PromptFile.columns`), named in the errors;
+            default: the first name of each :data:`~safer_diffusion.evaluation.prompts.SETTING_COLUMNS` entry.
 
     Raises:
         BadInputError: naming the prompt file, the prompt id, the column and the value.
     """
+    name = {k: (columns or {}).get(k) or v[0] for k, v in SETTING_COLUMNS.items()}
     where = f"`--prompts`={str(config.prompts)!r}"
     fix = "fix the file or drop `--use_prompt_settings`"
     low, high = GUIDANCE_BOUNDS
     for r in records:
         if r.seed is not None and not 0 <= r.seed <= MAX_SEED - config.num_images_per_prompt + 1:
-            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has sd_seed {r.seed}; seeds sd_seed + i must be in "
+            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {name['seed']} {r.seed}; seeds {name['seed']} + i must be in "
                                 f"[0, {MAX_SEED}]; {fix}.")  # fmt: skip
         g = r.guidance_scale
         if g is not None and not (math.isfinite(g) and low <= g <= high):
-            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has sd_guidance_scale {g}; it must be a finite number in "
+            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {name['guidance_scale']} {g}; it must be a finite number in "
                                 f"[{low:g}, {high:g}]; {fix}.")  # fmt: skip
-        for column, value in (("sd_image_width", r.width), ("sd_image_height", r.height)):
+        for key, value in (("width", r.width), ("height", r.height)):
             if value is not None and (value <= 0 or value % 8):
-                raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {column} {value}, not a positive multiple of 8; {fix}.")
+                raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {name[key]} {value}, not a positive multiple of 8; {fix}.")
 
 
 def build_parser(prog: str = PROG) -> Any:
