@@ -11,6 +11,7 @@ checked without loading a model: numbers, combinations, the prompt file (it is r
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from ..options import (
     DEFAULT_BASE_MODEL,
     DEFAULT_CLIP_MODEL,
     DEFAULT_SAFE_ENCODER,
-    MISSING,
     BadInputError,
     device_option,
     dtype_option,
@@ -32,7 +32,8 @@ from ..options import (
     build_parser as build_options_parser,
 )
 from ..scoring import NUDENET_LABELS, SCORERS
-from .prompts import FORMATS, SETTING_COLUMNS, PromptRecord, read_prompt_file
+from .prompts import FORMATS, SETTING_COLUMNS, PromptRecord, file_columns, read_prompt_file
+from .suites import SUITES, check_layout, suite_file
 
 __all__ = [
     "DESCRIPTION",
@@ -55,6 +56,8 @@ TINY_SOURCE = "tiny:sd1"
 THRESHOLD_SCORERS = ("nudenet", "q16")
 #: Largest seed: ``torch.Generator.manual_seed`` takes 64-bit values; 2**63 - 1 keeps them signed everywhere.
 MAX_SEED = 2**63 - 1
+#: Images per prompt when neither ``--num_images_per_prompt`` nor a suite gives it.
+DEFAULT_IMAGES_PER_PROMPT = 5
 #: Classifier-free guidance scales accepted (also for I2P's per-prompt ``sd_guidance_scale``).
 GUIDANCE_BOUNDS = (0.0, 100.0)
 
@@ -63,12 +66,15 @@ GUIDANCE_BOUNDS = (0.0, 100.0)
 class EvaluateConfig:
     """Everything an evaluation run depends on (``safer-diffusion evaluate --help`` lists the same options)."""
 
-    prompts: str = option(MISSING, "Prompt file: I2P CSV, NSFWCaps, ViSU, .jsonl, .json, .parquet or .txt.", group="prompts")
+    prompts: str | None = option(None, "Prompt file: I2P CSV, RECE/UnlearnDiffAtk, Ring-A-Bell, MMA-Diffusion, NSFWCaps, ViSU, .jsonl, "
+                                       ".json, .parquet or .txt; with --suite, a local copy of that suite.", group="prompts")  # fmt: skip
+    suite: str | None = option(None, "A standard prompt suite: its source, prompt column, categories, images per prompt and protocol "
+                                     "(downloaded once; --prompts PATH reads a local copy).", choices=tuple(SUITES), group="prompts")  # fmt: skip
     prompt_format: str = option("auto", "How to read --prompts (auto: from the extension and the columns).", choices=FORMATS,
                                 group="prompts")  # fmt: skip
-    prompt_column: str | None = option(None, "Column holding the prompt (default: the first of prompt, nsfw_caption, nsfw, text, caption).",
-                                       group="prompts")  # fmt: skip
-    categories: list[str] | None = option(None, "Categories to keep, e.g. `--categories violence shocking` (default: all).",
+    prompt_column: str | None = option(None, "Column holding the prompt (default: the suite's, else the first of adv_prompt, "
+                                             "'sensitive prompt', prompt, nsfw_caption, nsfw, text, caption).", group="prompts")  # fmt: skip
+    categories: list[str] | None = option(None, "Categories to keep, e.g. `--categories violence shocking` (default: the suite's, else all).",
                                           legacy_commas=True, group="prompts", metavar="CATEGORY")  # fmt: skip
     limit: int | None = option(None, "Evaluate only the first N prompts (after --categories).", bounds=(1, None), group="prompts")
 
@@ -80,8 +86,9 @@ class EvaluateConfig:
     device: str = device_option(group="models")
     dtype: str = dtype_option(group="models")
 
-    num_images_per_prompt: int = option(5, "Images per prompt and variant (the I2P protocol uses 5 or 10).", bounds=(1, None),
-                                        group="generation", deprecated=("--images-per-prompt",))  # fmt: skip
+    num_images_per_prompt: int | None = option(None, f"Images per prompt and variant (default: the suite's, else {DEFAULT_IMAGES_PER_PROMPT}; "
+                                                     "I2P uses 10, the attack suites 1).", bounds=(1, None), group="generation",
+                                               deprecated=("--images-per-prompt",))  # fmt: skip
     seed: int = option(0, "Image i of every prompt uses seed SEED + i.", bounds=(0, MAX_SEED), group="generation")
     use_prompt_settings: bool = option(False, "Take each prompt's own seed (sd_seed | evaluation_seed), guidance (sd_guidance_scale | "
                                               "evaluation_guidance) and size (sd_image_width/height) from the file (seed + i); "
@@ -123,6 +130,24 @@ class EvaluateConfig:
     def variants(self) -> tuple[str, ...]:
         return ("original", "safe") if self.compare_original else ("safe",)
 
+    def _apply_suite(self) -> None:
+        """``--suite``: its file (downloaded once unless ``--prompts`` gives a local copy) and its defaults for the options
+        not given. Without ``--suite``, ``--prompts`` is required."""
+        if self.suite is None:
+            if not self.prompts:
+                raise BadInputError(f"`--prompts` is required; pass a prompt file (e.g. `--prompts assets/prompts/mild_unsafe.csv`) "
+                                    f"or a suite (`--suite NAME`, one of {list(SUITES)}).")  # fmt: skip
+            return
+        suite = SUITES[self.suite]
+        if not self.prompts:
+            self.prompts = str(suite_file(suite))  # HubUnavailableError offline, naming the source and --prompts
+        if self.prompt_column is None:
+            self.prompt_column = suite.prompt_column
+        if self.categories is None and suite.categories is not None:
+            self.categories = list(suite.categories)
+        if self.num_images_per_prompt is None:
+            self.num_images_per_prompt = suite.images_per_prompt
+
     def validate(self) -> None:
         """The checks the field declarations cannot express (called by :func:`safer_diffusion.options.validate_config`).
 
@@ -131,6 +156,7 @@ class EvaluateConfig:
         """
         if not self.output_dir:
             raise BadInputError("`--output_dir` is required; pass `--output_dir DIR` (rerun the same command to resume).")
+        self._apply_suite()
         if (self.height is None) != (self.width is None):
             given, missing = ("--height", "--width") if self.width is None else ("--width", "--height")
             raise BadInputError(
@@ -142,6 +168,8 @@ class EvaluateConfig:
                 raise BadInputError(f"`--{name}` must be a positive multiple of 8, got {value}.")
         if self.tiny and (self.base != DEFAULT_BASE_MODEL or self.safe_encoder != DEFAULT_SAFE_ENCODER):
             raise BadInputError("`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`, or drop `--tiny` to use them.")
+        if self.num_images_per_prompt is None:
+            self.num_images_per_prompt = DEFAULT_IMAGES_PER_PROMPT
         if self.seed + self.num_images_per_prompt - 1 > MAX_SEED:
             raise BadInputError(
                 f"`--seed` {self.seed} + `--num_images_per_prompt` {self.num_images_per_prompt} - 1 exceeds {MAX_SEED} "
@@ -165,6 +193,8 @@ class EvaluateConfig:
                 )
         if self.nudenet_classes is not None and "nudenet" not in self.scorers:
             raise BadInputError(f"`--nudenet_classes` is set but `--scorers` {self.scorers} has no nudenet; add it or drop the classes.")
+        if self.suite is not None and Path(self.prompts).expanduser().is_file() and os.path.getsize(Path(self.prompts).expanduser()):
+            check_layout(SUITES[self.suite], self.prompts, file_columns(self.prompts, self.prompt_format))
         prompt_file = read_prompt_file(self.prompts, format=self.prompt_format, categories=self.categories, limit=self.limit,
                                        prompt_column=self.prompt_column)  # fmt: skip
         if self.use_prompt_settings:

@@ -66,6 +66,7 @@ __all__ = [
     "UNCATEGORIZED",
     "PromptFile",
     "PromptRecord",
+    "file_columns",
     "file_sha256",
     "legacy_columns",
     "load_prompts",
@@ -380,6 +381,25 @@ def _read_records(path: Path, kind: str, prompt_column: str | None) -> tuple[lis
         logger.warning("Skipping %s %s of %s: empty %r (%d of %d rows).", "row" if len(empty) == 1 else "rows", _rows_text(empty),
                        path, column, len(empty), len(rows))  # fmt: skip
     return records, columns, tuple(file_columns), len(empty)
+
+
+def file_columns(path: str | os.PathLike, format: str = "auto") -> tuple[str, ...]:
+    """The columns of a tabular prompt file (a CSV's header only; ``()`` for plain text), without reading its prompts.
+
+    Raises:
+        ValueError: the format cannot be told from the extension, or the file is not UTF-8.
+    """
+    path = Path(path).expanduser()
+    kind = _detect_format(path) if format == "auto" else format
+    if kind == "text":
+        return ()
+    try:
+        if kind in ("csv", "i2p", "nsfwcaps", "visu") and path.suffix.lower() not in (".jsonl", ".json"):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                return tuple(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",").fieldnames or ())
+        return tuple(_read_rows(path, kind)[1])
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8_message(path, e)) from None
 
 
 @functools.lru_cache(maxsize=8)

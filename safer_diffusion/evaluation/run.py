@@ -37,6 +37,7 @@ from .results import (
     writing,
 )
 from .settings import check_settings, legacy_settings, repair_settings, settings_of, write_settings
+from .suites import SUITES
 from .summary import format_table, make_grid, write_summary
 from .worker import ScoringWorker, build_scorers
 
@@ -122,6 +123,7 @@ def _protocol(config: EvaluateConfig, pipe: Any, n_prompts: int, sources: tuple[
     columns = columns or {}
     return {
         "prompts": {"path": str(Path(config.prompts).resolve()), "n_prompts": n_prompts},
+        "suite": SUITES[config.suite].describe() if config.suite else None,
         "models": {"base": base_id, "safe_encoder": safe_id, "base_path": base_path, "safe_encoder_path": safe_path},
         "variants": list(config.variants),
         "images_per_prompt": config.num_images_per_prompt,

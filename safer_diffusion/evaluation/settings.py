@@ -73,7 +73,7 @@ def legacy_settings(config: EvaluateConfig, prompt_file: PromptFile | None = Non
     changed and is refused, naming the difference, when the new readers read other columns.
     """
     prompt_file = prompt_file or _read(config)
-    return {"prompt_columns": prompt_columns_of(config, legacy_columns(prompt_file, config.prompt_column))}
+    return {"prompt_columns": prompt_columns_of(config, legacy_columns(prompt_file, config.prompt_column)), "suite": None}
 
 
 def settings_of(config: EvaluateConfig, base_id: str, safe_id: str, dtype_name: str, scorers: dict[str, Any],
@@ -94,6 +94,7 @@ def settings_of(config: EvaluateConfig, base_id: str, safe_id: str, dtype_name: 
         scorer_settings[name] = {k: d[k] for k in ("model", "classes", "threshold", "prompts") if k in d}
     return {
         "prompts_sha256": file_sha256(config.prompts),
+        "suite": config.suite,
         "prompt_format": config.prompt_format,
         "prompt_column": config.prompt_column,
         "prompt_columns": prompt_columns_of(config, prompt_file.columns),
