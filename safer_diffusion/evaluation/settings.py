@@ -73,7 +73,7 @@ def legacy_settings(config: EvaluateConfig, prompt_file: PromptFile | None = Non
     changed and is refused, naming the difference, when the new readers read other columns.
     """
     prompt_file = prompt_file or _read(config)
-    return {"prompt_columns": prompt_columns_of(config, legacy_columns(prompt_file, config.prompt_column)), "suite": None}
+    return {"prompt_columns": prompt_columns_of(config, legacy_columns(prompt_file, config.prompt_column)), "suite": None, "protocol": None}
 
 
 def settings_of(config: EvaluateConfig, base_id: str, safe_id: str, dtype_name: str, scorers: dict[str, Any],
@@ -113,6 +113,7 @@ def settings_of(config: EvaluateConfig, base_id: str, safe_id: str, dtype_name: 
         "width": config.width,
         "dtype": dtype_name,
         "scorers": scorer_settings,
+        "protocol": config.protocol,
     }
 
 
