@@ -10,7 +10,7 @@ import pytest
 
 from safer_diffusion.evaluation.config import EvaluateConfig, config_from_args
 from safer_diffusion.evaluation.generate import load_pipeline
-from safer_diffusion.evaluation.results import read_results
+from safer_diffusion.evaluation.results import read_results, row_key
 from safer_diffusion.evaluation.run import run_evaluation
 from safer_diffusion.evaluation.summarize import main as summarize_main
 from safer_diffusion.options import resolve_device_and_dtype
@@ -96,3 +96,116 @@ def test_recomputing_a_protocol_from_stored_scores_equals_a_fresh_run_under_it(t
     assert (p["images_per_prompt"], p["num_inference_steps"], p["scheduler"], p["guidance_scale"], p["size"]) == (
         2, 2, type(tiny_pipe.scheduler).__name__, 7.5, "32x32")  # fmt: skip
     assert p["seeds"] == "0 + i, i < 2" and p["detector"].startswith("pixel test double (nudenet ")  # the model and the wheel version
+
+
+# ---- many encoders in one run -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory):
+    """Two tiny safe encoders (CLIPModel folders) that fit the tiny UNet, with different weights."""
+    from safer_diffusion.testing import save_tiny_clip
+
+    root = tmp_path_factory.mktemp("encoders")
+    return save_tiny_clip(root / "enc-a", seed=11), save_tiny_clip(root / "enc-b", seed=12)
+
+
+def _pixels(out, row):
+    from PIL import Image
+
+    return np.asarray(Image.open(out / row["image"]).convert("RGB")).astype(int)
+
+
+def test_three_variants_from_the_same_latents_and_seeds(tmp_path, tiny_pipe, tiny_encoders):
+    enc_a, enc_b = tiny_encoders
+    common = ("--limit", "2", "--num_images_per_prompt", "2", "--save_images", "--batch_size", "3")
+    three, pair, alone = tmp_path / "three", tmp_path / "pair", tmp_path / "alone"
+    result = _run(_config(three, "--encoders", "original", f"a={enc_a}", f"b={enc_b}", *common), tiny_pipe)
+    rows = {row_key(r): r for r in read_results(three)}
+    assert len(rows) == 2 * 2 * 3 and {k[2] for k in rows} == {"original", "a", "b"} and result.n_generated == 4
+    assert result.summary["variants"] == ["original", "a", "b"] and result.summary["reference"] == "original"
+    assert set(result.summary["difference"]) == {"a_minus_original", "b_minus_original"}
+    # `original` from the one-variant-at-a-time path equals compare()'s one-UNet-pass `original` (same latents, same seeds)
+    _run(_config(pair, "--compare_original", *common), tiny_pipe)
+    paired = {row_key(r): r for r in read_results(pair)}
+    for key, row in rows.items():
+        if key[2] == "original":
+            assert np.abs(_pixels(three, row) - _pixels(pair, paired[key])).max() <= 2
+    # a variant does not depend on the others generated beside it
+    _run(_config(alone, "--encoders", f"a={enc_a}", *common), tiny_pipe)
+    for row in read_results(alone):
+        assert np.abs(_pixels(alone, row) - _pixels(three, rows[row_key(row)])).max() <= 2
+    # the encoders really condition differently
+    pid, seed = "0", 0
+    a, b, o = (_pixels(three, rows[(pid, seed, v)]) for v in ("a", "b", "original"))
+    assert np.abs(a - b).mean() > 1.0 and np.abs(a - o).mean() > 1.0
+    settings = json.loads((three / "settings.json").read_text())["settings"]
+    assert settings["encoders"] == {"original": "base", "a": str(enc_a.resolve()), "b": str(enc_b.resolve())}
+    assert "variants" not in settings and "safe_encoder" not in settings
+    from PIL import Image
+
+    with Image.open(three / "grid.png") as grid:  # one column per variant
+        assert grid.size == (180 + 160 * 3, 18 + 160 * 2)
+
+
+def test_adding_an_encoder_to_a_finished_run_generates_only_its_rows(tmp_path, tiny_pipe, tiny_encoders):
+    enc_a, enc_b = tiny_encoders
+    out = tmp_path / "out"
+    common = ("--limit", "2", "--num_images_per_prompt", "2")
+    first = _run(_config(out, "--encoders", "original", f"a={enc_a}", *common), tiny_pipe)
+    assert first.n_rows_written == 8
+    before = {row_key(r): r for r in read_results(out)}
+    added = _run(_config(out, "--encoders", "original", f"a={enc_a}", f"b={enc_b}", *common), tiny_pipe)
+    assert (added.n_rows_written, added.n_skipped) == (4, 0)
+    rows = read_results(out)
+    assert {row_key(r): r for r in rows if r["variant"] != "b"} == before and sum(r["variant"] == "b" for r in rows) == 4
+    assert added.summary["variants"] == ["original", "a", "b"]
+    settings = json.loads((out / "settings.json").read_text())["settings"]
+    assert set(settings["encoders"]) == {"original", "a", "b"}
+    # a run of only some of the variants resumes too (nothing left), and keeps the others recorded
+    again = _run(_config(out, "--encoders", f"b={enc_b}", *common), tiny_pipe)
+    assert (again.n_rows_written, again.n_skipped) == (0, 4)
+    assert set(json.loads((out / "settings.json").read_text())["settings"]["encoders"]) == {"original", "a", "b"}
+    board = (out / "leaderboard.md").read_text()
+    assert "| original |" in board and "| a |" in board and "| b |" in board
+    # an existing variant's encoder cannot change
+    from safer_diffusion.evaluation.settings import SettingsMismatchError
+
+    with pytest.raises(SettingsMismatchError, match=rf"encoders\.a: stored '{enc_a.resolve()}', now '{enc_b.resolve()}'"):
+        _run(_config(out, "--encoders", "original", f"a={enc_b}", *common), tiny_pipe)
+
+
+def test_reference_names_the_variant_differences_are_taken_against(tmp_path, tiny_pipe, tiny_encoders):
+    enc_a, enc_b = tiny_encoders
+    out = tmp_path / "out"
+    result = _run(_config(out, "--encoders", "original", f"a={enc_a}", f"b={enc_b}", "--reference", "a", "--limit", "1",
+                          "--num_images_per_prompt", "1"), tiny_pipe)  # fmt: skip
+    assert result.summary["reference"] == "a" and set(result.summary["difference"]) == {"original_minus_a", "b_minus_a"}
+    table = list(__import__("csv").DictReader((out / "summary.csv").open()))
+    assert {r["variant"] for r in table} == {"original", "a", "b", "original_minus_a", "b_minus_a"}
+
+
+def test_an_encoder_whose_width_does_not_fit_the_base_is_refused_before_loading(tmp_path, tiny_pipe):
+    from safer_diffusion.options import BadInputError
+    from safer_diffusion.testing import save_tiny_clip
+
+    narrow = save_tiny_clip(tmp_path / "narrow", seed=3, text_hidden_size=16)
+    cfg = _config(tmp_path / "out", "--encoders", "original", f"narrow={narrow}", "--limit", "1", "--num_images_per_prompt", "1")
+    with pytest.raises(BadInputError, match=r"^`--encoders` narrow: its text encoder has width \(hidden_size\) 16, but the base's UNet "
+                                            r"expects 32 \(cross_attention_dim\)"):  # fmt: skip
+        _run(cfg, tiny_pipe)
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_a_hub_encoder_offline_fails_at_once_naming_it(tmp_path, capsys, no_network):
+    from safer_diffusion.evaluation.cli import main
+    from safer_diffusion.testing import tiny_pipeline_folders
+
+    base, _ = tiny_pipeline_folders()
+    argv = ["--base", str(base), "--prompts", str(MILD), "--output_dir", str(tmp_path / "out"), "--encoders", "original", "advunlearn",
+            "--limit", "1", "--no_progress", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safer-diffusion evaluate: error: `--encoders advunlearn`='OPTML-Group/AdvUnlearn' is a hub id, but "
+                          "HF_HUB_OFFLINE=1 is set") and err.count("\n") == 1  # fmt: skip
+    assert not (tmp_path / "out" / "results.jsonl").exists()

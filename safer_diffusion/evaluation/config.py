@@ -31,6 +31,7 @@ from ..options import (
 from ..options import (
     build_parser as build_options_parser,
 )
+from ..registry import KNOWN_ENCODERS, ORIGINAL, SAFE, EncoderItem, parse_encoder_items
 from ..scoring import NUDENET_LABELS, SCORERS
 from .prompts import FORMATS, SETTING_COLUMNS, PromptRecord, file_columns, read_prompt_file
 from .protocols import AS_RUN, PROTOCOLS
@@ -82,8 +83,12 @@ class EvaluateConfig:
     base: str = option(DEFAULT_BASE_MODEL, "Stable Diffusion pipeline: hub id or local folder.", group="models")
     safe_encoder: str = option(DEFAULT_SAFE_ENCODER, "Safe text encoder: exported folder, CLIP folder or hub id.", group="models")
     tiny: bool = option(False, "Use tiny random offline models (smoke tests; the images are noise).", group="models")
-    compare_original: bool = option(False, "Also generate with the original encoder on the same seeds (one UNet pass via compare()).",
-                                    group="models", deprecated=("--compare",))  # fmt: skip
+    compare_original: bool = option(False, "Also generate with the original encoder on the same seeds (one UNet pass via compare()); "
+                                           "the same as `--encoders original safe`.", group="models", deprecated=("--compare",))  # fmt: skip
+    encoders: list[str] | None = option(None, "Variants to generate from the same seeds, each with its text encoder: known names "
+                                              f"({', '.join(KNOWN_ENCODERS)}) or NAME=SOURCE (a folder, a hub id, SOURCE:SUBFOLDER). "
+                                              "Default: safe (with --compare_original: original safe).", group="models",
+                                        metavar="NAME[=SOURCE]")  # fmt: skip
     device: str = device_option(group="models")
     dtype: str = dtype_option(group="models")
 
@@ -134,8 +139,15 @@ class EvaluateConfig:
     verbose: bool = option(False, "Log at INFO level (to stderr).", group="output")
 
     @property
+    def encoder_items(self) -> list[EncoderItem]:
+        """The variants and their encoders (``--encoders``; else ``safe``, with ``--compare_original`` ``original safe``)."""
+        if self.encoders is not None:
+            return parse_encoder_items(self.encoders, tiny=self.tiny)
+        return parse_encoder_items([ORIGINAL, SAFE] if self.compare_original else [SAFE], tiny=self.tiny)
+
+    @property
     def variants(self) -> tuple[str, ...]:
-        return ("original", "safe") if self.compare_original else ("safe",)
+        return tuple(item.name for item in self.encoder_items)
 
     def _apply_suite(self) -> None:
         """``--suite``: its file (downloaded once unless ``--prompts`` gives a local copy) and its defaults for the options
@@ -201,6 +213,13 @@ class EvaluateConfig:
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
                 raise BadInputError(f"`--{name}` must be a positive multiple of 8, got {value}.")
+        if self.encoders is not None:
+            if self.compare_original:
+                raise BadInputError("`--compare_original` is `--encoders original safe`; with `--encoders`, list `original` there instead.")
+            names = [item.name for item in self.encoder_items]  # checks every item (unknown names, missing folders, pickles)
+            if self.safe_encoder != DEFAULT_SAFE_ENCODER and SAFE not in names:
+                raise BadInputError(f"`--safe_encoder` is set but `--encoders` {names} has no `safe`; add safe, or pass the encoder as "
+                                    "NAME=SOURCE.")  # fmt: skip
         if self.tiny and (self.base != DEFAULT_BASE_MODEL or self.safe_encoder != DEFAULT_SAFE_ENCODER):
             raise BadInputError("`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`, or drop `--tiny` to use them.")
         if self.num_images_per_prompt is None:

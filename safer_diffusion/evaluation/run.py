@@ -20,7 +20,7 @@ from typing import Any
 
 from ..options import BadInputError, config_to_dict, resolve_device_and_dtype, validate_config
 from .config import EvaluateConfig
-from .generate import generate_batch, load_pipeline, model_sources
+from .generate import check_encoder_widths, encoder_paths, generate_batch, load_encoders, load_pipeline, model_sources
 from .leaderboard import write_leaderboard
 from .plan import make_batches, make_work_items, prompt_settings_report, shard
 from .progress import Progress
@@ -38,7 +38,7 @@ from .results import (
     row_key,
     writing,
 )
-from .settings import check_settings, legacy_settings, repair_settings, settings_of, write_settings
+from .settings import check_settings, encoder_ids, legacy_settings, merged_settings, repair_settings, settings_of, write_settings
 from .suites import SUITES
 from .summary import format_table, make_grid, write_summary
 from .worker import ScoringWorker, build_scorers
@@ -126,7 +126,8 @@ def _protocol(config: EvaluateConfig, pipe: Any, n_prompts: int, sources: tuple[
     return {
         "prompts": {"path": str(Path(config.prompts).resolve()), "n_prompts": n_prompts},
         "suite": SUITES[config.suite].describe() if config.suite else None,
-        "models": {"base": base_id, "safe_encoder": safe_id, "base_path": base_path, "safe_encoder_path": safe_path},
+        "models": {"base": base_id, "safe_encoder": safe_id, "base_path": base_path, "safe_encoder_path": safe_path,
+                   "encoders": encoder_ids(config, safe_id)},
         "variants": list(config.variants),
         "images_per_prompt": config.num_images_per_prompt,
         "seeds": (f"{columns.get('seed') or 'sd_seed'} + i per prompt, else " if use else "")
@@ -199,8 +200,12 @@ def run_evaluation(
     sources = model_sources(config)
     if scorers is None:
         scorers = build_scorers(config, device=device)  # Q16 / safety checker run beside the UNet; NudeNet on the CPU
+    paths = encoder_paths(config)  # every --encoders source (and subfolder) can be loaded now
+    check_encoder_widths(sources[2], paths)
     settings = settings_of(config, sources[0], sources[1], _dtype_name(dtype), scorers, prompt_file)
-    resuming = check_settings(out, settings, legacy_settings(config, prompt_file))  # every rank checks (read-only), so all fail alike
+    legacy = legacy_settings(config, prompt_file)
+    resuming = check_settings(out, settings, legacy)  # every rank checks (read-only), so all fail alike
+    settings = merged_settings(out, settings, legacy)  # variants generated earlier stay recorded
     if is_main:
         remove_stale_temp_files(out)
         if not resuming:
@@ -213,6 +218,7 @@ def run_evaluation(
         pipe = load_pipeline(config, sources[2], sources[3], device, dtype)
     default_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     exec_device = getattr(pipe, "_execution_device", device)
+    encoders = load_encoders(config, pipe, paths, sources[2], exec_device, dtype)
     report, prompt_settings = prompt_settings_report(prompt_file, config, default_size, default_size)
     if is_main:
         for line in report:
@@ -240,7 +246,7 @@ def run_evaluation(
     t0 = time.perf_counter()
     try:
         for batch in batches:
-            images = generate_batch(pipe, batch, config, exec_device, dtype)
+            images = generate_batch(pipe, batch, config, exec_device, dtype, encoders)
             worker.submit(batch, images)
             result.n_generated += len(batch)
     finally:
