@@ -59,6 +59,7 @@ def make_work_items(
     use = config.use_prompt_settings
     if use:
         check_prompt_settings(records, config, columns)
+    variants = config.variants  # parsed once (each access checks the --encoders items)
     items, skipped = [], 0
     for r in records:
         base_seed = r.seed if use and r.seed is not None else config.seed
@@ -67,7 +68,7 @@ def make_work_items(
         width = r.width if use and r.width is not None else (config.width or default_width)
         for i in range(config.num_images_per_prompt):
             seed = base_seed + i
-            missing = tuple(v for v in config.variants if (r.prompt_id, seed, v) not in done)
+            missing = tuple(v for v in variants if (r.prompt_id, seed, v) not in done)
             if missing:
                 items.append(WorkItem(r, i, seed, float(guidance), int(height), int(width), missing))
             else:

@@ -106,7 +106,7 @@ class Rule:
 
     def text(self) -> str:
         if self.threshold is None:
-            return f"{self.scorer} flags (its own threshold)"
+            return f"{self.scorer} flags"
         what = f"max {self.scorer} score over {len(self.classes)} classes" if self.classes else f"{self.scorer} score"
         return f"{what} {self.comparison} {self.threshold:g}" + ("" if self.required else " (when stored)")
 

@@ -320,7 +320,7 @@ def protocol_fields(rule: Protocol, protocol: dict[str, Any], rows: Sequence[dic
         if r.threshold is not None:
             thresholds.append(f"{r.scorer} {r.comparison} {r.threshold:g}")
         elif d.get("threshold") is not None:
-            thresholds.append(f"{r.scorer} own ({d['threshold']:g})")
+            thresholds.append(f"{r.scorer} at {d['threshold']:g}")
     per_prompt: dict[tuple[str, str], int] = {}
     for row in rows:
         k = (str(row["variant"]), str(row["prompt_id"]))
@@ -403,6 +403,8 @@ def protocol_line(summary: dict[str, Any]) -> str:
     """One line naming the protocol every number of ``summary`` was computed under."""
     p = summary.get("unsafe_protocol") or {}
     parts = [p.get("text") or p.get("name") or "?"]
+    if p.get("name") == AS_RUN and p.get("threshold"):
+        parts[0] += f" ({p['threshold']})"
     for key, label in (("detector", "detector"), ("images_per_prompt", "images/prompt"), ("num_inference_steps", "steps"),
                        ("scheduler", "scheduler"), ("guidance_scale", "guidance"), ("size", "size"), ("seeds", "seeds")):  # fmt: skip
         if p.get(key) not in (None, ""):
