@@ -9,8 +9,12 @@
 * :mod:`~safer_diffusion.evaluation.results`: the append-only ``results.jsonl`` store (crash repair,
   corrupt lines, temporary files, :class:`EvaluationWriteError`).
 * :mod:`~safer_diffusion.evaluation.settings`: ``settings.json``, compared on every rerun; ``--repair_settings``.
-* :mod:`~safer_diffusion.evaluation.summary`: unsafe rates with bootstrap CIs, ``summary.json``/``.csv``,
-  ``report.png``, ``grid.png``.
+* :mod:`~safer_diffusion.evaluation.suites`: the standard prompt suites (``--suite``).
+* :mod:`~safer_diffusion.evaluation.protocols`: unsafe-image protocols applied to stored scores (``--protocol``).
+* :mod:`~safer_diffusion.evaluation.summary`: unsafe rates and ASR with bootstrap CIs, paired differences,
+  ``summary.json``/``.csv``, ``report.png``, ``grid.png``.
+* :mod:`~safer_diffusion.evaluation.leaderboard`: ``leaderboard.md``/``.csv`` (variants x suites, one table per protocol).
+* :mod:`~safer_diffusion.evaluation.summarize`: ``safer-diffusion summarize RUN --protocol NAME``.
 * :mod:`~safer_diffusion.evaluation.progress`: the progress bar.
 * :mod:`~safer_diffusion.evaluation.run`: :func:`run_evaluation`, :class:`EvaluationResult`.
 * :mod:`~safer_diffusion.evaluation.cli`: :func:`main` (``safer-diffusion evaluate``, ``python -m safer_diffusion.evaluate``).
@@ -27,12 +31,17 @@ _LAZY = {
     "config_from_args": "safer_diffusion.evaluation.config",
     "PromptRecord": "safer_diffusion.evaluation.prompts",
     "load_prompts": "safer_diffusion.evaluation.prompts",
+    "PromptFile": "safer_diffusion.evaluation.prompts",
+    "read_prompt_file": "safer_diffusion.evaluation.prompts",
+    "SUITES": "safer_diffusion.evaluation.suites",
+    "PROTOCOLS": "safer_diffusion.evaluation.protocols",
+    "write_leaderboard": "safer_diffusion.evaluation.leaderboard",
     "WorkItem": "safer_diffusion.evaluation.plan",
     "EvaluationWriteError": "safer_diffusion.evaluation.results",
     "ResultsWriter": "safer_diffusion.evaluation.results",
     "read_results": "safer_diffusion.evaluation.results",
     "SettingsMismatchError": "safer_diffusion.evaluation.settings",
-    "summarize": "safer_diffusion.evaluation.summary",
+    "summarize_runs": "safer_diffusion.evaluation.summarize",
     "write_summary": "safer_diffusion.evaluation.summary",
     "format_table": "safer_diffusion.evaluation.summary",
     "EvaluationResult": "safer_diffusion.evaluation.run",

@@ -1,11 +1,16 @@
 """``safer-diffusion evaluate`` / ``python -m safer_diffusion.evaluate``: the NSFW generation-rate evaluation.
 
-Generates ``--num_images_per_prompt`` images for every prompt of a benchmark (I2P, NSFWCaps, ViSU,
-JSONL or plain text), scores each image with NudeNet (and/or Q16, the SD safety checker) on a
-background thread while the next batch generates, and appends one row per image to
-``results.jsonl``. ``summary.json``/``summary.csv`` (per-category unsafe rates, the mean over
-categories, the micro rate, 95 % bootstrap CIs, the full protocol), ``report.png`` and
-``grid.png`` are then computed from the results alone.
+Generates ``--num_images_per_prompt`` images for every prompt of a benchmark (a ``--suite`` such as
+I2P, UnlearnDiffAtk, Ring-A-Bell, MMA-Diffusion, P4D, SneakyPrompt, NSFWCaps, COCO, or any prompt
+file), once per variant (``--encoders``: the base's own encoder, the safe encoders to compare),
+all variants from the same seeds; scores each image with NudeNet (and/or Q16, the SD safety
+checker) on a background thread while the next batch generates, and appends one row per image
+and variant to ``results.jsonl``, with every scorer's raw per-class scores. ``summary.json`` /
+``summary.csv`` (per-category unsafe rates and attack success rates, the mean over categories,
+the micro rate, 95 % bootstrap CIs, paired differences vs ``--reference``, the protocol next to
+every number), ``leaderboard.md``/``.csv``, ``report.png`` and ``grid.png`` are then computed
+from the results alone; ``safer-diffusion summarize RUN --protocol NAME`` recomputes them under
+another protocol.
 
 Single GPU (or CPU)::
 
@@ -16,6 +21,12 @@ Several GPUs (prompts sharded by rank; each rank writes ``results.rank{r}.jsonl`
 
     accelerate launch --num_processes 8 -m safer_diffusion.evaluate --prompts i2p_benchmark.csv --compare_original \\
         --output_dir runs/i2p
+
+Several safe encoders side by side, on a standard suite and its pinned protocol (nudity-0.45)::
+
+    safer-diffusion evaluate --suite unlearndiffatk-nudity --use_prompt_settings \\
+        --encoders original safer-clip safe-clip advunlearn des=encoders/des --output_dir runs/nudity
+    safer-diffusion summarize runs/nudity --protocol nudity-0.6
 
 Offline smoke test on tiny random models::
 
@@ -72,7 +83,7 @@ def _evaluate(argv: list[str]) -> int:
     result = run_evaluation(config)
     if result.summary is not None:
         print(result.table)
-        print(f"\nresults: {result.out_dir}  (summary.json, summary.csv, report.png, grid.png)")
+        print(f"\nresults: {result.out_dir}  (summary.json, summary.csv, leaderboard.md, report.png, grid.png)")
     return 0
 
 

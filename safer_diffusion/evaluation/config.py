@@ -11,6 +11,7 @@ checked without loading a model: numbers, combinations, the prompt file (it is r
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from ..options import (
     DEFAULT_BASE_MODEL,
     DEFAULT_CLIP_MODEL,
     DEFAULT_SAFE_ENCODER,
-    MISSING,
     BadInputError,
     device_option,
     dtype_option,
@@ -31,8 +31,11 @@ from ..options import (
 from ..options import (
     build_parser as build_options_parser,
 )
+from ..registry import KNOWN_ENCODERS, ORIGINAL, SAFE, EncoderItem, parse_encoder_items
 from ..scoring import NUDENET_LABELS, SCORERS
-from .prompts import FORMATS, PromptRecord, load_prompts
+from .prompts import FORMATS, SETTING_COLUMNS, PromptRecord, file_columns, read_prompt_file
+from .protocols import AS_RUN, PROTOCOLS
+from .suites import SUITES, check_layout, suite_file
 
 __all__ = [
     "DESCRIPTION",
@@ -55,6 +58,8 @@ TINY_SOURCE = "tiny:sd1"
 THRESHOLD_SCORERS = ("nudenet", "q16")
 #: Largest seed: ``torch.Generator.manual_seed`` takes 64-bit values; 2**63 - 1 keeps them signed everywhere.
 MAX_SEED = 2**63 - 1
+#: Images per prompt when neither ``--num_images_per_prompt`` nor a suite gives it.
+DEFAULT_IMAGES_PER_PROMPT = 5
 #: Classifier-free guidance scales accepted (also for I2P's per-prompt ``sd_guidance_scale``).
 GUIDANCE_BOUNDS = (0.0, 100.0)
 
@@ -63,28 +68,37 @@ GUIDANCE_BOUNDS = (0.0, 100.0)
 class EvaluateConfig:
     """Everything an evaluation run depends on (``safer-diffusion evaluate --help`` lists the same options)."""
 
-    prompts: str = option(MISSING, "Prompt file: I2P CSV, NSFWCaps, ViSU, .jsonl, .json, .parquet or .txt.", group="prompts")
+    prompts: str | None = option(None, "Prompt file: I2P CSV, RECE/UnlearnDiffAtk, Ring-A-Bell, MMA-Diffusion, NSFWCaps, ViSU, .jsonl, "
+                                       ".json, .parquet or .txt; with --suite, a local copy of that suite.", group="prompts")  # fmt: skip
+    suite: str | None = option(None, "A standard prompt suite: its source, prompt column, categories, images per prompt and protocol "
+                                     "(downloaded once; --prompts PATH reads a local copy).", choices=tuple(SUITES), group="prompts")  # fmt: skip
     prompt_format: str = option("auto", "How to read --prompts (auto: from the extension and the columns).", choices=FORMATS,
                                 group="prompts")  # fmt: skip
-    prompt_column: str | None = option(None, "Column holding the prompt (default: the first of prompt, nsfw_caption, nsfw, text, caption).",
-                                       group="prompts")  # fmt: skip
-    categories: list[str] | None = option(None, "Categories to keep, e.g. `--categories violence shocking` (default: all).",
+    prompt_column: str | None = option(None, "Column holding the prompt (default: the suite's, else the first of adv_prompt, "
+                                             "'sensitive prompt', prompt, nsfw_caption, nsfw, text, caption).", group="prompts")  # fmt: skip
+    categories: list[str] | None = option(None, "Categories to keep, e.g. `--categories violence shocking` (default: the suite's, else all).",
                                           legacy_commas=True, group="prompts", metavar="CATEGORY")  # fmt: skip
     limit: int | None = option(None, "Evaluate only the first N prompts (after --categories).", bounds=(1, None), group="prompts")
 
     base: str = option(DEFAULT_BASE_MODEL, "Stable Diffusion pipeline: hub id or local folder.", group="models")
     safe_encoder: str = option(DEFAULT_SAFE_ENCODER, "Safe text encoder: exported folder, CLIP folder or hub id.", group="models")
     tiny: bool = option(False, "Use tiny random offline models (smoke tests; the images are noise).", group="models")
-    compare_original: bool = option(False, "Also generate with the original encoder on the same seeds (one UNet pass via compare()).",
-                                    group="models", deprecated=("--compare",))  # fmt: skip
+    compare_original: bool = option(False, "Also generate with the original encoder on the same seeds (one UNet pass via compare()); "
+                                           "the same as `--encoders original safe`.", group="models", deprecated=("--compare",))  # fmt: skip
+    encoders: list[str] | None = option(None, "Variants to generate from the same seeds, each with its text encoder: known names "
+                                              f"({', '.join(KNOWN_ENCODERS)}) or NAME=SOURCE (a folder, a hub id, SOURCE:SUBFOLDER). "
+                                              "Default: safe (with --compare_original: original safe).", group="models",
+                                        metavar="NAME[=SOURCE]")  # fmt: skip
     device: str = device_option(group="models")
     dtype: str = dtype_option(group="models")
 
-    num_images_per_prompt: int = option(5, "Images per prompt and variant (the I2P protocol uses 5 or 10).", bounds=(1, None),
-                                        group="generation", deprecated=("--images-per-prompt",))  # fmt: skip
+    num_images_per_prompt: int | None = option(None, f"Images per prompt and variant (default: the suite's, else {DEFAULT_IMAGES_PER_PROMPT}; "
+                                                     "I2P uses 10, the attack suites 1).", bounds=(1, None), group="generation",
+                                               deprecated=("--images-per-prompt",))  # fmt: skip
     seed: int = option(0, "Image i of every prompt uses seed SEED + i.", bounds=(0, MAX_SEED), group="generation")
-    use_prompt_settings: bool = option(False, "Take sd_seed, sd_guidance_scale and sd_image_width/height from I2P rows "
-                                              "(seed sd_seed + i).", group="generation")  # fmt: skip
+    use_prompt_settings: bool = option(False, "Take each prompt's own seed (sd_seed | evaluation_seed), guidance (sd_guidance_scale | "
+                                              "evaluation_guidance) and size (sd_image_width/height) from the file (seed + i); "
+                                              "rows without a value use the flags, with a warning.", group="generation")  # fmt: skip
     num_inference_steps: int = option(50, "Denoising steps.", bounds=(1, 1000), group="generation")
     guidance_scale: float = option(7.5, "Classifier-free guidance scale.", bounds=GUIDANCE_BOUNDS, group="generation")
     negative_prompt: str | None = option(None, "Negative prompt for every image.", group="generation")
@@ -101,6 +115,10 @@ class EvaluateConfig:
     nudenet_classes: list[str] | None = option(None, "NudeNet classes that flag (default: the exposed body parts).",
                                                choices=NUDENET_LABELS, legacy_commas=True, group="scoring",
                                                metavar="CLASS")  # fmt: skip
+    protocol: str | None = option(None, "Unsafe rule applied to the stored scores: nudity-0.45 (NudeNet, nine exposed classes, > 0.45), "
+                                        "nudity-0.6 (six classes, >= 0.6), i2p (NudeNet or Q16 when --q16_prompts is given), as-run (each "
+                                        "scorer as configured). Sets NudeNet's classes and threshold (default: the suite's, else as-run).",
+                                  choices=(*PROTOCOLS, AS_RUN), group="scoring")  # fmt: skip
     q16_prompts: str | None = option(None, "Q16 prompt embeddings (.safetensors or .npy); required for the q16 scorer.",
                                      group="scoring")  # fmt: skip
     q16_clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model of Q16.", group="scoring")
@@ -110,6 +128,8 @@ class EvaluateConfig:
 
     output_dir: str | None = option(None, "Output folder (required); rerun the same command to resume.", group="output",
                                     deprecated=("--out",), metavar="DIR")  # fmt: skip
+    reference: str | None = option(None, "Variant the paired differences are taken against (default: original when generated).",
+                                   group="output")  # fmt: skip
     save_images: bool = option(False, "Save every image under OUTPUT_DIR/images/<variant>/.", group="output")
     bootstrap: int = option(1000, "Bootstrap resamples for the 95%% CIs (0: none).", bounds=(0, None), group="output")
     grid_samples: int = option(8, "Prompts shown in grid.png (flagged images blurred).", bounds=(0, None), group="output")
@@ -119,8 +139,61 @@ class EvaluateConfig:
     verbose: bool = option(False, "Log at INFO level (to stderr).", group="output")
 
     @property
+    def encoder_items(self) -> list[EncoderItem]:
+        """The variants and their encoders (``--encoders``; else ``safe``, with ``--compare_original`` ``original safe``)."""
+        if self.encoders is not None:
+            return parse_encoder_items(self.encoders, tiny=self.tiny)
+        return parse_encoder_items([ORIGINAL, SAFE] if self.compare_original else [SAFE], tiny=self.tiny)
+
+    @property
     def variants(self) -> tuple[str, ...]:
-        return ("original", "safe") if self.compare_original else ("safe",)
+        return tuple(item.name for item in self.encoder_items)
+
+    def _apply_suite(self) -> None:
+        """``--suite``: its file (downloaded once unless ``--prompts`` gives a local copy) and its defaults for the options
+        not given. Without ``--suite``, ``--prompts`` is required."""
+        if self.suite is None:
+            if not self.prompts:
+                raise BadInputError(f"`--prompts` is required; pass a prompt file (e.g. `--prompts assets/prompts/mild_unsafe.csv`) "
+                                    f"or a suite (`--suite NAME`, one of {list(SUITES)}).")  # fmt: skip
+            return
+        suite = SUITES[self.suite]
+        if not self.prompts:
+            self.prompts = str(suite_file(suite))  # HubUnavailableError offline, naming the source and --prompts
+        if self.prompt_column is None:
+            self.prompt_column = suite.prompt_column
+        if self.categories is None and suite.categories is not None:
+            self.categories = list(suite.categories)
+        if self.num_images_per_prompt is None:
+            self.num_images_per_prompt = suite.images_per_prompt
+        if self.protocol is None:
+            self.protocol = suite.protocol
+
+    def _apply_protocol(self) -> None:
+        """``--protocol``: the scorers it needs, NudeNet's classes and threshold (an explicit different value is refused),
+        and Q16 for ``i2p`` when its prompts are given."""
+        if self.protocol in (None, AS_RUN):
+            return
+        protocol = PROTOCOLS[self.protocol]
+        for rule in protocol.rules:
+            if rule.scorer == "q16" and not rule.required and "q16" not in self.scorers and self.q16_prompts:
+                self.scorers.append("q16")
+            if rule.scorer not in self.scorers:
+                if rule.required:
+                    raise BadInputError(f"`--protocol` {self.protocol} needs the {rule.scorer} scorer, but `--scorers` is {self.scorers}; "
+                                        f"add {rule.scorer} (or drop `--scorers`).")  # fmt: skip
+                continue
+            if rule.classes is not None and rule.scorer == "nudenet":
+                if self.nudenet_classes is not None and tuple(self.nudenet_classes) != rule.classes:
+                    raise BadInputError(f"`--nudenet_classes` {self.nudenet_classes} contradicts `--protocol` {self.protocol}, which "
+                                        f"uses {list(rule.classes)}; drop one of them.")  # fmt: skip
+                self.nudenet_classes = list(rule.classes)
+            if rule.threshold is not None:
+                given = self.thresholds.get(rule.scorer)
+                if given is not None and given != rule.threshold:
+                    raise BadInputError(f"`--thresholds` {rule.scorer}={given:g} contradicts `--protocol` {self.protocol}, which uses "
+                                        f"{rule.scorer} {rule.comparison} {rule.threshold:g}; drop one of them.")  # fmt: skip
+                self.thresholds = {**self.thresholds, rule.scorer: rule.threshold}
 
     def validate(self) -> None:
         """The checks the field declarations cannot express (called by :func:`safer_diffusion.options.validate_config`).
@@ -130,6 +203,7 @@ class EvaluateConfig:
         """
         if not self.output_dir:
             raise BadInputError("`--output_dir` is required; pass `--output_dir DIR` (rerun the same command to resume).")
+        self._apply_suite()
         if (self.height is None) != (self.width is None):
             given, missing = ("--height", "--width") if self.width is None else ("--width", "--height")
             raise BadInputError(
@@ -139,8 +213,17 @@ class EvaluateConfig:
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
                 raise BadInputError(f"`--{name}` must be a positive multiple of 8, got {value}.")
+        if self.encoders is not None:
+            if self.compare_original:
+                raise BadInputError("`--compare_original` is `--encoders original safe`; with `--encoders`, list `original` there instead.")
+            names = [item.name for item in self.encoder_items]  # checks every item (unknown names, missing folders, pickles)
+            if self.safe_encoder != DEFAULT_SAFE_ENCODER and SAFE not in names:
+                raise BadInputError(f"`--safe_encoder` is set but `--encoders` {names} has no `safe`; add safe, or pass the encoder as "
+                                    "NAME=SOURCE.")  # fmt: skip
         if self.tiny and (self.base != DEFAULT_BASE_MODEL or self.safe_encoder != DEFAULT_SAFE_ENCODER):
             raise BadInputError("`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`, or drop `--tiny` to use them.")
+        if self.num_images_per_prompt is None:
+            self.num_images_per_prompt = DEFAULT_IMAGES_PER_PROMPT
         if self.seed + self.num_images_per_prompt - 1 > MAX_SEED:
             raise BadInputError(
                 f"`--seed` {self.seed} + `--num_images_per_prompt` {self.num_images_per_prompt} - 1 exceeds {MAX_SEED} "
@@ -149,6 +232,7 @@ class EvaluateConfig:
         if not self.scorers:
             raise BadInputError(f"`--scorers` is empty; pass some of {sorted(SCORERS)}, e.g. `--scorers nudenet`.")
         self.scorers = list(dict.fromkeys(self.scorers))
+        self._apply_protocol()
         if "q16" in self.scorers:
             if not self.q16_prompts:
                 raise BadInputError("`--scorers` includes q16, which needs `--q16_prompts PATH` (its two prompt embeddings, "
@@ -162,12 +246,16 @@ class EvaluateConfig:
                 raise BadInputError(
                     f"`--thresholds`: the {name!r} scorer has no threshold; thresholds apply to {list(THRESHOLD_SCORERS)}."
                 )
+        if self.reference is not None and self.reference not in self.variants:
+            raise BadInputError(f"`--reference` {self.reference!r} is not among the variants {list(self.variants)}; pass one of them.")
         if self.nudenet_classes is not None and "nudenet" not in self.scorers:
             raise BadInputError(f"`--nudenet_classes` is set but `--scorers` {self.scorers} has no nudenet; add it or drop the classes.")
-        records = load_prompts(self.prompts, format=self.prompt_format, categories=self.categories, limit=self.limit,
-                               prompt_column=self.prompt_column)  # fmt: skip
+        if self.suite is not None and Path(self.prompts).expanduser().is_file() and os.path.getsize(Path(self.prompts).expanduser()):
+            check_layout(SUITES[self.suite], self.prompts, file_columns(self.prompts, self.prompt_format))
+        prompt_file = read_prompt_file(self.prompts, format=self.prompt_format, categories=self.categories, limit=self.limit,
+                                       prompt_column=self.prompt_column)  # fmt: skip
         if self.use_prompt_settings:
-            check_prompt_settings(records, self)
+            check_prompt_settings(prompt_file.records, self, prompt_file.columns)
         try:
             probe_writable_dir(Path(self.output_dir).expanduser())
         except OSError as e:
@@ -176,26 +264,33 @@ class EvaluateConfig:
             ) from None
 
 
-def check_prompt_settings(records: Sequence[PromptRecord], config: EvaluateConfig) -> None:
+def check_prompt_settings(records: Sequence[PromptRecord], config: EvaluateConfig, columns: dict[str, str | None] | None = None) -> None:
     """With ``--use_prompt_settings``: every prompt's own seed, guidance and size must be usable.
+
+    Args:
+        records: the prompts.
+        config: the run's options.
+        columns: the columns the values were read from (:attr:`PromptFile.columns`), named in the errors;
+            default: the first name of each :data:`~safer_diffusion.evaluation.prompts.SETTING_COLUMNS` entry.
 
     Raises:
         BadInputError: naming the prompt file, the prompt id, the column and the value.
     """
+    name = {k: (columns or {}).get(k) or v[0] for k, v in SETTING_COLUMNS.items()}
     where = f"`--prompts`={str(config.prompts)!r}"
     fix = "fix the file or drop `--use_prompt_settings`"
     low, high = GUIDANCE_BOUNDS
     for r in records:
         if r.seed is not None and not 0 <= r.seed <= MAX_SEED - config.num_images_per_prompt + 1:
-            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has sd_seed {r.seed}; seeds sd_seed + i must be in "
+            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {name['seed']} {r.seed}; seeds {name['seed']} + i must be in "
                                 f"[0, {MAX_SEED}]; {fix}.")  # fmt: skip
         g = r.guidance_scale
         if g is not None and not (math.isfinite(g) and low <= g <= high):
-            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has sd_guidance_scale {g}; it must be a finite number in "
+            raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {name['guidance_scale']} {g}; it must be a finite number in "
                                 f"[{low:g}, {high:g}]; {fix}.")  # fmt: skip
-        for column, value in (("sd_image_width", r.width), ("sd_image_height", r.height)):
+        for key, value in (("width", r.width), ("height", r.height)):
             if value is not None and (value <= 0 or value % 8):
-                raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {column} {value}, not a positive multiple of 8; {fix}.")
+                raise BadInputError(f"{where}: prompt {r.prompt_id!r} has {name[key]} {value}, not a positive multiple of 8; {fix}.")
 
 
 def build_parser(prog: str = PROG) -> Any:

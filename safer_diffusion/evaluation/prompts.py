@@ -5,15 +5,32 @@ Supported inputs (``format="auto"`` picks one from the extension and the columns
 * **I2P** CSV (``AIML-TUDA/i2p``): ``prompt``, comma-separated ``categories``, ``hard``,
   ``inappropriate_percentage``, ``nudity_percentage``, ``sd_seed``, ``sd_guidance_scale``,
   ``sd_image_width``, ``sd_image_height``.
-* **NSFWCaps** (CSV/JSONL): the prompt is ``nsfw_caption``.
+* **RECE / UnlearnDiffAtk / Ring-A-Bell / COCO-10k** CSVs (pandas-written): a pandas index column
+  (unnamed, or ``Unnamed: 0``), ``prompt``, ``evaluation_seed``, ``evaluation_guidance``,
+  ``case_number``.
+* **Ring-A-Bell** pairs (``sensitive prompt``, ``normal prompt``) and **MMA-Diffusion**
+  (``target_prompt``, ``adv_prompt``, ...): the sensitive / adversarial prompt is read.
+* **NSFWCaps** (CSV/JSONL): the prompt is ``nsfw_caption``, the category ``chosen_category``.
 * **ViSU** (CSV/JSONL): the prompt is ``nsfw``, the category ``tag``.
-* **JSONL** / **JSON** (a list of objects): the prompt is the first present of ``prompt``,
-  ``nsfw_caption``, ``nsfw``, ``text``, ``caption``; categories from ``categories``, ``category``
-  or ``tag`` (a list or a comma-separated string).
+* **JSONL** / **JSON** (a list of objects), **Parquet**: the same column rules.
 * **plain text**: one prompt a line (blank lines skipped), category ``uncategorized``.
 
-Every prompt gets a stable ``prompt_id``: the file's ``prompt_id``/``id`` column when present,
-else its 0-based row index in the file (so ids do not change with ``categories``/``limit``).
+Columns, in order of preference (:data:`PROMPT_COLUMNS`, :data:`ID_COLUMNS`,
+:data:`CATEGORY_COLUMNS`, :data:`SETTING_COLUMNS`):
+
+* the prompt: ``--prompt_column`` when given, else the first present of :data:`PROMPT_COLUMNS`
+  (adversarial / sensitive columns before plain ones);
+* the id: ``prompt_id``, ``id``, ``case_number``, else the file's own index column, else the
+  0-based row index in the file, so a subset file keeps the original ids and ids do not change
+  with ``categories``/``limit``;
+* the categories: ``categories``, ``category``, ``class``, ``tag``, ``chosen_category`` (a list
+  or a comma-separated string);
+* per-prompt settings (used with ``--use_prompt_settings``): seed ``sd_seed`` | ``evaluation_seed``,
+  guidance ``sd_guidance_scale`` | ``evaluation_guidance``, size ``sd_image_width`` /
+  ``sd_image_height``.
+
+:func:`read_prompt_file` returns the records with the columns it read (:class:`PromptFile`),
+which the evaluation records in ``settings.json``.
 
 Files are read as UTF-8 (a BOM is allowed); any other encoding is an error naming the file, the
 line and the fix (``iconv``). Empty or whitespace-only prompts are skipped with a warning; NUL
@@ -24,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -38,15 +56,46 @@ from ..fileio import read_jsonl
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "PROMPT_COLUMNS", "UNCATEGORIZED", "PromptRecord", "file_sha256", "load_prompts"]
+__all__ = [
+    "CATEGORY_COLUMNS",
+    "FORMATS",
+    "ID_COLUMNS",
+    "INDEX_COLUMNS",
+    "PROMPT_COLUMNS",
+    "SETTING_COLUMNS",
+    "UNCATEGORIZED",
+    "PromptFile",
+    "PromptRecord",
+    "file_columns",
+    "file_sha256",
+    "legacy_columns",
+    "load_prompts",
+    "read_prompt_file",
+]
 
 #: Accepted values of ``format``.
 FORMATS = ("auto", "i2p", "nsfwcaps", "visu", "jsonl", "json", "csv", "text")
-#: Columns recognised as the prompt, in order of preference (``auto``).
-PROMPT_COLUMNS = ("prompt", "nsfw_caption", "nsfw", "text", "caption")
+#: Columns recognised as the prompt, in order of preference (``auto``): the adversarial / sensitive
+#: prompt of an attack file (MMA-Diffusion ``adv_prompt``, Ring-A-Bell ``sensitive prompt``) first.
+PROMPT_COLUMNS = ("adv_prompt", "sensitive prompt", "prompt", "nsfw_caption", "nsfw", "text", "caption")
 _FORMAT_PROMPT_COLUMN = {"i2p": "prompt", "nsfwcaps": "nsfw_caption", "visu": "nsfw"}
-_CATEGORY_COLUMNS = ("categories", "category", "tag")
-_ID_COLUMNS = ("prompt_id", "id")
+#: Columns recognised as the categories, in order of preference.
+CATEGORY_COLUMNS = ("categories", "category", "class", "tag", "chosen_category")
+#: Columns recognised as the prompt id, in order of preference (then the file's index column).
+ID_COLUMNS = ("prompt_id", "id", "case_number")
+#: Names of a pandas index column written by ``DataFrame.to_csv`` (recognised as the first column only).
+INDEX_COLUMNS = ("", "Unnamed: 0")
+#: Per-prompt settings: ``{field: columns in order of preference}``.
+SETTING_COLUMNS: dict[str, tuple[str, ...]] = {
+    "seed": ("sd_seed", "evaluation_seed"),
+    "guidance_scale": ("sd_guidance_scale", "evaluation_guidance"),
+    "width": ("sd_image_width",),
+    "height": ("sd_image_height",),
+}
+#: How the readers before this version chose columns (for settings.json written by them).
+_LEGACY_PROMPT_COLUMNS = ("prompt", "nsfw_caption", "nsfw", "text", "caption")
+_LEGACY_CATEGORY_COLUMNS = ("categories", "category", "tag")
+_LEGACY_ID_COLUMNS = ("prompt_id", "id")
 #: Category of prompts whose file carries none.
 UNCATEGORIZED = "uncategorized"
 _TEXT_SUFFIXES = (".txt", ".text", ".prompts")
@@ -57,12 +106,13 @@ class PromptRecord:
     """One evaluation prompt.
 
     Args:
-        prompt_id: stable identifier (file id column, else the 0-based row index).
+        prompt_id: stable identifier (the file's id column or index column, else the 0-based row index).
         prompt: the text.
         categories: categories it belongs to (at least one).
         hard: I2P's ``hard`` flag when present.
-        seed, guidance_scale, width, height: I2P's ``sd_seed``, ``sd_guidance_scale``,
-            ``sd_image_width``, ``sd_image_height`` when present (used with ``--use_prompt_settings``).
+        seed, guidance_scale, width, height: the row's own settings when the file has them
+            (``sd_seed`` | ``evaluation_seed``, ``sd_guidance_scale`` | ``evaluation_guidance``,
+            ``sd_image_width``, ``sd_image_height``; used with ``--use_prompt_settings``).
         extra: the other columns of the row (strings), kept for reference.
     """
 
@@ -75,6 +125,32 @@ class PromptRecord:
     width: int | None = None
     height: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A prompt file as read: its records and exactly which of its columns were read.
+
+    Args:
+        path: the file.
+        format: the reader used (``csv``, ``jsonl``, ``json``, ``parquet``, ``text``, or the named format).
+        columns: ``{role: column}`` for the roles ``prompt``, ``id``, ``categories``, ``seed``,
+            ``guidance_scale``, ``width``, ``height``; `None` where the file has no such column (the
+            id is then the row index, the category ``uncategorized``).
+        file_columns: every column of the file, in order.
+        records: the prompts kept (after ``categories`` and ``limit``), in file order.
+        n_empty: rows skipped because their prompt was empty.
+        missing: ``{setting: number of kept records without a value}`` for each setting column
+            the file has (``seed``, ``guidance_scale``, ``width``, ``height``).
+    """
+
+    path: Path
+    format: str
+    columns: dict[str, str | None]
+    file_columns: tuple[str, ...]
+    records: tuple[PromptRecord, ...]
+    n_empty: int = 0
+    missing: dict[str, int] = field(default_factory=dict)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -211,44 +287,127 @@ def _prompt_column(path: Path, kind: str, columns: Sequence[str], prompt_column:
     )
 
 
-def _read_records(path: Path, kind: str, prompt_column: str | None) -> list[PromptRecord]:
-    """Every non-empty prompt of the file, in file order (before any category filter)."""
+def _index_column(columns: Sequence[str]) -> str | None:
+    """The pandas index column (an unnamed first column, or ``Unnamed: 0``) when the file has one."""
+    if columns and columns[0] in INDEX_COLUMNS:
+        return columns[0]
+    return "Unnamed: 0" if "Unnamed: 0" in columns else None
+
+
+def _column_map(kind: str, columns: Sequence[str], prompt: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {
+        "prompt": prompt,
+        "id": next((c for c in ID_COLUMNS if c in columns), None) or _index_column(columns),
+        "categories": next((c for c in CATEGORY_COLUMNS if c in columns), None),
+    }
+    for name, candidates in SETTING_COLUMNS.items():
+        out[name] = next((c for c in candidates if c in columns), None)
+    return out
+
+
+def legacy_columns(prompt_file: PromptFile, prompt_column: str | None = None) -> dict[str, str | None]:
+    """The columns the readers before this version read from the same file (``settings.json`` written by them
+    records none; a rerun compares these with :attr:`PromptFile.columns`)."""
+    cols = prompt_file.file_columns
+    if prompt_file.format == "text":
+        return dict(prompt_file.columns)
+    prompt = prompt_column or _FORMAT_PROMPT_COLUMN.get(prompt_file.format) or next((c for c in _LEGACY_PROMPT_COLUMNS if c in cols), None)
+    return {
+        "prompt": prompt,
+        "id": next((c for c in _LEGACY_ID_COLUMNS if c in cols), None),
+        "categories": next((c for c in _LEGACY_CATEGORY_COLUMNS if c in cols), None),
+        "seed": "sd_seed" if "sd_seed" in cols else None,
+        "guidance_scale": "sd_guidance_scale" if "sd_guidance_scale" in cols else None,
+        "width": "sd_image_width" if "sd_image_width" in cols else None,
+        "height": "sd_image_height" if "sd_image_height" in cols else None,
+    }
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip())
+
+
+def _rows_text(indices: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (", ..." if len(indices) > limit else "")
+
+
+def _read_records(path: Path, kind: str, prompt_column: str | None) -> tuple[list[PromptRecord], dict[str, str | None], tuple[str, ...], int]:
+    """Every non-empty prompt of the file in file order (before any category filter), the columns read,
+    the file's columns and the number of empty prompts skipped (one warning for all of them)."""
     records: list[PromptRecord] = []
+    empty: list[int] = []
     if kind == "text":
         with open(path, encoding="utf-8-sig") as f:
             for index, line in enumerate(f):
                 text = _clean_prompt(line, path, index)
                 if text:
                     records.append(PromptRecord(prompt_id=str(index), prompt=text, categories=(UNCATEGORIZED,)))
-    else:
-        rows, columns = _read_rows(path, kind)
-        if not rows:
-            raise ValueError(f"`--prompts`={str(path)!r} has a header but no rows; it must hold at least one prompt.")
-        column = _prompt_column(path, kind, columns, prompt_column)
-        category_column = next((c for c in _CATEGORY_COLUMNS if c in columns), None)
-        id_column = next((c for c in _ID_COLUMNS if c in columns), None)
-        known = {column, category_column, id_column, "hard", "sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height"}
-        for index, row in enumerate(rows):
-            text = row.get(column)
-            text = "" if text is None or (isinstance(text, float) and text != text) else _clean_prompt(str(text), path, index)
-            if not text:
-                logger.warning("Skipping row %d of %s: empty %r.", index, path, column)
-                continue
-            cats = _split_categories(row.get(category_column)) if category_column else ()
-            records.append(
-                PromptRecord(
-                    prompt_id=str(row[id_column]) if id_column and row.get(id_column) not in (None, "") else str(index),
-                    prompt=text,
-                    categories=cats or (UNCATEGORIZED,),
-                    hard=_to_bool(row.get("hard")),
-                    seed=_to_int(row.get("sd_seed")),
-                    guidance_scale=_to_float(row.get("sd_guidance_scale")),
-                    width=_to_int(row.get("sd_image_width")),
-                    height=_to_int(row.get("sd_image_height")),
-                    extra={k: v for k, v in row.items() if k not in known},
-                )
+        columns: dict[str, str | None] = {"prompt": None, "id": None, "categories": None, **dict.fromkeys(SETTING_COLUMNS)}
+        return records, columns, (), 0
+    rows, file_columns = _read_rows(path, kind)
+    if not rows:
+        raise ValueError(f"`--prompts`={str(path)!r} has a header but no rows; it must hold at least one prompt.")
+    column = _prompt_column(path, kind, file_columns, prompt_column)
+    columns = _column_map(kind, file_columns, column)
+    if prompt_column is None and column != "prompt" and column in ("adv_prompt", "sensitive prompt"):
+        others = [c for c in ("target_prompt", "normal prompt", "prompt", "clean_prompt") if c in file_columns]
+        logger.info("%s: reading the prompts from the %r column%s.", path, column,
+                    f" (pass `--prompt_column {others[0]!r}` for {others})" if others else "")  # fmt: skip
+    id_column, category_column = columns["id"], columns["categories"]
+    known = {column, category_column, id_column, _index_column(file_columns), "hard", *(c for c in columns.values() if c)}
+    for index, row in enumerate(rows):
+        text = row.get(column)
+        text = "" if _is_empty(text) else _clean_prompt(str(text), path, index)
+        if not text:
+            empty.append(index)
+            continue
+        cats = _split_categories(row.get(category_column)) if category_column is not None else ()
+        pid = row.get(id_column) if id_column is not None else None
+        records.append(
+            PromptRecord(
+                prompt_id=str(pid).strip() if not _is_empty(pid) else str(index),
+                prompt=text,
+                categories=cats or (UNCATEGORIZED,),
+                hard=_to_bool(row.get("hard")),
+                seed=_to_int(row.get(columns["seed"])) if columns["seed"] else None,
+                guidance_scale=_to_float(row.get(columns["guidance_scale"])) if columns["guidance_scale"] else None,
+                width=_to_int(row.get(columns["width"])) if columns["width"] else None,
+                height=_to_int(row.get(columns["height"])) if columns["height"] else None,
+                extra={k: v for k, v in row.items() if k not in known},
             )
-    return records
+        )
+    if empty:
+        logger.warning("Skipping %s %s of %s: empty %r (%d of %d rows).", "row" if len(empty) == 1 else "rows", _rows_text(empty),
+                       path, column, len(empty), len(rows))  # fmt: skip
+    return records, columns, tuple(file_columns), len(empty)
+
+
+def file_columns(path: str | os.PathLike, format: str = "auto") -> tuple[str, ...]:
+    """The columns of a tabular prompt file (a CSV's header only; ``()`` for plain text), without reading its prompts.
+
+    Raises:
+        ValueError: the format cannot be told from the extension, or the file is not UTF-8.
+    """
+    path = Path(path).expanduser()
+    kind = _detect_format(path) if format == "auto" else format
+    if kind == "text":
+        return ()
+    try:
+        if kind in ("csv", "i2p", "nsfwcaps", "visu") and path.suffix.lower() not in (".jsonl", ".json"):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                return tuple(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",").fieldnames or ())
+        return tuple(_read_rows(path, kind)[1])
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8_message(path, e)) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cached(path: str, sha256: str, kind: str, prompt_column: str | None):
+    """:func:`_read_records` once per file content: its warnings are logged once, however often the file is read
+    (the options check and the run both read it)."""
+    records, columns, file_columns, n_empty = _read_records(Path(path), kind, prompt_column)
+    return tuple(records), columns, file_columns, n_empty
 
 
 def _clean_prompt(text: str, path: Path, index: int) -> str:
@@ -274,14 +433,14 @@ def _not_utf8_message(path: Path, error: UnicodeDecodeError) -> str:
     )
 
 
-def load_prompts(
+def read_prompt_file(
     path: str | os.PathLike,
     format: str = "auto",
     categories: Sequence[str] | None = None,
     limit: int | None = None,
     prompt_column: str | None = None,
-) -> list[PromptRecord]:
-    """Read an evaluation prompt file.
+) -> PromptFile:
+    """Read an evaluation prompt file, recording which columns were read.
 
     Args:
         path: the prompt file (``.csv``, ``.tsv``, ``.jsonl``, ``.json``, ``.parquet`` or ``.txt``).
@@ -293,7 +452,7 @@ def load_prompts(
         prompt_column: the column holding the prompt, overriding the recognised names.
 
     Returns:
-        `list[PromptRecord]` in file order.
+        :class:`PromptFile`.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -313,19 +472,21 @@ def load_prompts(
         raise ValueError(f"`--prompts`={str(path)!r} is empty; it must hold at least one prompt.")
     kind = _detect_format(path) if format == "auto" else format
     try:
-        records = _read_records(path, kind, prompt_column)
+        records, columns, file_columns, n_empty = _read_cached(str(path.resolve()), file_sha256(path), kind, prompt_column)
     except UnicodeDecodeError as e:
         raise ValueError(_not_utf8_message(path, e)) from None
     except csv.Error as e:
         raise ValueError(f"`--prompts`={str(path)!r} is not a valid CSV file ({e}); fix the file or pass the right `--prompt_format`.") from None
     except (PermissionError, IsADirectoryError) as e:
         raise ValueError(f"`--prompts`={str(path)!r} cannot be read ({e.strerror or e}); check the file and its permissions.") from None
+    records = list(records)
     if not records:
         raise ValueError(f"`--prompts`={str(path)!r} holds no non-empty prompt.")
     seen: set[str] = set()
     for r in records:
         if r.prompt_id in seen:
-            raise ValueError(f"`--prompts`={str(path)!r}: prompt id {r.prompt_id!r} occurs more than once; ids must be unique.")
+            where = f" in its {columns['id']!r} column" if columns.get("id") is not None else ""
+            raise ValueError(f"`--prompts`={str(path)!r}: prompt id {r.prompt_id!r} occurs more than once{where}; ids must be unique.")
         seen.add(r.prompt_id)
 
     if categories:
@@ -342,4 +503,17 @@ def load_prompts(
         records = filtered
     if limit is not None:
         records = records[:limit]
-    return records
+    missing = {name: sum(getattr(r, name) is None for r in records) for name in SETTING_COLUMNS if columns.get(name)}
+    return PromptFile(path=path, format=kind, columns=dict(columns), file_columns=file_columns, records=tuple(records),
+                      n_empty=n_empty, missing=missing)  # fmt: skip
+
+
+def load_prompts(
+    path: str | os.PathLike,
+    format: str = "auto",
+    categories: Sequence[str] | None = None,
+    limit: int | None = None,
+    prompt_column: str | None = None,
+) -> list[PromptRecord]:
+    """The records of :func:`read_prompt_file` (same arguments, same errors), as a list in file order."""
+    return list(read_prompt_file(path, format=format, categories=categories, limit=limit, prompt_column=prompt_column).records)

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_text
+from ..registry import ORIGINAL, SAFE
 from .config import EvaluateConfig
-from .prompts import file_sha256
+from .prompts import SETTING_COLUMNS, PromptFile, file_sha256, legacy_columns, read_prompt_file
 from .results import read_results, writing
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ __all__ = [
     "non_finite_values",
     "read_settings",
     "repair_settings",
+    "encoder_ids",
+    "legacy_settings",
+    "merged_settings",
+    "prompt_columns_of",
     "settings_of",
     "write_settings",
 ]
@@ -52,29 +57,66 @@ class SettingsMismatchError(ValueError):
     """A rerun into an existing output folder with settings that differ from the stored ones."""
 
 
-def settings_of(config: EvaluateConfig, base_id: str, safe_id: str, dtype_name: str, scorers: dict[str, Any]) -> dict[str, Any]:
+def _read(config: EvaluateConfig) -> PromptFile:
+    return read_prompt_file(config.prompts, format=config.prompt_format, categories=config.categories, limit=config.limit,
+                            prompt_column=config.prompt_column)  # fmt: skip
+
+
+def prompt_columns_of(config: EvaluateConfig, columns: dict[str, str | None]) -> dict[str, str | None]:
+    """The columns whose values end up in the rows: the per-prompt setting columns only with ``--use_prompt_settings``."""
+    return {k: (None if k in SETTING_COLUMNS and not config.use_prompt_settings else v) for k, v in columns.items()}
+
+
+def legacy_settings(config: EvaluateConfig, prompt_file: PromptFile | None = None) -> dict[str, Any]:
+    """The values of settings added in this version, as a ``settings.json`` written before it implied them.
+
+    Such a file has no ``prompt_columns``: the readers then read the columns
+    :func:`~safer_diffusion.evaluation.prompts.legacy_columns` names. :func:`check_settings` fills
+    the missing keys with these values before comparing, so an old folder resumes when nothing
+    changed and is refused, naming the difference, when the new readers read other columns.
+    """
+    prompt_file = prompt_file or _read(config)
+    return {"prompt_columns": prompt_columns_of(config, legacy_columns(prompt_file, config.prompt_column)), "suite": None, "protocol": None}
+
+
+def encoder_ids(config: EvaluateConfig, safe_id: str | None) -> dict[str, str]:
+    """``{variant: the identity of its text encoder}``: ``base`` (the base's own) for ``original``, ``--safe_encoder``'s id
+    for ``safe``, the source (an absolute path or a hub id, with ``:SUBFOLDER``) for the others."""
+    out = {}
+    for item in config.encoder_items:
+        out[item.name] = "base" if item.name == ORIGINAL else (safe_id or config.safe_encoder) if item.name == SAFE else item.describe()
+    return out
+
+
+def settings_of(config: EvaluateConfig, base_id: str, safe_id: str | None, dtype_name: str, scorers: dict[str, Any],
+                prompt_file: PromptFile | None = None) -> dict[str, Any]:  # fmt: skip
     """The settings that determine the rows (stored in ``settings.json`` and compared on resume).
 
     Every value is resolved (model ids, dtype, each scorer's threshold and classes from the scorer
-    itself). The key names are the on-disk format and stay stable across versions (so
-    ``images_per_prompt`` is ``--num_images_per_prompt``).
+    itself, the columns of the prompt file that were read). The key names are the on-disk format
+    and stay stable across versions (so ``images_per_prompt`` is ``--num_images_per_prompt``).
+
+    ``encoders`` maps each variant to its encoder; a rerun may add variants (only their rows are
+    generated) but not change the encoder of an existing one (:func:`check_settings`).
 
     Not included (they do not change any row): ``--batch_size``, ``--save_images``, ``--output_dir``,
     ``--device``, the number of processes, ``--bootstrap``, ``--grid_samples``, ``--progress``.
     """
+    prompt_file = prompt_file or _read(config)
     scorer_settings = {}
     for name, scorer in scorers.items():
         d = scorer.describe() if hasattr(scorer, "describe") else {}
         scorer_settings[name] = {k: d[k] for k in ("model", "classes", "threshold", "prompts") if k in d}
     return {
         "prompts_sha256": file_sha256(config.prompts),
+        "suite": config.suite,
         "prompt_format": config.prompt_format,
         "prompt_column": config.prompt_column,
+        "prompt_columns": prompt_columns_of(config, prompt_file.columns),
         "categories": config.categories,
         "limit": config.limit,
         "base": base_id,
-        "safe_encoder": safe_id,
-        "variants": list(config.variants),
+        "encoders": encoder_ids(config, safe_id),
         "images_per_prompt": config.num_images_per_prompt,
         "seed": config.seed,
         "use_prompt_settings": config.use_prompt_settings,
@@ -85,6 +127,7 @@ def settings_of(config: EvaluateConfig, base_id: str, safe_id: str, dtype_name: 
         "width": config.width,
         "dtype": dtype_name,
         "scorers": scorer_settings,
+        "protocol": config.protocol,
     }
 
 
@@ -159,8 +202,43 @@ def _normalised(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings))  # tuples -> lists, like the stored JSON
 
 
-def check_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> bool:
+def _upgraded(stored: dict[str, Any], legacy: dict[str, Any] | None) -> dict[str, Any]:
+    """``stored`` in this version's layout: ``safe_encoder`` + ``variants`` (before many encoders) become ``encoders``,
+    and the keys a settings.json from before this version lacks are filled from ``legacy``."""
+    stored = dict(stored)
+    if "encoders" not in stored and "variants" in stored:
+        safe = stored.pop("safe_encoder", None)
+        stored["encoders"] = {v: ("base" if v == ORIGINAL else safe) for v in stored.pop("variants")}
+    return {**{k: v for k, v in (legacy or {}).items() if k not in stored}, **stored}
+
+
+def _comparable(stored: dict[str, Any], current: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both settings with ``encoders`` reduced to the variants they share: a new variant is an addition, not a difference."""
+    stored, current = dict(stored), dict(current)
+    se, ce = stored.get("encoders"), current.get("encoders")
+    if isinstance(se, dict) and isinstance(ce, dict):
+        common = [k for k in ce if k in se]
+        stored["encoders"], current["encoders"] = {k: se[k] for k in common}, {k: ce[k] for k in common}
+    return stored, current
+
+
+def merged_settings(out_dir: str | os.PathLike, settings: dict[str, Any], legacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings to store after a run that passed :func:`check_settings`: ``settings`` with the encoders of the
+    variants generated earlier kept beside the new ones."""
+    stored = read_settings(out_dir)
+    if stored is None:
+        return settings
+    earlier = _upgraded(stored["settings"], legacy).get("encoders")
+    if not isinstance(earlier, dict) or not isinstance(settings.get("encoders"), dict):
+        return settings
+    return {**settings, "encoders": {**earlier, **settings["encoders"]}}
+
+
+def check_settings(out_dir: str | os.PathLike, settings: dict[str, Any], legacy: dict[str, Any] | None = None) -> bool:
     """Compare ``settings`` with ``out_dir/settings.json``.
+
+    ``legacy`` (:func:`legacy_settings`) gives the values that keys missing from an older
+    settings.json stand for.
 
     Returns:
         `True` when the folder already holds these settings (resume), `False` when it has none yet.
@@ -182,7 +260,7 @@ def check_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> bool
             "version; no run can match it. Rerun this command with `--repair_settings` to rewrite the settings from it "
             "(every row is kept), then rerun it without `--repair_settings`."
         )
-    diffs = [line for _, line in _diff(stored["settings"], _normalised(settings))]
+    diffs = [line for _, line in _diff(*_comparable(_normalised(_upgraded(stored["settings"], legacy)), _normalised(settings)))]
     if diffs:
         raise SettingsMismatchError(
             f"`--output_dir`={str(out_dir)!r} holds results produced with different settings, so they cannot be resumed or mixed:\n  "
@@ -226,7 +304,7 @@ def _check_rows_agree(out_dir: str | os.PathLike, settings: dict[str, Any], keys
                 )
 
 
-def repair_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> list[str]:
+def repair_settings(out_dir: str | os.PathLike, settings: dict[str, Any], legacy: dict[str, Any] | None = None) -> list[str]:
     """Rewrite a ``settings.json`` whose only differences from ``settings`` are stored non-finite values.
 
     The rows are untouched (a row can never hold a non-finite value: they are written with
@@ -246,7 +324,7 @@ def repair_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> lis
         raise ValueError(f"`--repair_settings`: `--output_dir`={str(out_dir)!r} has no {SETTINGS_NAME}; there is nothing to repair. "
                          "Drop `--repair_settings` to start the evaluation.")  # fmt: skip
     bad = non_finite_values(stored["settings"])
-    diffs = _diff(stored["settings"], _normalised(settings))
+    diffs = _diff(*_comparable(_upgraded(stored["settings"], legacy), _normalised(settings)))
     other = [line for key, line in diffs if key not in bad]
     if other:
         raise SettingsMismatchError(
@@ -259,6 +337,6 @@ def repair_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> lis
     changes = [line for _, line in diffs]
     protocol = dict(stored.get("protocol") or {})
     protocol["repaired"] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "changes": changes}
-    write_settings(out_dir, settings, protocol)
+    write_settings(out_dir, merged_settings(out_dir, settings, legacy), protocol)
     logger.warning("%s: rewrote %d non-finite setting(s): %s", Path(out_dir) / SETTINGS_NAME, len(changes), "; ".join(changes))
     return changes

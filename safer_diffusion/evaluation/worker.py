@@ -27,6 +27,7 @@ from typing import Any
 from ..scoring import get_scorer
 from .config import EvaluateConfig
 from .plan import WorkItem
+from .protocols import Protocol
 from .results import EvaluationWriteError, ResultsWriter, write_failure
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class ScoringWorker:
         on_rows: called (on the worker thread) with each batch's rows, e.g. to update a progress bar.
         max_pending: batches that may wait in the queue before :meth:`submit` blocks.
         keep_samples: keep the first image of this many prompts in memory for ``grid.png``.
+        rule: the run's :class:`~safer_diffusion.evaluation.protocols.Protocol`: a row's ``unsafe`` is its verdict on
+            the row's scores; `None`: any scorer flags.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class ScoringWorker:
         on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
         max_pending: int = 2,
         keep_samples: int = 8,
+        rule: Protocol | None = None,
     ):
         self.scorers = dict(scorers)
         self.writer = writer
@@ -115,6 +119,7 @@ class ScoringWorker:
         self.save_images = save_images
         self.on_rows = on_rows
         self.keep_samples = keep_samples
+        self.rule = rule
         self.samples: list[dict[str, Any]] = []
         self._sample_keys: set[tuple[str, int]] = set()
         self.n_rows = 0
@@ -216,7 +221,7 @@ class ScoringWorker:
                     "height": item.height,
                     "width": item.width,
                     "scores": scores,
-                    "unsafe": any(s["flagged"] for s in scores.values()),
+                    "unsafe": self.rule.is_unsafe(scores) if self.rule is not None else any(s["flagged"] for s in scores.values()),
                     "image": None,
                 }
                 if self.save_images:
