@@ -6,6 +6,8 @@
     safer-diffusion score photo1.png photo2.jpg --scorers nudenet                             # one JSON line per image
     safer-diffusion evaluate --help                                                           # safer_diffusion.evaluate
     safer-diffusion fidelity --help                                 # benign fidelity of an evaluation folder
+    safer-diffusion summarize RUN_DIR --protocol nudity-0.45        # recompute a summary under another protocol
+    safer-diffusion convert --allow_pickle des.pt OUT_DIR --base BASE   # a .pt state dict -> safetensors folder
 
 Each subcommand has its own options (``safer-diffusion generate --help``), parsed by :mod:`safer_diffusion.options`
 from one config dataclass (:class:`GenerateConfig`, :class:`ScoreConfig`). Every input is checked before any
@@ -56,6 +58,8 @@ PROG = "safer-diffusion"
 DELEGATED = {
     "evaluate": "safer_diffusion.evaluate",
     "fidelity": "safer_diffusion.evaluation.fidelity_run",
+    "summarize": "safer_diffusion.evaluation.summarize",
+    "convert": "safer_diffusion.convert",
 }
 SUBCOMMANDS = ("generate", "score", *DELEGATED)
 SCORER_NAMES = tuple(SCORERS)
@@ -350,7 +354,9 @@ def _top_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=SUBCOMMANDS, metavar="{" + ",".join(SUBCOMMANDS) + "}",
                         help="generate: images with the safe encoder; score: NSFW scores of image files; "
                              "evaluate: the NSFW generation-rate evaluation (safer_diffusion.evaluate); "
-                             "fidelity: what each safe encoder costs on safe prompts, over an evaluation folder")  # fmt: skip
+                             "fidelity: what each safe encoder costs on safe prompts, over an evaluation folder; "
+                             "summarize: recompute an evaluation's summary under another protocol; "
+                             "convert: a .pt/.bin text-encoder state dict to a safetensors folder (--allow_pickle)")  # fmt: skip
     return parser
 
 

@@ -51,14 +51,14 @@ def test_help(command, capsys):
 
 def test_no_or_unknown_subcommand_exits_2(capsys):
     assert main([]) == 2
-    assert "required: {generate,score,evaluate}" in capsys.readouterr().err
+    assert "required: {generate,score,evaluate,fidelity,summarize,convert}" in capsys.readouterr().err
     assert main(["paint"]) == 2
     assert "invalid choice: 'paint'" in capsys.readouterr().err
 
 
 def test_python_dash_m_help():
     out = _subprocess("--help")
-    assert out.returncode == 0 and "{generate,score,evaluate}" in out.stdout
+    assert out.returncode == 0 and "{generate,score,evaluate,fidelity,summarize,convert}" in out.stdout
 
 
 def test_generate_tiny_writes_images_and_json(tmp_path, capsys):
