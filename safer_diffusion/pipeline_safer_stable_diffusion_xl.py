@@ -39,6 +39,7 @@ from .encoders import (
     text_encoder_pair_folder,
 )
 from .export_format import TEXT_ENCODER_2_DIR, TEXT_ENCODER_DIR
+from .hub import resolve_model_source
 from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput
 from .pipeline_safer_stable_diffusion import (
     _NOT_GIVEN,
@@ -313,7 +314,9 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
             torch_dtype (or its newer name ``dtype``): a `torch.dtype`, or one of ``"float32"``, ``"float16"``,
                 ``"bfloat16"``.
             nsfw_scorer, safety_mode, and any other keyword: as for `__init__` / `DiffusionPipeline.from_pretrained`.
-                ``text_encoder=`` / ``text_encoder_2=`` modules are taken as the safe encoders.
+                ``text_encoder=`` / ``text_encoder_2=`` modules are taken as the safe encoders. SDXL has no safety
+                checker: ``safety_checker=None`` and ``requires_safety_checker=False`` (what SD callers pass) are
+                accepted as the no-ops they are; a checker module is refused (use ``nsfw_scorer="safety_checker"``).
 
         Returns:
             `SaferStableDiffusionXLPipeline`
@@ -324,14 +327,13 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
         """
         from transformers import CLIPTextConfig
 
-        from .hub import resolve_model_source
-
         if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             raise TypeError(
                 "`pretrained_model_name_or_path` must be a hub id ('owner/name') or a local folder (str or os.PathLike), "
                 f"got {type(pretrained_model_name_or_path).__name__} {pretrained_model_name_or_path!r}."
             )
         torch_dtype = _load_dtype(kwargs)
+        _drop_safety_checker_options(kwargs)
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
         source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path",
                                       revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))  # fmt: skip
@@ -398,9 +400,9 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
                     safe_text_encoder_2, torch_dtype=torch_dtype, hidden_act=reference[1].hidden_act,
                     num_attention_heads=reference[1].num_attention_heads, argument="safe_text_encoder_2",
                 )  # fmt: skip
-        given = {"text_encoder": "safe_text_encoder", "text_encoder_2": "safe_text_encoder_2"}
-        if any(kwargs.get(component) is not None for component in given):
-            if all(kwargs.get(component) is not None for component in given):
+        components = ("text_encoder", "text_encoder_2")
+        if any(kwargs.get(component) is not None for component in components):
+            if all(kwargs.get(component) is not None for component in components):
                 check_sdxl_text_encoders(kwargs["text_encoder"], kwargs["text_encoder_2"], unet_config,
                                          reference=reference)  # fmt: skip
             else:  # one replaced in a folder saved by this pipeline: check it against its slot alone
@@ -934,6 +936,19 @@ def _load_dtype(kwargs: dict) -> Any:
         raise ValueError("`use_safetensors=False` is not supported: weights are loaded from safetensors only (pickles can run code).")
     kwargs["use_safetensors"] = True
     return torch_dtype
+
+
+def _drop_safety_checker_options(kwargs: dict) -> None:
+    """Remove the SD pipeline's safety-checker options when they ask for nothing; refuse them when they ask for one."""
+    if kwargs.get("safety_checker") is not None:
+        raise ValueError(
+            "`safety_checker`: Stable Diffusion XL pipelines have no safety checker component. Score images with "
+            "`nsfw_scorer=\"safety_checker\"` (the same CompVis checker, run on the decoded images) instead."
+        )
+    if kwargs.get("requires_safety_checker", False) is not False:
+        raise ValueError("`requires_safety_checker` must be False (or not given) for an SDXL pipeline, which has no safety checker.")
+    kwargs.pop("safety_checker", None)
+    kwargs.pop("requires_safety_checker", None)
 
 
 def _check_one_encoder(kwargs: dict, reference: tuple, unet_config: dict) -> None:

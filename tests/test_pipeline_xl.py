@@ -580,6 +580,43 @@ def test_widths_against_the_unet(pipe):
                                  reference=(pipe.text_encoder, pipe.text_encoder_2))  # fmt: skip
 
 
+def test_real_sdxl_widths_are_checked_by_config():
+    """SDXL base 1.0's real sizes (no weights: stand-ins carry the configs): the pair fits; a swapped pair, an SD 1.x
+    ViT-L in the bigG slot and an SD 2.x ViT-H each get their own message."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextConfig
+
+    def tower(hidden, layers, projection=None):
+        config = CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers, projection_dim=projection or hidden)
+        return SimpleNamespace(config=config, **({"text_projection": None} if projection else {}))
+
+    vit_l, big_g = tower(768, 12), tower(1280, 32, projection=1280)
+    unet = {"cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816}  # fmt: skip
+    check_sdxl_text_encoders(vit_l, big_g, unet, reference=(vit_l, big_g))
+    with pytest.raises(ValueError, match=r"`safe_text_encoder` and `safe_text_encoder_2` are swapped: .*\(1280, 32\)"):
+        check_sdxl_text_encoders(tower(1280, 32), tower(768, 12, projection=768), unet, reference=(vit_l, big_g))
+    with pytest.raises(ValueError, match=r"`safe_text_encoder_2` has width \(hidden_size\) 768, but the base's text_encoder_2 "
+                                         r"\(OpenCLIP ViT-bigG/14 with projection, 1280 wide in SDXL\) is 1280 wide"):
+        check_sdxl_text_encoders(vit_l, tower(768, 12, projection=768), unet, reference=(vit_l, big_g))
+    with pytest.raises(ValueError, match=r"give token states 1792 wide .*cross_attention_dim is 2048\. SDXL base 1\.0 needs "
+                                         r"768 \+ 1280 = 2048"):
+        check_sdxl_text_encoders(vit_l, tower(1024, 24, projection=1024), unet)
+    with pytest.raises(ValueError, match=r"projects its pooled output to projection_dim 1024, .*reads "
+                                         r"projection_class_embeddings_input_dim 2816 .*must project to 1280"):
+        check_sdxl_text_encoders(vit_l, tower(1280, 32, projection=1024), unet)
+
+
+def test_safety_checker_options_are_no_ops_or_refused(sdxl_folders):
+    p = SaferStableDiffusionXLPipeline.from_pretrained(*sdxl_folders, safety_checker=None, requires_safety_checker=False)
+    assert "safety_checker" not in p.config and "requires_safety_checker" not in p.config
+    with pytest.raises(ValueError, match=r"`safety_checker`: Stable Diffusion XL pipelines have no safety checker component"):
+        SaferStableDiffusionXLPipeline.from_pretrained(*sdxl_folders, safety_checker=object())
+    with pytest.raises(ValueError, match=r"`requires_safety_checker` must be False"):
+        SaferStableDiffusionXLPipeline.from_pretrained(*sdxl_folders, requires_safety_checker=True)
+
+
 def test_an_sd1_base_is_refused_with_the_class_to_use(tmp_path):
     sd_base, _ = tiny_pipeline_folders(tmp_path, variant="sd1")
     with pytest.raises(ValueError, match=r"is a StableDiffusionPipeline pipeline, not Stable Diffusion XL .*Use "
