@@ -13,6 +13,11 @@
   ``convert_open_clip_checkpoint``, keeps ``text_projection``),
 * a hub id of any of those, or an already loaded module.
 
+For Stable Diffusion XL, which conditions on two text encoders, :func:`load_safe_text_encoder_pair` loads both from
+one folder (a two-encoder export, docs/EXPORT_FORMAT.md section 8, or an SDXL pipeline folder),
+:func:`load_safe_text_encoder_2` loads the second (OpenCLIP ViT-bigG/14 with projection) alone, and
+:func:`check_sdxl_text_encoders` checks a pair against the UNet and the base model's own pair.
+
 Weights are read from safetensors only; pickle checkpoints (``.bin``, ``.pt``, ``.ckpt``) are refused.
 """
 
@@ -28,8 +33,11 @@ from typing import Any
 from .export_format import (
     CLIP_DIR,
     MANIFEST_FILE,
+    SDXL_TEXT_ENCODERS,
+    TEXT_ENCODER_2_DIR,
     TEXT_ENCODER_DIR,
     TEXT_PROJECTION_FILE,
+    export_text_encoders,
     is_export_folder,
     read_manifest,
 )
@@ -39,12 +47,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SAFE_TEXT_ENCODER",
+    "SDXL_TIME_IDS",
     "TORCH_DTYPE_NAMES",
     "as_torch_dtype",
+    "check_sdxl_text_encoders",
     "check_text_encoder",
     "convert_open_clip_text",
     "load_safe_text_encoder",
+    "load_safe_text_encoder_2",
+    "load_safe_text_encoder_pair",
     "load_safetensors",
+    "require_text_encoder_pair",
+    "text_encoder_pair_folder",
     "text_transformer",
     "truncate_layers",
 ]
@@ -245,11 +259,11 @@ def _load_open_clip_file(path: Path, argument: str, torch_dtype, with_projection
     return encoder.to(torch_dtype) if torch_dtype is not None else encoder
 
 
-def _download(repo_id: str, with_projection: bool) -> Path:
+def _download(repo_id: str, with_projection: bool, extra_patterns: tuple[str, ...] = ()) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.txt", "model.safetensors", "model-*.safetensors", TEXT_PROJECTION_FILE,
-                f"{TEXT_ENCODER_DIR}/*", *_OPEN_CLIP_FILES]
+                f"{TEXT_ENCODER_DIR}/*", *_OPEN_CLIP_FILES, *extra_patterns]
     if with_projection:
         patterns.append(f"{CLIP_DIR}/*")
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -349,3 +363,266 @@ def check_text_encoder(encoder, cross_attention_dim: int | None = None, tokenize
                 f"`{argument}` has a vocabulary of {vocab} tokens, but the tokenizer has {len(tokenizer)}. "
                 "Use the tokenizer the encoder was trained with."
             )
+
+
+# ---------------------------------------------------------------------------------------------- SDXL: two encoders
+#: Time ids SDXL's text-to-image pipeline appends to the pooled text embedding (original size, crop corner, target
+#: size: two numbers each); the UNet's add-embedding reads ``projection_dim + SDXL_TIME_IDS * addition_time_embed_dim``.
+SDXL_TIME_IDS = 6
+#: What each SDXL encoder is, for messages.
+_SDXL_ROLES = {
+    TEXT_ENCODER_DIR: "CLIP ViT-L/14, 768 wide in SDXL",
+    TEXT_ENCODER_2_DIR: "OpenCLIP ViT-bigG/14 with projection, 1280 wide in SDXL",
+}
+_SWAP_HINT = (
+    "`safe_text_encoder` takes SDXL's CLIP ViT-L/14 (768 wide, no projection needed) and `safe_text_encoder_2` its "
+    "OpenCLIP ViT-bigG/14 (1280 wide, a CLIPTextModelWithProjection)"
+)
+
+
+def _source_folder(source: Any, argument: str) -> Path | None:
+    """``source`` as a local folder when it names one (a hub id is fetched, both encoders' files included)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    from .hub import resolve_model_source
+
+    path = Path(resolve_model_source(source, argument=argument))
+    if not path.exists():  # a hub id the hub (or its cache) can serve now
+        path = _download(os.fspath(source), with_projection=False, extra_patterns=(f"{TEXT_ENCODER_2_DIR}/*",))
+    return path if path.is_dir() else None
+
+
+def _export_encoder_names(folder: Path, argument: str) -> tuple[str, ...]:
+    """The encoder subfolders an export's manifest lists, each checked to exist."""
+    names = export_text_encoders(read_manifest(folder, argument=argument), argument)
+    for name in names:
+        if not (folder / name / "config.json").is_file():
+            raise ValueError(
+                f"`{argument}`: export {os.fspath(folder)!r} lists {name!r} in its manifest's `text_encoders` but has no "
+                f"{name}/config.json; the folder is incomplete: re-export it."
+            )
+    return names
+
+
+def text_encoder_pair_folder(source: Any, argument: str = "safe_text_encoder") -> Path | None:
+    """The local folder of ``source`` when it holds both SDXL text encoders, else `None`.
+
+    Both are held by a two-encoder export (its manifest's ``text_encoders`` lists ``text_encoder`` and
+    ``text_encoder_2``) and by a diffusers SDXL pipeline folder (``model_index.json``, ``text_encoder/``,
+    ``text_encoder_2/``). Modules, state dicts, files and single-encoder folders give `None`.
+    """
+    folder = _source_folder(source, argument)
+    if folder is None:
+        return None
+    if is_export_folder(folder):
+        return folder if set(SDXL_TEXT_ENCODERS) <= set(_export_encoder_names(folder, argument)) else None
+    if (folder / "model_index.json").is_file() and all((folder / n / "config.json").is_file() for n in SDXL_TEXT_ENCODERS):
+        return folder
+    return None
+
+
+def require_text_encoder_pair(source: Any, argument: str = "safe_text_encoder", other: str = "safe_text_encoder_2") -> Path:
+    """:func:`text_encoder_pair_folder`, or a `ValueError` naming the encoder ``source`` lacks and how to add it."""
+    folder = text_encoder_pair_folder(source, argument)
+    if folder is not None:
+        return folder
+    shown = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else f"a {type(source).__name__}"
+    local = _source_folder(source, argument)
+    names = _export_encoder_names(local, argument) if local is not None and is_export_folder(local) else None
+    pair = f"an SDXL export holding both ({TEXT_ENCODER_DIR}/ and {TEXT_ENCODER_2_DIR}/, manifest `text_encoders` {list(SDXL_TEXT_ENCODERS)})"
+    if names == (TEXT_ENCODER_2_DIR,):
+        raise ValueError(
+            f"`{argument}`={shown} is an export holding only {TEXT_ENCODER_2_DIR}/ ({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}); "
+            f"the safe {TEXT_ENCODER_DIR} ({_SDXL_ROLES[TEXT_ENCODER_DIR]}) is missing. Pass the ViT-L encoder as "
+            f"`{argument}` and this folder as `{other}`, or {pair}."
+        )
+    if names is not None:
+        raise ValueError(
+            f"`{argument}`={shown} is a single-encoder export ({TEXT_ENCODER_DIR}/ only, as made for SD 1.x/2.x). An SDXL "
+            f"base conditions on two text encoders, and this export lacks the safe {TEXT_ENCODER_2_DIR} "
+            f"({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}), so the bigG path would stay unsafe. Pass {pair}, or the missing "
+            f"encoder as `{other}=`."
+        )
+    raise ValueError(
+        f"`{argument}`={shown} is one text encoder, but an SDXL base conditions on two: {TEXT_ENCODER_DIR} "
+        f"({_SDXL_ROLES[TEXT_ENCODER_DIR]}) and {TEXT_ENCODER_2_DIR} ({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}). The safe "
+        f"{TEXT_ENCODER_2_DIR} is missing: pass {pair}, or the second encoder as `{other}=`."
+    )
+
+
+def _no_projection_error(shown: str, argument: str) -> ValueError:
+    return ValueError(
+        f"`{argument}`={shown} is a CLIPTextModel without a text projection, but SDXL's text_encoder_2 is "
+        "a CLIPTextModelWithProjection: its pooled, projected `text_embeds` condition the UNet's add-embedding. "
+        f"If this is the ViT-L encoder, the two are swapped: {_SWAP_HINT}."
+    )
+
+
+def _check_projection_config(folder: Path, shown: str, argument: str) -> None:
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") == "clip_text_model" and "CLIPTextModelWithProjection" not in (config.get("architectures") or []):
+        raise _no_projection_error(shown, argument)
+
+
+def load_safe_text_encoder_pair(source: Any, *, torch_dtype: Any = None, argument: str = "safe_text_encoder"):
+    """Both SDXL text encoders from one folder (:func:`text_encoder_pair_folder`): a two-encoder export, an SDXL
+    pipeline folder, or a hub id of either.
+
+    Args:
+        source: the folder or hub id.
+        torch_dtype (`torch.dtype` or its name, *optional*): dtype to load the weights in (see :func:`as_torch_dtype`).
+        argument (`str`): the user-facing name of ``source`` in error messages.
+
+    Returns:
+        ``(CLIPTextModel, CLIPTextModelWithProjection)`` in eval mode: ``text_encoder`` and ``text_encoder_2``.
+
+    Raises:
+        ValueError: ``source`` holds one encoder only (the message names the missing one), or ``text_encoder_2/``
+            has no text projection.
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch_dtype = as_torch_dtype(torch_dtype, "torch_dtype")
+    folder = require_text_encoder_pair(source, argument)
+    _check_projection_config(folder / TEXT_ENCODER_2_DIR, repr(os.fspath(folder / TEXT_ENCODER_2_DIR)), argument)
+    first = _hf_load(CLIPTextModel, folder / TEXT_ENCODER_DIR, argument, torch_dtype, quiet=True)
+    second = _hf_load(CLIPTextModelWithProjection, folder / TEXT_ENCODER_2_DIR, argument, torch_dtype)
+    return first, second
+
+
+def load_safe_text_encoder_2(
+    source: Any,
+    *,
+    torch_dtype: Any = None,
+    hidden_act: str | None = None,
+    num_attention_heads: int | None = None,
+    argument: str = "safe_text_encoder_2",
+):
+    """SDXL's second safe text encoder (OpenCLIP ViT-bigG/14) on its own, as a ``CLIPTextModelWithProjection``.
+
+    ``source`` is anything :func:`load_safe_text_encoder` accepts with ``with_projection=True``; from a two-encoder
+    export or an SDXL pipeline folder, its ``text_encoder_2/`` is taken.
+
+    Raises:
+        ValueError: a single-encoder export, or an encoder without text projection (both name the likely swap).
+    """
+    from transformers import CLIPTextModel
+
+    shown = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else f"a {type(source).__name__}"
+    if isinstance(source, CLIPTextModel):
+        raise _no_projection_error(shown, argument)
+    folder = _source_folder(source, argument)
+    if folder is not None:
+        if is_export_folder(folder):
+            if TEXT_ENCODER_2_DIR not in _export_encoder_names(folder, argument):
+                raise ValueError(
+                    f"`{argument}`={shown} is a single-encoder export ({TEXT_ENCODER_DIR}/ only) with no "
+                    f"{TEXT_ENCODER_2_DIR}/; SDXL's text_encoder_2 is {_SDXL_ROLES[TEXT_ENCODER_2_DIR]}. If this is the "
+                    f"ViT-L encoder, it belongs in `safe_text_encoder`: {_SWAP_HINT}."
+                )
+            folder = folder / TEXT_ENCODER_2_DIR
+        elif (folder / "model_index.json").is_file() and (folder / TEXT_ENCODER_2_DIR / "config.json").is_file():
+            folder = folder / TEXT_ENCODER_2_DIR
+        if (folder / "config.json").is_file():
+            _check_projection_config(folder, shown, argument)
+        source = folder
+    return load_safe_text_encoder(source, torch_dtype=torch_dtype, with_projection=True, hidden_act=hidden_act,
+                                  num_attention_heads=num_attention_heads, argument=argument)  # fmt: skip
+
+
+def _config_value(config: Any, key: str, default: Any = None) -> Any:
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+def check_sdxl_text_encoders(
+    text_encoder,
+    text_encoder_2,
+    unet_config: Any = None,
+    tokenizer: Any = None,
+    tokenizer_2: Any = None,
+    reference: tuple[Any, Any] | None = None,
+    arguments: tuple[str, str] = ("safe_text_encoder", "safe_text_encoder_2"),
+) -> None:
+    """Raise a `ValueError` (or `TypeError`) if the pair cannot condition an SDXL UNet, naming the encoder at fault.
+
+    Checked, in this order: both given and CLIP-like; the pair against ``reference`` (the base model's own
+    ``(text_encoder, text_encoder_2)``, modules or their configs): swapped towers, then each width, depth and the
+    second's ``projection_dim``; ``text_encoder_2`` projects and ``text_encoder`` does not (the parent pipeline takes
+    the pooled embedding from the first encoder that returns one); against ``unet_config`` (a config or dict): the
+    widths sum to ``cross_attention_dim`` (the token states are concatenated) and ``projection_dim`` +
+    :data:`SDXL_TIME_IDS` x ``addition_time_embed_dim`` equals ``projection_class_embeddings_input_dim``; each
+    encoder covers its tokenizer's positions and vocabulary (:func:`check_text_encoder`).
+
+    Args:
+        arguments: the user-facing names of the two encoders in error messages.
+    """
+    names = dict(zip((TEXT_ENCODER_DIR, TEXT_ENCODER_2_DIR), arguments))
+    encoders = {TEXT_ENCODER_DIR: text_encoder, TEXT_ENCODER_2_DIR: text_encoder_2}
+    for role, encoder in encoders.items():
+        if encoder is None:
+            raise ValueError(f"`{names[role]}` is missing: SDXL conditions on two text encoders; its {role} is "
+                             f"{_SDXL_ROLES[role]}.")  # fmt: skip
+        if not hasattr(getattr(encoder, "config", None), "hidden_size"):
+            raise TypeError(f"`{names[role]}` must be a CLIP text encoder ({_SDXL_ROLES[role]}), got {type(encoder).__name__}.")
+    configs = {role: encoder.config for role, encoder in encoders.items()}
+    first, second = arguments
+
+    def shape(config):
+        return int(config.hidden_size), int(config.num_hidden_layers)
+
+    if reference is not None:
+        ref = {role: getattr(r, "config", r) for role, r in zip(encoders, reference)}
+        if (shape(configs[TEXT_ENCODER_DIR]) == shape(ref[TEXT_ENCODER_2_DIR]) and shape(configs[TEXT_ENCODER_2_DIR])
+                == shape(ref[TEXT_ENCODER_DIR]) and shape(ref[TEXT_ENCODER_DIR]) != shape(ref[TEXT_ENCODER_2_DIR])):
+            raise ValueError(
+                f"`{first}` and `{second}` are swapped: `{first}` has the shape of the base's text_encoder_2 "
+                f"(width, layers) {shape(ref[TEXT_ENCODER_2_DIR])} and `{second}` that of its text_encoder "
+                f"{shape(ref[TEXT_ENCODER_DIR])}. {_SWAP_HINT}."
+            )
+        for role in encoders:
+            got, want = shape(configs[role]), shape(ref[role])
+            if got[0] != want[0]:
+                raise ValueError(
+                    f"`{names[role]}` has width (hidden_size) {got[0]}, but the base's {role} ({_SDXL_ROLES[role]}) is "
+                    f"{want[0]} wide. Use a safe encoder fine-tuned from the base's own {role}."
+                )
+            if got[1] != want[1]:
+                raise ValueError(
+                    f"`{names[role]}` has {got[1]} layers, but the base's {role} has {want[1]}. SDXL reads the penultimate "
+                    "layer (hidden_states[-2]) of the full tower, so the safe encoder needs the base's depth: export it "
+                    "without `--text_encoder_num_layers`."
+                )
+        got, want = configs[TEXT_ENCODER_2_DIR].projection_dim, ref[TEXT_ENCODER_2_DIR].projection_dim
+        if got != want:
+            raise ValueError(f"`{second}` projects to projection_dim {got}, but the base's text_encoder_2 to {want}.")
+    if not hasattr(text_encoder_2, "text_projection"):
+        raise _no_projection_error(f"a {type(text_encoder_2).__name__}", second)
+    if hasattr(text_encoder, "text_projection"):
+        raise ValueError(
+            f"`{first}` is a {type(text_encoder).__name__}; SDXL's text_encoder must be a CLIPTextModel: the pipeline "
+            f"takes the pooled `text_embeds` from the first encoder that returns them, so it would read `{first}`'s "
+            f"instead of `{second}`'s. Load it with `load_safe_text_encoder(..., with_projection=False)`. If this is the "
+            f"bigG encoder, the two are swapped: {_SWAP_HINT}."
+        )
+    if unet_config is not None:
+        widths = {role: int(config.hidden_size) for role, config in configs.items()}
+        cross = _config_value(unet_config, "cross_attention_dim")
+        if cross is not None and not isinstance(cross, (list, tuple)) and sum(widths.values()) != int(cross):
+            raise ValueError(
+                f"`{first}` (width {widths[TEXT_ENCODER_DIR]}) and `{second}` (width {widths[TEXT_ENCODER_2_DIR]}) give "
+                f"token states {sum(widths.values())} wide (SDXL concatenates them), but the UNet's cross_attention_dim is "
+                f"{cross}. SDXL base 1.0 needs 768 + 1280 = 2048: use safe encoders fine-tuned from the base's own pair."
+            )
+        if _config_value(unet_config, "addition_embed_type") == "text_time":
+            time_dim = int(_config_value(unet_config, "addition_time_embed_dim"))
+            total = int(_config_value(unet_config, "projection_class_embeddings_input_dim"))
+            want = total - SDXL_TIME_IDS * time_dim
+            got = int(configs[TEXT_ENCODER_2_DIR].projection_dim)
+            if got != want:
+                raise ValueError(
+                    f"`{second}` projects its pooled output to projection_dim {got}, but the UNet's add-embedding reads "
+                    f"projection_class_embeddings_input_dim {total} = text_embeds + {SDXL_TIME_IDS} time ids x "
+                    f"addition_time_embed_dim {time_dim}, so `{second}` must project to {want} (1280 in SDXL base 1.0)."
+                )
+    check_text_encoder(text_encoder, None, tokenizer, argument=first)
+    check_text_encoder(text_encoder_2, None, tokenizer_2, argument=second)

@@ -10,6 +10,14 @@ reader. Layout (documented in ``docs/EXPORT_FORMAT.md``)::
     safer_clip.json                                 the manifest (schema below)
     README.md                                       model card
 
+An SDXL export (the *two-encoder* layout, still version 1) adds, beside the above::
+
+    text_encoder_2/{config.json, model.safetensors} CLIPTextModelWithProjection (SDXL's second, OpenCLIP bigG encoder)
+    tokenizer_2/                                    its CLIPTokenizer
+
+and lists both subfolders in the manifest's ``text_encoders`` (:data:`SDXL_TEXT_ENCODERS`); a folder without the
+key is a single-encoder export (``[TEXT_ENCODER_DIR]``), so every version-1 folder reads as before.
+
 This module owns the names, the version and the manifest schema; it imports nothing heavy.
 """
 
@@ -30,9 +38,14 @@ __all__ = [
     "ExportManifest",
     "MANIFEST_FILE",
     "MODEL_CARD_FILE",
+    "SDXL_TEXT_ENCODERS",
+    "SDXL_TOKENIZERS",
+    "TEXT_ENCODER_2_DIR",
     "TEXT_ENCODER_DIR",
     "TEXT_PROJECTION_FILE",
+    "TOKENIZER_2_DIR",
     "TOKENIZER_DIR",
+    "export_text_encoders",
     "is_export_folder",
     "read_manifest",
     "write_manifest",
@@ -48,6 +61,13 @@ TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 CLIP_DIR = "clip"
 TEXT_PROJECTION_FILE = "text_projection.safetensors"
+#: SDXL's second text encoder (OpenCLIP ViT-bigG/14 as ``CLIPTextModelWithProjection``) and its tokenizer, named
+#: as in a diffusers SDXL pipeline folder.
+TEXT_ENCODER_2_DIR = "text_encoder_2"
+TOKENIZER_2_DIR = "tokenizer_2"
+#: The manifest's ``text_encoders`` of an SDXL export, in the order the pipeline's encoders take them.
+SDXL_TEXT_ENCODERS = (TEXT_ENCODER_DIR, TEXT_ENCODER_2_DIR)
+SDXL_TOKENIZERS = (TOKENIZER_DIR, TOKENIZER_2_DIR)
 
 
 @dataclass
@@ -64,6 +84,11 @@ class ExportManifest:
     checkpoint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: The encoder subfolders the export holds: ``["text_encoder"]`` (SD 1.x/2.x, and every folder written before
+    #: the key existed) or :data:`SDXL_TEXT_ENCODERS`. Optional: old readers ignore it and load ``text_encoder/``.
+    text_encoders: list[str] = field(default_factory=lambda: [TEXT_ENCODER_DIR])
+    #: Per encoder subfolder, the frozen model it was fine-tuned from (optional; ``base_model`` is the first's).
+    base_models: dict[str, str] = field(default_factory=dict)
     format: str = EXPORT_FORMAT
     format_version: int = EXPORT_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +102,23 @@ class ExportManifest:
 def is_export_folder(folder: str | os.PathLike) -> bool:
     """True if ``folder`` holds a manifest (it may still be invalid: :func:`read_manifest` checks)."""
     return (Path(folder) / MANIFEST_FILE).is_file()
+
+
+def export_text_encoders(manifest: ExportManifest, argument: str = "safe_text_encoder") -> tuple[str, ...]:
+    """The manifest's ``text_encoders``, checked: a non-empty list of known encoder subfolders, no repeats.
+
+    Raises:
+        ValueError: not a list of strings, an unknown subfolder name, a repeated one, or an empty list.
+    """
+    names = manifest.text_encoders
+    known = SDXL_TEXT_ENCODERS
+    if (not isinstance(names, (list, tuple)) or not names or any(not isinstance(n, str) or n not in known for n in names)
+            or len(set(names)) != len(names)):
+        raise ValueError(
+            f"`{argument}`: the manifest's `text_encoders` must be a list of distinct names among {list(known)}, got "
+            f"{names!r}; re-export the encoders."
+        )
+    return tuple(names)
 
 
 def write_manifest(folder: str | os.PathLike, manifest: ExportManifest) -> Path:

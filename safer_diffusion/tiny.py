@@ -11,6 +11,10 @@ Everything here works offline: no weights are downloaded.
   width matches the tiny UNet's cross-attention width, so it can stand in for a safe encoder.
 * :func:`save_tiny_sd` and :func:`save_tiny_clip` write those in the hub folder layout, so that
   ``from_pretrained(path)`` works exactly as it would with a hub id.
+* :func:`tiny_sdxl_components` (Stable Diffusion XL, two text encoders, as diffusers' SDXL tests build
+  them), :func:`tiny_sdxl_text_encoders` (a "safe" pair that fits it), :func:`save_tiny_sdxl` and
+  :func:`save_tiny_sdxl_export` (the pair as a two-encoder export folder, docs/EXPORT_FORMAT.md).
+  ``tiny_pipeline_folders(variant="sdxl")`` builds both for ``--tiny`` modes.
 
 Example::
 
@@ -32,6 +36,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from .export_format import (
+    MODEL_CARD_FILE,
+    SDXL_TEXT_ENCODERS,
+    TEXT_ENCODER_2_DIR,
+    TEXT_ENCODER_DIR,
+    TEXT_PROJECTION_FILE,
+    TOKENIZER_2_DIR,
+    TOKENIZER_DIR,
+    ExportManifest,
+    write_manifest,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -39,17 +55,28 @@ __all__ = [
     "TINY_HIDDEN_SIZE",
     "cache_dir",
     "clip_tokenizer",
+    "TINY_SDXL_VARIANT",
     "save_tiny_clip",
     "save_tiny_sd",
+    "save_tiny_sdxl",
+    "save_tiny_sdxl_export",
     "tiny_clip_model",
     "tiny_pipeline_folders",
     "tiny_sd_components",
+    "tiny_sdxl_components",
+    "tiny_sdxl_text_configs",
+    "tiny_sdxl_text_encoders",
 ]
 
 #: Size of the CLIP BPE vocabulary: 256 bytes, 256 end-of-word bytes, 48,894 merges, 2 specials.
 CLIP_VOCAB_SIZE = 49408
 #: Width of the tiny text encoders and of the tiny UNet's cross-attention.
 TINY_HIDDEN_SIZE = 32
+
+#: ``tiny_pipeline_folders``'s variant name for Stable Diffusion XL.
+TINY_SDXL_VARIANT = "sdxl"
+#: ``tiny_pipeline_folders``'s variants.
+_VARIANTS = ("sd1", "sd2", TINY_SDXL_VARIANT)
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _N_MERGES = 49152 - 256 - 2  # the merges open_clip and OpenAI CLIP use from the BPE file
@@ -333,15 +360,164 @@ def save_tiny_clip(path: str | os.PathLike, **kwargs) -> Path:
     return path
 
 
-def tiny_pipeline_folders(root: str | os.PathLike | None = None, variant: Literal["sd1", "sd2"] = "sd1") -> tuple[Path, Path]:
+def tiny_sdxl_text_configs(hidden_size: int = TINY_HIDDEN_SIZE):
+    """`CLIPTextConfig`s of the tiny SDXL pair: ``(text_encoder, text_encoder_2)``.
+
+    The sizes are those of diffusers' SDXL tests (32 wide, 4 heads, 37 intermediate, projection 32) with the real
+    vocabulary and 77 positions. Each tower keeps its real model's traits so that a mix-up shows: the first
+    stands for CLIP ViT-L/14 (quick-gelu, pads with ``<|endoftext|>``, 2 layers), the second for OpenCLIP
+    ViT-bigG/14 (gelu, pads with ``"!"``, 3 layers).
+    """
+    from transformers import CLIPTextConfig
+
+    common = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
+                  max_position_embeddings=77, layer_norm_eps=1e-5, projection_dim=hidden_size, bos_token_id=49406,
+                  eos_token_id=49407)  # fmt: skip
+    first = CLIPTextConfig(num_hidden_layers=2, hidden_act="quick_gelu", pad_token_id=49407, **common)
+    second = CLIPTextConfig(num_hidden_layers=3, hidden_act="gelu", pad_token_id=0, **common)
+    return first, second
+
+
+def tiny_sdxl_text_encoders(seed: int = 1, hidden_size: int = TINY_HIDDEN_SIZE):
+    """A tiny random ``(CLIPTextModel, CLIPTextModelWithProjection)`` pair that fits :func:`tiny_sdxl_components`.
+
+    Seed 1 by default (the pipeline's own encoders use seed 0), so the pair stands in for a *safe* pair that
+    really conditions differently. ``hidden_size`` other than 32 makes a pair that does not fit (for tests).
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    first, second = tiny_sdxl_text_configs(hidden_size)
+    _seeded(seed)
+    text_encoder = CLIPTextModel(first).eval()
+    _seeded(seed + 1000)
+    text_encoder_2 = CLIPTextModelWithProjection(second).eval()
+    return text_encoder, text_encoder_2
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """Tiny random Stable Diffusion XL components with the real CLIP tokenizers.
+
+    The UNet, VAE and scheduler are those of diffusers' ``StableDiffusionXLPipelineFastTests.get_dummy_components``:
+    ``addition_embed_type="text_time"``, ``addition_time_embed_dim=8``, ``transformer_layers_per_block=(1, 2)``,
+    ``cross_attention_dim=64`` (the two 32-wide token sequences concatenated) and
+    ``projection_class_embeddings_input_dim=80`` (the 32-wide pooled ``text_embeds`` + 6 time ids x 8). The text
+    encoders are :func:`tiny_sdxl_text_configs`; ``tokenizer`` pads with ``<|endoftext|>`` and ``tokenizer_2`` with
+    ``"!"``, as SDXL's do.
+
+    Returns:
+        `dict` with keys ``unet``, ``vae``, ``scheduler``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``,
+        ``tokenizer_2``: the non-optional arguments of ``StableDiffusionXLPipeline``. Images are 64 x 64.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    _seeded(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=2 * TINY_HIDDEN_SIZE,
+        norm_num_groups=1,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading")  # fmt: skip
+    _seeded(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    text_encoder, text_encoder_2 = tiny_sdxl_text_encoders(seed=seed)
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "scheduler": scheduler,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": clip_tokenizer(pad_token=_EOS),
+        "tokenizer_2": clip_tokenizer(pad_token="!"),
+    }
+
+
+def save_tiny_sdxl(path: str | os.PathLike, **kwargs) -> Path:
+    """Write :func:`tiny_sdxl_components` (``**kwargs`` as there) as a diffusers SDXL pipeline folder.
+
+    The folder loads offline with ``StableDiffusionXLPipeline.from_pretrained(path)`` (and
+    ``SaferStableDiffusionXLPipeline``); its ``model_index.json`` names ``StableDiffusionXLPipeline``.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    StableDiffusionXLPipeline(**tiny_sdxl_components(**kwargs), add_watermarker=False).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_sdxl_export(path: str | os.PathLike, seed: int = 1, hidden_size: int = TINY_HIDDEN_SIZE,
+                          text_encoders: tuple[str, ...] | None = None) -> Path:
+    """Write :func:`tiny_sdxl_text_encoders` as a two-encoder export folder (docs/EXPORT_FORMAT.md, section 8).
+
+    A stand-in for what ``finetune`` exports for SDXL: ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``,
+    ``tokenizer_2/``, ``text_projection.safetensors`` (the first tower's projection), the manifest (``base_model``
+    ``"tiny"``, ``text_encoders`` both) and a model card. ``text_encoders`` writes only the named towers, and a
+    manifest listing just those (for tests of incomplete exports).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    names = tuple(text_encoders) if text_encoders is not None else SDXL_TEXT_ENCODERS
+    text_encoder, text_encoder_2 = tiny_sdxl_text_encoders(seed=seed, hidden_size=hidden_size)
+    if TEXT_ENCODER_DIR in names:
+        text_encoder.save_pretrained(path / TEXT_ENCODER_DIR, safe_serialization=True)
+        clip_tokenizer(pad_token=_EOS).save_pretrained(path / TOKENIZER_DIR)
+        _seeded(seed + 2000)
+        projection = torch.nn.Linear(hidden_size, text_encoder.config.projection_dim, bias=False)
+        save_file({"weight": projection.weight.detach().contiguous()}, str(path / TEXT_PROJECTION_FILE))
+    if TEXT_ENCODER_2_DIR in names:
+        text_encoder_2.save_pretrained(path / TEXT_ENCODER_2_DIR, safe_serialization=True)
+        clip_tokenizer(pad_token="!").save_pretrained(path / TOKENIZER_2_DIR)
+    first = text_encoder.config
+    manifest = ExportManifest(base_model="tiny", loss="safer_clip", global_step=0, dtype="float32",
+                              text_encoder_num_layers=first.num_hidden_layers, text_encoders=list(names),
+                              base_models={name: "tiny" for name in names})  # fmt: skip
+    (path / MODEL_CARD_FILE).write_text(
+        "# Tiny random SDXL text-encoder pair\n\nRandom weights for offline tests and `--tiny` modes; it makes no image "
+        "safer. Load it with `SaferStableDiffusionXLPipeline.from_pretrained(BASE, safe_text_encoder=THIS_FOLDER)`.\n"
+    )
+    write_manifest(path, manifest)  # last, as the real writer does: a folder with a manifest is complete
+    return path
+
+
+def tiny_pipeline_folders(root: str | os.PathLike | None = None, variant: Literal["sd1", "sd2", "sdxl"] = "sd1") -> tuple[Path, Path]:
     """Build (once) and return ``(base_folder, safe_encoder_folder)`` for ``--tiny`` modes.
 
-    ``base_folder`` is a tiny Stable Diffusion pipeline (seed 0) and ``safe_encoder_folder`` a
-    tiny ``CLIPModel`` (seed 1) whose text tower fits that pipeline's UNet. Both are random
-    weights: images show noise-like patterns, never real content. Cached under
-    ``root`` (default ``cache_dir() / "tiny"``).
+    ``variant`` ``"sd1"`` / ``"sd2"``: ``base_folder`` is a tiny Stable Diffusion pipeline (seed 0) and
+    ``safe_encoder_folder`` a tiny ``CLIPModel`` (seed 1) whose text tower fits that pipeline's UNet.
+    ``"sdxl"``: ``base_folder`` is a tiny SDXL pipeline (:func:`save_tiny_sdxl`) and ``safe_encoder_folder`` a
+    two-encoder export that fits it (:func:`save_tiny_sdxl_export`). All are random weights: images show
+    noise-like patterns, never real content. Cached under ``root`` (default ``cache_dir() / "tiny"``).
     """
+    if variant not in _VARIANTS:
+        raise ValueError(f"`variant` must be one of {list(_VARIANTS)}, got {variant!r}.")
     root = Path(root) if root is not None else cache_dir() / "tiny"
+    if variant == TINY_SDXL_VARIANT:
+        base, safe = root / f"{variant}-base", root / f"{variant}-safe-export"
+        _build_folder_once(base, save_tiny_sdxl)
+        _build_folder_once(safe, save_tiny_sdxl_export)
+        return base, safe
     base, safe = root / f"{variant}-base", root / f"{variant}-safe-clip"
     _build_folder_once(base, lambda tmp: save_tiny_sd(tmp, variant=variant))
     _build_folder_once(safe, lambda tmp: save_tiny_clip(tmp, variant=variant))
