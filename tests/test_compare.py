@@ -228,3 +228,24 @@ def test_denoise_branches_checks_its_arguments(pipe):
     with pytest.raises(ValueError, match="Classifier-free guidance needs `uncond` conditioning in every branch"):
         denoise_branches(pipe, torch.zeros(1, 4, 8, 8), [BranchConditioning({"x": torch.zeros(1)})], [], [pipe.scheduler], [{}],
                          do_classifier_free_guidance=True, guidance_scale=7.5)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_n_way_compare_on_cuda_equals_separate_calls_and_works_with_cpu_offload(tiny_folders, encoders, tmp_path):
+    base, safe = tiny_folders
+    p = SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True).to("cuda")
+    p.set_progress_bar_config(disable=True)
+    on_gpu = {name: enc.to("cuda") for name, enc in encoders.items()}
+    common = dict(num_inference_steps=STEPS, output_type="np")
+    out = p.compare("a cat", text_encoders=on_gpu, generator=torch.Generator("cuda").manual_seed(0), **common)
+    for name, enc in on_gpu.items():
+        alone = _separate(p, enc, PNDMScheduler.from_config(p.scheduler.config), prompt="a cat",
+                          generator=torch.Generator("cuda").manual_seed(0), **common)  # fmt: skip
+        np.testing.assert_allclose(out.images[name], alone, atol=1e-3)
+    offloaded = SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True)
+    offloaded.set_progress_bar_config(disable=True)
+    offloaded.enable_model_cpu_offload()
+    folder = save_tiny_clip(tmp_path / "c", seed=40)
+    cmp = offloaded.compare("a cat", text_encoders={"original": "original", "folder": str(folder)},
+                            generator=torch.Generator("cuda").manual_seed(0), **common)  # fmt: skip
+    assert cmp.images["folder"].shape == (1, 64, 64, 3) and np.isfinite(cmp.images["folder"]).all()
