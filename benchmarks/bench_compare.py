@@ -166,8 +166,8 @@ def run(config: CompareBenchConfig) -> dict:
             f"compare_n{k}_peak_mem_over_one": peak,
         })  # fmt: skip
     if not cuda:
-        print(f"(CPU: the GPU goal compare/(N*one) <= {GOAL_PER_ENCODER} for N >= 3 is not expected here; a tiny UNet on a "
-              "CPU gains little from bigger batches.)")  # fmt: skip
+        print(f"(CPU: the goal compare/(N*one) <= {GOAL_PER_ENCODER} for N >= 3 is a GPU goal; on a CPU the tiny UNet's "
+              "gain from a bigger batch is small and noisy, so these figures check the plumbing, not the goal.)")  # fmt: skip
     result.update({
         "goal_per_encoder": GOAL_PER_ENCODER,
         "median_s": {k: t.median for k, t in timings.items()},

@@ -776,7 +776,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             text_encoders (`dict[str, Any]`, *optional*): ``{name: encoder}``, in the order results are reported.
                 A value is ``"original"`` (``original_text_encoder``), ``"safe"`` (``text_encoder``), a loaded text
                 encoder module on the pipeline's device, or a source (folder, ``.safetensors`` file, hub id) loaded
-                with :meth:`load_text_encoder` on every call (load it once yourself for repeated calls). Every encoder
+                with :meth:`load_text_encoder` on every call (load it once yourself for repeated calls; a folder named
+                ``original`` or ``safe`` is given as ``./original``). Every encoder
                 must match the UNet's width; errors name ``text_encoders[NAME]``. Default: the original and the
                 safe encoder, with today's :class:`SaferComparisonOutput`.
             max_batch (`int`, *optional*): at most this many UNet rows per forward pass (bounds the memory of
