@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ONE command that runs every benchmark at real size on a single H100/H200-class GPU (about 8 min)
+# ONE command that runs every benchmark at real size on a single H100/H200-class GPU (about 9 min)
 # and writes results.json and results.md into the folder given as its argument.
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR
@@ -66,18 +66,21 @@ run() {  # name, timeout seconds, command...
 
 if [[ -n ${SUITE_DRY_RUN:-} ]]; then
   PIPELINE_ARGS=(--size tiny --device cpu --repeats 3); TARGETS_ARGS=(--n 4000 --dim 768 --device cpu --repeats 1)
+  COMPARE_ARGS=(--size tiny --device cpu --repeats 3 --threads 1)  # 21 tiny generations a repeat: one thread, no stalls
   TRAIN_ARGS=(--size tiny --device cpu --repeats 3); EVAL_ARGS=(--tiny --device cpu --repeats 1)
 else
   PIPELINE_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --height 512 --width 512 --repeats "$REPEATS")
+  COMPARE_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --height 512 --width 512 --n_encoders 2 3 5 --repeats "$REPEATS")
   TARGETS_ARGS=(--n 200000 --dim 768 --device cuda)
   TRAIN_ARGS=(--size vit-l14 --device cuda --batch_size 256 --repeats "$REPEATS")
   EVAL_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --batch_size 1)
 fi
 if ! skip tests && [[ -z ${SUITE_DRY_RUN:-} ]]; then
   echo "== GPU tests: pytest --rungpu -m gpu"
-  timeout 240 $PY -m pytest -q -p no:cacheprovider --rungpu -m gpu tests/test_pipeline.py tests/test_train.py 2>&1 | tee "$OUT/gpu_tests.log"
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --rungpu -m gpu tests/test_pipeline.py tests/test_compare.py tests/test_train.py 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 skip pipeline || run pipeline 200 $PY -m benchmarks.bench_pipeline "${PIPELINE_ARGS[@]}"
+skip compare  || run compare 300  $PY -m benchmarks.bench_compare "${COMPARE_ARGS[@]}"
 skip targets  || run targets 60   $PY -m benchmarks.bench_targets "${TARGETS_ARGS[@]}"
 skip train    || run train 200    $PY -m benchmarks.bench_train "${TRAIN_ARGS[@]}"
 skip eval     || run eval 150     $PY -m benchmarks.bench_eval "${EVAL_ARGS[@]}"
@@ -88,7 +91,7 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 from benchmarks.timing import environment
 res = {"environment": environment(), "results": {}}
-for name in ("pipeline", "targets", "train", "eval"):
+for name in ("pipeline", "compare", "targets", "train", "eval"):
     p = out / f"{name}.json"
     if p.exists():
         res["results"][name] = json.loads(p.read_text())
@@ -99,6 +102,7 @@ if tests_log.exists():
 (out / "results.json").write_text(json.dumps(res, indent=2))
 goals = {
     "safe_over_vanilla": ("<=", 1.01), "compare_over_single": ("<=", 1.3), "compare_peak_mem_over_single": ("<=", 1.15),
+    "compare_n3_per_encoder": ("<=", 0.6), "compare_n5_per_encoder": ("<=", 0.6),
     "bf16_sdpa_speedup_over_fp32_eager": (">=", 3.0), "bf16_xformers_speedup_over_fp32_eager": (">=", 3.0),
     "mfu_bf16_sdpa": (">=", 0.35), "mfu_bf16_xformers": (">=", 0.35),
     "anchors_speedup_over_live": (">=", 2.0), "anchors_speedup_over_fp32_reference_copy": (">=", 2.0),

@@ -26,7 +26,7 @@ from safer_diffusion.options import configure_logging, option, parse_config, run
 
 HERE = Path(__file__).resolve().parent
 PROG = "python benchmarks/run_all.py"
-BENCHMARKS = ("bench_pipeline", "bench_targets", "bench_train", "bench_eval", "bench_fidelity")
+BENCHMARKS = ("bench_pipeline", "bench_compare", "bench_targets", "bench_train", "bench_eval", "bench_fidelity")
 
 
 @dataclass

@@ -1,12 +1,13 @@
-"""The Gradio app of the demo: Stable Diffusion with the original CLIP text encoder vs SaFeR-CLIP, side by side.
+"""The Gradio app of the demo: Stable Diffusion with the original CLIP text encoder vs SaFeR-CLIP (or any N encoders), side by side.
 
 This file holds the Blocks layout, its event wiring and the command line (``main``). The rest lives beside it:
 :mod:`demos.validation` checks every input, :mod:`demos.service` loads the pipeline and runs requests on a pool of
 thread-safe pipeline views, :mod:`demos.rendering` decides what is shown (verdicts, blur, text). All model logic is
 in :mod:`safer_diffusion`.
 
-One ``SaferStableDiffusionPipeline.compare()`` call draws both images from the same seed and the same UNet; each
-image is scored by NudeNet, and a flagged image leaves the server blurred unless ``reveal`` is ``True``.
+One ``SaferStableDiffusionPipeline.compare()`` call draws every image from the same seed and the same UNet; each
+image is scored by NudeNet, and a flagged image leaves the server blurred unless ``reveal`` is ``True``. Under each
+image but the reference (the base model's own encoder, else the first) is its SSIM to the reference image.
 
 Run it::
 
@@ -14,6 +15,11 @@ Run it::
     python demos/app.py --tiny             # offline: tiny random models, images are noise
     python demos/app.py --base ./sd-v1-4 --safe_encoder ./safer-clip-export --port 7860
     python demos/app.py --tiny --smoke_test   # one generation through the UI handler, prints JSON, exits
+    python demos/app.py --encoders original=original safer-clip=safe safe-clip=aimagelab/safeclip_vit-l_14 mine=./export
+
+``--encoders NAME=SOURCE ...`` (optional) lists the encoders shown, in order: SOURCE ``original`` is the base model's
+own encoder, ``safe`` the ``--safe_encoder``, anything else a folder, ``.safetensors`` file or hub id (each loaded
+once at startup and checked against the base model's width). Without it the demo shows ``original`` and ``safe``.
 
 The only API endpoint is ``/compare`` (the Generate button, Enter in the prompt box and the Reveal checkbox all
 call it; the other buttons run in the browser only)::
@@ -24,6 +30,18 @@ call it; the other buttons run in the browser only)::
         "a watercolor fox in the snow", "", 0, 25, 7.5, 512, 512, False, api_name="/compare")
 
 ``reveal`` (the last argument) must be a boolean: ``"false"``, ``0`` or ``None`` are refused with an error.
+
+With ``--encoders`` (N encoders), ``/compare`` takes the same eight inputs and returns ``2 * N + 2`` values: the N
+images in ``--encoders`` order, their N verdicts in the same order, the timing line and the details; the details
+list the names (``details["encoders"]``) and hold each one's ``flagged``, ``scores``, ``score_details``,
+``blurred`` and ``ssim_to_reference`` under ``details["verdicts"][NAME]``. Without ``--encoders``, N = 2 and the
+six values above are unchanged (``details`` also keeps its ``"original"`` and ``"safe"`` blocks). Over raw HTTP
+(``/gradio_api/call/compare``) one more value follows, always ``null``: the session state, which stays on the
+server. For N = 3::
+
+    a, b, c, a_verdict, b_verdict, c_verdict, timing, details = client.predict(
+        "a watercolor fox in the snow", "", 0, 25, 7.5, 512, 512, False, api_name="/compare")
+    details["encoders"], details["verdicts"]["c"]["ssim_to_reference"]
 """
 
 from __future__ import annotations
@@ -32,6 +50,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -43,8 +62,9 @@ if __package__ in (None, ""):  # `python demos/app.py`: make this checkout impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from demos.rendering import BUILTIN_EXAMPLES, EXAMPLE_LABELS, ComparisonResult, load_examples, render, timing_markdown  # noqa: E402
-from demos.service import CompareService, default_image_size, load_pipeline  # noqa: E402
+from demos.service import CompareService, default_image_size, load_encoders, load_pipeline  # noqa: E402
 from demos.validation import MAX_SEED, check_reveal  # noqa: E402
+from safer_diffusion.compare import ENCODER_ALIASES, ORIGINAL, SAFE  # noqa: E402
 from safer_diffusion.options import (  # noqa: E402
     DEFAULT_BASE_MODEL,
     DEFAULT_SAFE_ENCODER,
@@ -68,6 +88,30 @@ RANDOM_SEED_SPAN = 2**32  # the Random seed button draws from [0, 2**32): short 
 DELETE_CACHE = (600, 3600)  # every 10 min, delete generated files older than 1 h (all of them when the server stops)
 STATE_TTL_S = 3600  # the unblurred images of a session stay on the server at most this long
 MAX_UPLOAD_BYTES = 0  # the app has no file inputs: /gradio_api/upload refuses any non-empty file (413)
+MAX_ENCODERS = 6  # images side by side: more do not fit a screen, and each adds a UNet batch per step
+ENCODER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]{0,39}")  # shown as a label: short and plain
+
+
+def parse_encoders(items: Sequence[str]) -> dict[str, str]:
+    """``--encoders NAME=SOURCE ...`` as an ordered ``{name: source}`` (``BadInputError`` naming the item otherwise)."""
+    encoders: dict[str, str] = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep or not name or not source:
+            raise BadInputError(f"`--encoders` item {item!r} is not NAME=SOURCE; e.g. `--encoders original=original "
+                                "safer-clip=safe mine=./my-export`.")  # fmt: skip
+        if not ENCODER_NAME.fullmatch(name):
+            raise BadInputError(f"`--encoders` name {name!r} must be 1-40 letters, digits, spaces or _ . + - (starting with "
+                                "a letter or digit); it labels the image.")  # fmt: skip
+        if name in encoders:
+            raise BadInputError(f"`--encoders` names {name!r} twice; give each encoder one name.")
+        encoders[name] = source
+    if len(encoders) > MAX_ENCODERS:
+        raise BadInputError(f"`--encoders` lists {len(encoders)} encoders; the demo shows at most {MAX_ENCODERS} side by side.")
+    if encoders and all(source == ORIGINAL for source in encoders.values()):
+        raise BadInputError("`--encoders` lists only `original`; add a safe encoder (NAME=safe or NAME=FOLDER).")
+    return encoders
 
 
 @dataclass
@@ -93,6 +137,12 @@ class DemoConfig:
                                   group="server")  # fmt: skip
     queue_size: int = option(64, "Requests that may wait in the queue; more are refused.", bounds=(1, 10_000), group="server")
     analytics: bool = option(False, "Allow Gradio's usage analytics (off unless given).", group="server")
+    encoders: list[str] = option(
+        [], "Encoders shown side by side, in order, as NAME=SOURCE: SOURCE `original` (the base model's own), `safe` "
+            f"(--safe_encoder) or a folder, .safetensors file or hub id; at most {MAX_ENCODERS}. Default: original and safe.",
+        metavar="NAME=SOURCE", group="models")  # fmt: skip
+    max_batch: int | None = option(None, "UNet rows per forward pass in compare() (default: all 2 x encoders rows at once; "
+                                         "lower it for many encoders on a small GPU).", bounds=(1, None), group="models")  # fmt: skip
     smoke_test: bool = option(False, f"Build the app, run one comparison ({SMOKE_TEST_STEPS} steps) through the UI handler, "
                                      "print a JSON line and exit (no server).")  # fmt: skip
     verbose: bool = option(False, "Log INFO messages (model loading, requests).")
@@ -106,6 +156,10 @@ class DemoConfig:
                 raise BadInputError(f"`--{name}` is empty; pass a hub id or a folder, or leave it out for the default.")
         if not self.host.strip():
             raise BadInputError("`--host` is empty; use 127.0.0.1 (this machine only) or 0.0.0.0 (your network).")
+        encoders = parse_encoders(self.encoders)
+        if encoders and self.safe_encoder is not None and SAFE not in encoders.values():
+            raise BadInputError("`--safe_encoder` is given but no `--encoders` item is NAME=safe, so it would not be shown; "
+                                "add one (e.g. `safer-clip=safe`) or drop `--safe_encoder`.")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
@@ -121,18 +175,19 @@ CSS = """
 #tiny-banner { background: #fff4ce; border: 1px solid #e0b400; border-radius: 8px; padding: 8px 14px; color: #4a3b00; }
 #tiny-banner * { color: #4a3b00 !important; }
 .verdict { min-height: 2.5em; }
-#original-image img, #safe-image img { width: 100%; height: 100%; object-fit: contain; }
+.compare-image img { width: 100%; height: 100%; object-fit: contain; }
 .tiny-pixels img { image-rendering: pixelated; }  /* 64 x 64 tiny-model images, scaled up */
 """
 
 HOW_IT_WORKS = """
 **How it works.** Stable Diffusion sees your prompt only through its CLIP text encoder.
 SaFeR-CLIP is that encoder fine-tuned so that unsafe prompts land on their *nearest safe*
-meaning, while safe prompts stay where the original encoder put them. Both images here come from
+meaning, while safe prompts stay where the original encoder put them. All images here come from
 the **same UNet, VAE, seed and settings** in one `compare()` call; only the text encoder differs.
 Each image is then scored by NudeNet; flagged images are blurred until you tick
 *Reveal flagged images*. The scorer is an automatic classifier: it can miss things and flag
-harmless images.
+harmless images. The SSIM under an image (1 = identical) measures how close it stays to the
+reference image (the original encoder's) drawn from the same seed: how much the encoder changed it.
 """
 
 
@@ -152,11 +207,14 @@ def make_handlers(service: CompareService):
 
     Returns:
         `(generate, rerender)`: ``generate(prompt, negative_prompt, seed, steps, guidance, width, height, reveal)``
-        returns ``(original_image, safe_image, original_verdict, safe_verdict, timing, details, result)``;
-        ``rerender(result, reveal)`` returns the same seven outputs for an earlier ``result``, with the timing and
-        the result left as they are (``gr.skip()``), or all seven skipped when ``result`` is None.
+        returns ``(*images, *verdicts, timing, details, result)`` (N images and N verdicts in ``service.names``
+        order; for the default pair ``(original_image, safe_image, original_verdict, safe_verdict, timing, details,
+        result)``); ``rerender(result, reveal)`` returns the same ``2N + 3`` outputs for an earlier ``result``, with
+        the timing and the result left as they are (``gr.skip()``), or all of them skipped when ``result`` is None.
     """
     import gradio as gr
+
+    n_outputs = 2 * len(service.names) + 3
 
     def invalid(err: Exception):
         return gr.Error(str(err), title="Invalid input", print_exception=False)
@@ -172,8 +230,8 @@ def make_handlers(service: CompareService):
         except Exception as err:  # show model failures (e.g. out of memory) in the UI, keep the traceback in the log
             logger.exception("compare() failed for %s", request)
             raise gr.Error(f"Generation failed: {type(err).__name__}: {err}", title="Generation failed") from None
-        original, safe, original_verdict, safe_verdict, details = render(result, reveal)
-        return original, safe, original_verdict, safe_verdict, timing_markdown(result), details, result
+        *shown, details = render(result, reveal)
+        return (*shown, timing_markdown(result), details, result)
 
     def rerender(result: ComparisonResult | None, reveal):
         try:
@@ -181,11 +239,25 @@ def make_handlers(service: CompareService):
         except ValueError as err:
             raise invalid(err) from None
         if result is None:
-            return (gr.skip(),) * 7
-        original, safe, original_verdict, safe_verdict, details = render(result, reveal)
-        return original, safe, original_verdict, safe_verdict, gr.skip(), details, gr.skip()
+            return (gr.skip(),) * n_outputs
+        *shown, details = render(result, reveal)
+        return (*shown, gr.skip(), details, gr.skip())
 
     return generate, rerender
+
+
+def element_prefix(service: CompareService, index: int, name: str) -> str:
+    """The ``elem_id`` prefix of an encoder's image and verdict: its name for the default pair (``original-image``,
+    ``safe-verdict``, as before), ``encoder-<index>`` for ``--encoders`` names (which may hold any label text)."""
+    return name if service.names == ["original", "safe"] else f"encoder-{index}"
+
+
+def _headline(service: CompareService) -> str:
+    if service.names == ["original", "safe"]:
+        return ("The same prompt, seed and UNet, drawn with the **original CLIP** text encoder and with the "
+                "**SaFeR-CLIP** text encoder, side by side.")  # fmt: skip
+    labels = ", ".join(f"**{service.label(name)}**" for name in service.names)
+    return f"The same prompt, seed and UNet, drawn with {len(service.names)} text encoders side by side: {labels}."
 
 
 def build_demo(service: CompareService, *, tiny: bool = False, examples: dict[str, list[str]] | None = None,
@@ -215,11 +287,7 @@ def build_demo(service: CompareService, *, tiny: bool = False, examples: dict[st
 
     with gr.Blocks(title="SaFeR-CLIP: original vs safe text encoder", analytics_enabled=analytics,
                    delete_cache=delete_cache) as demo:  # fmt: skip
-        gr.Markdown(
-            "# SaFeR-CLIP for Stable Diffusion\n"
-            "The same prompt, seed and UNet, drawn with the **original CLIP** text encoder and with the "
-            "**SaFeR-CLIP** text encoder, side by side."
-        )
+        gr.Markdown("# SaFeR-CLIP for Stable Diffusion\n" + _headline(service))
         if tiny:
             gr.Markdown(_tiny_banner(), elem_id="tiny-banner")
         with gr.Row():
@@ -241,18 +309,18 @@ def build_demo(service: CompareService, *, tiny: bool = False, examples: dict[st
                                        label="Height", elem_id="height")  # fmt: skip
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 reveal_box = gr.Checkbox(label="Reveal flagged images", value=False, elem_id="reveal")
-            with gr.Column(scale=2):
+            with gr.Column(scale=max(2, len(service.names))):
+                images, verdicts = [], []
                 with gr.Row():
-                    with gr.Column():
-                        original_image = gr.Image(label="Original CLIP", type="pil", format="png", interactive=False, height=360,
-                                                  elem_id="original-image", elem_classes="tiny-pixels" if tiny else None,
-                                                  buttons=["download", "fullscreen"])  # fmt: skip
-                        original_verdict = gr.Markdown(elem_id="original-verdict", elem_classes="verdict")
-                    with gr.Column():
-                        safe_image = gr.Image(label="SaFeR-CLIP", type="pil", format="png", interactive=False, height=360,
-                                              elem_id="safe-image", elem_classes="tiny-pixels" if tiny else None,
-                                              buttons=["download", "fullscreen"])  # fmt: skip
-                        safe_verdict = gr.Markdown(elem_id="safe-verdict", elem_classes="verdict")
+                    for index, name in enumerate(service.names):
+                        prefix = element_prefix(service, index, name)
+                        with gr.Column(min_width=160):
+                            images.append(gr.Image(
+                                label=service.label(name), type="pil", format="png", interactive=False,
+                                height=360 if len(service.names) <= 2 else 260, elem_id=f"{prefix}-image",
+                                elem_classes=["compare-image"] + (["tiny-pixels"] if tiny else []),
+                                buttons=["download", "fullscreen"]))  # fmt: skip
+                            verdicts.append(gr.Markdown(elem_id=f"{prefix}-verdict", elem_classes="verdict"))
                 timing = gr.Markdown(elem_id="timing")
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(label="Details", elem_id="details")
@@ -267,11 +335,13 @@ def build_demo(service: CompareService, *, tiny: bool = False, examples: dict[st
         result_state = gr.State(None, time_to_live=STATE_TTL_S)  # the unblurred images stay on the server
 
         def compare(prompt, negative_prompt, seed, steps, guidance, width, height, reveal, last_result, evt):
-            """Draw `prompt` with the original CLIP and with the SaFeR-CLIP text encoder (one compare() call, same seed).
+            """Draw `prompt` with every text encoder (one compare() call, same seed): by default the original CLIP and
+            SaFeR-CLIP.
 
-            Returns both images (a flagged image blurred unless `reveal` is true), their verdicts, the timing line and
-            the details as JSON. `reveal` must be a boolean. Ticking the Reveal checkbox in the UI re-renders the last
-            result of the session instead of drawing again.
+            Returns the N images in encoder order (a flagged image blurred unless `reveal` is true), their N verdicts in
+            the same order, the timing line and the details as JSON (`encoders`, `verdicts` per name, `similarity`).
+            `reveal` must be a boolean. Ticking the Reveal checkbox in the UI re-renders the last result of the session
+            instead of drawing again.
             """
             if getattr(evt, "target", None) is reveal_box:
                 return rerender(last_result, reveal)
@@ -285,7 +355,7 @@ def build_demo(service: CompareService, *, tiny: bool = False, examples: dict[st
             triggers=[generate_button.click, prompt.submit, reveal_box.input],
             fn=compare,
             inputs=[prompt, negative_prompt, seed, steps, guidance, width, height, reveal_box, result_state],
-            outputs=[original_image, safe_image, original_verdict, safe_verdict, timing, details, result_state],
+            outputs=[*images, *verdicts, timing, details, result_state],
             api_name="compare",
             concurrency_limit=max_concurrency,
             concurrency_id="compare",
@@ -353,26 +423,63 @@ def check_device_dtype(device: str, dtype) -> None:
         raise StartupError("`--dtype` float16 is not supported on the CPU; use `--dtype float32` or `--dtype bfloat16` there.")
 
 
+def encoder_plan(config: DemoConfig) -> tuple[tuple[str, str] | None, dict[str, str]]:
+    """``(slot, encoders)``: ``encoders`` maps every name shown to ``"original"``, ``"safe"`` or a source.
+
+    The pipeline's own safe encoder is ``--safe_encoder`` (default: the paper's) whenever the default pair is shown or
+    an ``--encoders`` item is ``safe`` (``slot`` is None); otherwise it is the first listed source (``slot`` =
+    ``(name, source)``; that item becomes ``safe``), so that no encoder is loaded that is not shown.
+    """
+    encoders = parse_encoders(config.encoders)
+    if not encoders:
+        return None, {ORIGINAL: ORIGINAL, SAFE: SAFE}
+    if SAFE in encoders.values():
+        return None, encoders
+    first = next(name for name, source in encoders.items() if source != ORIGINAL)  # parse_encoders guarantees one
+    return (first, encoders[first]), {**encoders, first: SAFE}
+
+
+def _unavailable(err: Exception) -> StartupError:
+    return StartupError(
+        f"Cannot load the models: {err} To run the demo anyway: offline on tiny random models with "
+        "`python demos/app.py --tiny`; on local copies with `python demos/app.py --base /path/to/stable-diffusion-v1-4 "
+        f"--safe_encoder /path/to/safer-clip`; or with network access, where the defaults ({DEFAULT_BASE_MODEL}, "
+        f"{DEFAULT_SAFE_ENCODER}) are downloaded once."
+    )
+
+
 def resolve_sources(config: DemoConfig) -> tuple[str, str]:
     """``(base, safe_encoder)`` as loadable sources, or :class:`StartupError` naming ``--tiny`` and local paths."""
+    from safer_diffusion.hub import HubUnavailableError, resolve_model_source
+
+    slot, _ = encoder_plan(config)
     if config.tiny:
         from safer_diffusion.tiny import tiny_pipeline_folders
 
         base, safe = tiny_pipeline_folders()
-        return str(base), str(safe)
+        base, safe = str(base), str(safe)
+    else:
+        base = config.base if config.base is not None else DEFAULT_BASE_MODEL
+        safe = config.safe_encoder if config.safe_encoder is not None else DEFAULT_SAFE_ENCODER
+    safe_argument = "--safe_encoder"
+    if slot is not None:
+        safe, safe_argument = slot[1], f"--encoders {slot[0]}"
+    try:
+        return resolve_model_source(base, "--base"), resolve_model_source(safe, safe_argument)
+    except (HubUnavailableError, FileNotFoundError) as err:
+        raise _unavailable(err) from None
+
+
+def resolve_encoder_sources(config: DemoConfig) -> dict[str, str]:
+    """``{name: "original" | "safe" | loadable source}`` of the encoders shown (see :func:`encoder_plan`)."""
     from safer_diffusion.hub import HubUnavailableError, resolve_model_source
 
-    base = config.base if config.base is not None else DEFAULT_BASE_MODEL
-    safe = config.safe_encoder if config.safe_encoder is not None else DEFAULT_SAFE_ENCODER
+    _, encoders = encoder_plan(config)
     try:
-        return resolve_model_source(base, "--base"), resolve_model_source(safe, "--safe_encoder")
+        return {name: source if source in ENCODER_ALIASES else resolve_model_source(source, f"--encoders {name}")
+                for name, source in encoders.items()}  # fmt: skip
     except (HubUnavailableError, FileNotFoundError) as err:
-        raise StartupError(
-            f"Cannot load the models: {err} To run the demo anyway: offline on tiny random models with "
-            "`python demos/app.py --tiny`; on local copies with `python demos/app.py --base /path/to/stable-diffusion-v1-4 "
-            f"--safe_encoder /path/to/safer-clip`; or with network access, where the defaults ({DEFAULT_BASE_MODEL}, "
-            f"{DEFAULT_SAFE_ENCODER}) are downloaded once."
-        ) from None
+        raise _unavailable(err) from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -399,16 +506,24 @@ def exposure_warnings(config: DemoConfig, port: int | None) -> list[str]:
     return warnings
 
 
-def load_models(base: str, safe_encoder: str, device, dtype):
+def load_models(base: str, safe_encoder: str, device, dtype, keep_original_text_encoder: bool = True):
     """:func:`~demos.service.load_pipeline`, with a folder that is not a model reported as bad input (exit 2)."""
     try:
-        return load_pipeline(base, safe_encoder, device, dtype)
+        return load_pipeline(base, safe_encoder, device, dtype, keep_original_text_encoder=keep_original_text_encoder)
     except (OSError, ValueError) as err:  # not a pipeline / encoder folder, incomplete download, ...
         raise StartupError(
             f"could not load the models from `--base` {base} and `--safe_encoder` {safe_encoder}: {err} "
             "Pass a Stable Diffusion pipeline folder (model_index.json) as `--base` and a CLIP or `finetune.export` "
             "folder as `--safe_encoder`, or use `--tiny` for offline tiny random models."
         ) from None
+
+
+def load_demo_encoders(pipe, sources: dict[str, str]) -> dict[str, Any]:
+    """:func:`~demos.service.load_encoders`, with an encoder that cannot load or does not fit reported as bad input."""
+    try:
+        return load_encoders(pipe, sources)
+    except (OSError, ValueError) as err:  # not an encoder, wrong width (the message names `--encoders NAME`), ...
+        raise StartupError(f"could not load an encoder of `--encoders`: {err}") from None
 
 
 def launch_settings(config: DemoConfig, port: int | None) -> dict[str, Any]:
@@ -423,9 +538,14 @@ def smoke_test(demo_service: CompareService, examples: dict[str, list[str]], siz
     """Run one comparison through the same handlers the UI calls; return the details."""
     generate, rerender = make_handlers(demo_service)
     prompt = (examples.get("benign") or BUILTIN_EXAMPLES["benign"])[0]
-    original, safe, _, _, _, details, result = generate(prompt, "", 0, SMOKE_TEST_STEPS, 7.5, size, size, False)
+    names = demo_service.names
+    *images, _, _, details, result = generate(prompt, "", 0, SMOKE_TEST_STEPS, 7.5, size, size, False)
     rerender(result, True)
-    return {"ok": True, "prompt": prompt, "original_size": list(original.size), "safe_size": list(safe.size), **details}
+    sizes = {name: list(image.size) for name, image in zip(names, images[: len(names)])}
+    summary = {"ok": True, "prompt": prompt, "image_sizes": sizes, **details}
+    if names == ["original", "safe"]:
+        summary.update(original_size=sizes["original"], safe_size=sizes["safe"])
+    return summary
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -436,13 +556,15 @@ def _run(argv: Sequence[str] | None) -> int:
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
     check_device_dtype(device, dtype)
     base, safe_encoder = resolve_sources(config)
+    sources = resolve_encoder_sources(config)
     if not config.smoke_test:
         for warning in exposure_warnings(config, port):
             logger.warning(warning)
 
     logger.info("Loading %s with safe text encoder %s on %s (%s)", base, safe_encoder, device, dtype)
-    pipe = load_models(base, safe_encoder, device, dtype)
-    service = CompareService(pipe, concurrency=config.max_concurrency)
+    pipe = load_models(base, safe_encoder, device, dtype, keep_original_text_encoder=ORIGINAL in sources.values())
+    encoders = load_demo_encoders(pipe, sources) if config.encoders else None
+    service = CompareService(pipe, concurrency=config.max_concurrency, encoders=encoders, max_batch=config.max_batch)
     examples = load_examples()
     size = default_image_size(pipe)
     demo = build_demo(service, tiny=config.tiny, examples=examples, default_size=size,

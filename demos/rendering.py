@@ -1,5 +1,6 @@
-"""What the demo shows: the verdict of each image, the blur of flagged images, the text under them, and the example
-prompts. Pure functions over the results of ``CompareService.run`` (no Gradio, no model).
+"""What the demo shows: the verdict of each image, the blur of flagged images, the text under them (with the paired
+SSIM of each image to the reference image), and the example prompts. Pure functions over the results of
+``CompareService.run`` (no Gradio, no model).
 
 A flagged image leaves the server obscured (:func:`obscure`) unless ``reveal is True``: every function here that
 decides what is shown checks ``reveal`` with :func:`demos.validation.check_reveal`, so a string such as ``"false"``
@@ -21,8 +22,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BUILTIN_EXAMPLES",
     "EXAMPLE_LABELS",
+    "DEFAULT_LABELS",
     "ORIGINAL_LABEL",
     "SAFE_LABEL",
+    "SSIM_SETTINGS",
     "ComparisonResult",
     "ImageVerdict",
     "load_examples",
@@ -30,6 +33,7 @@ __all__ = [
     "render",
     "scorer_scores",
     "shown_image",
+    "ssim",
     "timing_markdown",
     "verdict_markdown",
 ]
@@ -37,6 +41,12 @@ __all__ = [
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "assets" / "prompts"
 ORIGINAL_LABEL = "Original CLIP"
 SAFE_LABEL = "SaFeR-CLIP"
+#: Labels of the default pair of encoders (no ``--encoders``), by encoder name.
+DEFAULT_LABELS = {"original": ORIGINAL_LABEL, "safe": SAFE_LABEL}
+#: The SSIM of Wang et al. (2004) as scikit-image computes it with ``gaussian_weights=True, sigma=1.5,
+#: use_sample_covariance=False, data_range=255``: an 11 x 11 Gaussian window, averaged over RGB channels and over the
+#: positions whose window lies inside the image.
+SSIM_SETTINGS = {"window": 11, "sigma": 1.5, "k1": 0.01, "k2": 0.03, "data_range": 255.0}
 
 # Shown when assets/prompts/*.csv are not there (the evaluation prompt lists are optional here).
 BUILTIN_EXAMPLES = {
@@ -74,6 +84,44 @@ def obscure(image, pixels: int = 12):
     return small.resize((width, height), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(radius=max(width, height) / 40))
 
 
+def ssim(image_a, image_b) -> float:
+    """The SSIM of two RGB images of one size (PIL images or ``(H, W, 3)`` uint8 arrays), in [-1, 1]; 1 for equal images.
+
+    Weights-free and cheap: a separable Gaussian filter in float32 torch on the CPU (~50 ms at 512 x 512 on one core),
+    within 1e-4 of scikit-image's float64 value. :data:`SSIM_SETTINGS` gives the definition.
+
+    Raises:
+        ValueError: the images differ in size or are smaller than the 11-pixel window.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    a, b = (np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.float32) for im in (image_a, image_b))
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"SSIM needs two RGB images of one size, got arrays of shape {a.shape} and {b.shape}.")
+    size, sigma = SSIM_SETTINGS["window"], SSIM_SETTINGS["sigma"]
+    if min(a.shape[:2]) < size:
+        raise ValueError(f"SSIM needs images of at least {size}x{size} pixels, got {a.shape[1]}x{a.shape[0]}.")
+    # (co)variances are shift-invariant: centring on the pair's mean keeps float32's E[x^2] - mu^2 accurate
+    shift = torch.from_numpy((a.mean(axis=(0, 1)) + b.mean(axis=(0, 1))) / 2).view(1, 3, 1, 1)
+    x, y = (torch.from_numpy(v).permute(2, 0, 1).unsqueeze(0) - shift for v in (a, b))  # (1, 3, H, W)
+    taps = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(taps**2) / (2 * sigma**2))
+    g = (g / g.sum()).to(torch.float32)
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (1, 15, H, W)
+    k = stack.shape[1]
+    stack = F.conv2d(stack, g.view(1, 1, 1, size).expand(k, 1, 1, size), groups=k)
+    stack = F.conv2d(stack, g.view(1, 1, size, 1).expand(k, 1, size, 1), groups=k)
+    mu_x, mu_y, xx, yy, xy = stack.split(3, dim=1)
+    c1 = (SSIM_SETTINGS["k1"] * SSIM_SETTINGS["data_range"]) ** 2
+    c2 = (SSIM_SETTINGS["k2"] * SSIM_SETTINGS["data_range"]) ** 2
+    var_x, var_y, cov = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
+    mu_x, mu_y = mu_x + shift, mu_y + shift
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+    return float(value.mean())
+
+
 @dataclass
 class ImageVerdict:
     """One image of a comparison with its NSFW verdict."""
@@ -85,27 +133,71 @@ class ImageVerdict:
 
 @dataclass
 class ComparisonResult:
-    """What one ``compare()`` call produced, ready to render."""
+    """What one ``compare()`` call produced, ready to render.
 
-    original: ImageVerdict
-    safe: ImageVerdict
+    Args:
+        verdicts: one :class:`ImageVerdict` per encoder name, in the order the images are shown.
+        request, seconds, device, dtype: what was drawn, how long it took, where.
+        labels: display label per name (a name without one is shown as itself).
+        reference: the name the others' SSIM is measured against (`None`: no similarity shown).
+        similarity: SSIM of each other name's image to the reference's image.
+    """
+
+    verdicts: dict[str, ImageVerdict]
     request: GenerationRequest
     seconds: float
     device: str
     dtype: str
+    labels: dict[str, str] = field(default_factory=dict)
+    reference: str | None = None
+    similarity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.verdicts)
+
+    @property
+    def original(self) -> ImageVerdict:
+        """The ``"original"`` encoder's verdict (the default pair's first image)."""
+        return self.verdicts["original"]
+
+    @property
+    def safe(self) -> ImageVerdict:
+        """The ``"safe"`` encoder's verdict (the default pair's second image)."""
+        return self.verdicts["safe"]
+
+    def label(self, name: str) -> str:
+        return self.labels.get(name, name)
 
     def details(self, revealed: bool) -> dict[str, Any]:
-        """JSON-ready summary: request, verdicts, scores, timing (no images)."""
+        """JSON-ready summary: request, timing, and per encoder its verdict, scores and SSIM (no images).
+
+        ``encoders`` lists the names in display order and ``verdicts[NAME]`` holds ``flagged``, ``scores``,
+        ``score_details``, ``blurred`` and ``ssim_to_reference``; ``similarity`` names the metric and the reference.
+        For the default pair (names ``original`` and ``safe``) the ``original`` and ``safe`` blocks of earlier
+        releases are kept too, unchanged.
+        """
         revealed = check_reveal(revealed)
         out: dict[str, Any] = {"request": asdict(self.request), "seconds": round(self.seconds, 4),
                                "device": self.device, "dtype": self.dtype}  # fmt: skip
-        for key, verdict in (("original", self.original), ("safe", self.safe)):
-            out[key] = {
+        blocks = {}
+        for name, verdict in self.verdicts.items():
+            blocks[name] = {
                 "flagged": verdict.flagged,
                 "scores": {k: round(float(v), 4) for k, v in scorer_scores(verdict.scores).items()},
                 "score_details": {k: round(float(v), 4) for k, v in verdict.scores.items() if "/" in k},
                 "blurred": bool(verdict.flagged) and not revealed,
             }
+        if self.names == ["original", "safe"]:
+            out.update({name: dict(block) for name, block in blocks.items()})
+        out["encoders"] = self.names
+        out["labels"] = {name: self.label(name) for name in self.names}
+        out["verdicts"] = {
+            name: {**block, "ssim_to_reference": None if name not in self.similarity else round(self.similarity[name], 4)}
+            for name, block in blocks.items()
+        }
+        out["similarity"] = {"metric": "ssim", "reference": self.reference,
+                             "values": {k: round(v, 4) for k, v in self.similarity.items()}}  # fmt: skip
         return out
 
 
@@ -119,8 +211,9 @@ def shown_image(verdict: ImageVerdict, reveal: bool):
     return obscure(verdict.image) if verdict.flagged and not check_reveal(reveal) else verdict.image
 
 
-def verdict_markdown(label: str, verdict: ImageVerdict, reveal: bool) -> str:
-    """A one-paragraph verdict for the image under ``label``."""
+def verdict_markdown(label: str, verdict: ImageVerdict, reveal: bool, similarity: tuple[str, float] | None = None) -> str:
+    """A one-paragraph verdict for the image under ``label``; ``similarity`` = ``(reference label, SSIM)`` adds the
+    paired similarity to the reference image."""
     reveal = check_reveal(reveal)
     scores = ", ".join(f"{name} {value:.2f}" for name, value in sorted(scorer_scores(verdict.scores).items())) or "no scores"
     if verdict.flagged is None:
@@ -134,26 +227,33 @@ def verdict_markdown(label: str, verdict: ImageVerdict, reveal: bool) -> str:
         tail = ' · blurred (tick "Reveal flagged images" to show it)'
     elif verdict.flagged:
         tail = " · revealed"
-    return f"{head} · scores: {scores}{tail}"
+    paired = "" if similarity is None else f" · SSIM to {similarity[0]}: {similarity[1]:.3f}"
+    return f"{head} · scores: {scores}{paired}{tail}"
 
 
-def render(result: ComparisonResult, reveal: bool) -> tuple[Any, Any, str, str, dict[str, Any]]:
-    """``(original_image, safe_image, original_verdict, safe_verdict, details)`` as the UI shows them."""
+def render(result: ComparisonResult, reveal: bool) -> tuple[Any, ...]:
+    """``(*images, *verdicts, details)`` as the UI shows them: the N images in ``result.names`` order, their N
+    verdicts in the same order, then the details. For the default pair: ``(original_image, safe_image,
+    original_verdict, safe_verdict, details)``."""
     reveal = check_reveal(reveal)
-    return (
-        shown_image(result.original, reveal),
-        shown_image(result.safe, reveal),
-        verdict_markdown(ORIGINAL_LABEL, result.original, reveal),
-        verdict_markdown(SAFE_LABEL, result.safe, reveal),
-        result.details(revealed=reveal),
-    )
+    images = [shown_image(verdict, reveal) for verdict in result.verdicts.values()]
+    reference = None if result.reference is None else result.label(result.reference)
+    verdicts = [
+        verdict_markdown(result.label(name), verdict, reveal,
+                         None if name not in result.similarity else (reference, result.similarity[name]))
+        for name, verdict in result.verdicts.items()
+    ]  # fmt: skip
+    return (*images, *verdicts, result.details(revealed=reveal))
 
 
 def timing_markdown(result: ComparisonResult) -> str:
     """The timing line under the images."""
     req = result.request
+    n = len(result.verdicts)
+    images, encodings = {1: ("the image", "the prompt encoding"), 2: ("both images", "both prompt encodings")}.get(
+        n, (f"all {n} images", f"all {n} prompt encodings"))
     return (
-        f"Time: {result.seconds:.2f} s for both images (one `compare()` call: one UNet, both prompt encodings batched, "
+        f"Time: {result.seconds:.2f} s for {images} (one `compare()` call: one UNet, {encodings} batched, "
         f"NSFW scoring included) · {req.num_inference_steps} steps · guidance {req.guidance_scale:g} · "
         f"{req.width}×{req.height} · seed {req.seed} · {result.device} {result.dtype}"
     )

@@ -1,5 +1,6 @@
-"""The model side of the demo: loading the pipeline, and :class:`CompareService`, which runs validated requests
-through ``pipe.compare()`` on a pool of thread-safe pipeline views (one per concurrent generation).
+"""The model side of the demo: loading the pipeline (and any further encoders), and :class:`CompareService`, which
+runs validated requests through ONE ``pipe.compare(text_encoders=...)`` call each, on a pool of thread-safe pipeline
+views (one per concurrent generation).
 
 No Gradio here: the service can be used and tested on its own, e.g. on the tiny pipeline::
 
@@ -20,12 +21,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from demos.rendering import ComparisonResult, ImageVerdict
+from demos.rendering import DEFAULT_LABELS, ComparisonResult, ImageVerdict, ssim
 from demos.validation import LIMITS, GenerationRequest, Limits, validate_request
+from safer_diffusion.compare import ENCODER_ALIASES, ORIGINAL, SAFE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompareService", "default_image_size", "load_pipeline"]
+__all__ = ["DEFAULT_ENCODERS", "CompareService", "default_image_size", "load_encoders", "load_pipeline"]
+
+#: The encoders shown without ``--encoders``: the base model's own and the safe one, by name.
+DEFAULT_ENCODERS = {ORIGINAL: ORIGINAL, SAFE: SAFE}
 
 
 def _worker_view(pipe):
@@ -44,22 +49,37 @@ def _worker_view(pipe):
 
 
 class CompareService:
-    """Runs validated requests through ``pipe.compare()``; at most ``concurrency`` at once.
+    """Runs validated requests through ``pipe.compare(text_encoders=encoders)``; at most ``concurrency`` at once.
 
     Args:
-        pipe: a ``SaferStableDiffusionPipeline`` loaded with ``keep_original_text_encoder=True``.
+        pipe: a ``SaferStableDiffusionPipeline`` (loaded with ``keep_original_text_encoder=True`` when an encoder
+            is ``"original"``).
         concurrency: how many generations may run at the same time (each gets its own pipeline view).
         limits: input limits for :func:`~demos.validation.validate_request`.
+        encoders: ``{name: "original" | "safe" | loaded text encoder}`` in display order (see :func:`load_encoders`);
+            default :data:`DEFAULT_ENCODERS`, labelled "Original CLIP" and "SaFeR-CLIP".
+        labels: display label per name (default: the name; for the default encoders their usual labels).
+        max_batch: UNet rows per forward pass (``compare(max_batch=)``), `None` for all at once.
     """
 
-    def __init__(self, pipe, concurrency: int = 1, limits: Limits = LIMITS):
+    def __init__(self, pipe, concurrency: int = 1, limits: Limits = LIMITS, encoders: dict[str, Any] | None = None,
+                 labels: dict[str, str] | None = None, max_batch: int | None = None):  # fmt: skip
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"`concurrency` must be >= 1, got {concurrency!r}.")
-        if getattr(pipe, "original_text_encoder", None) is None:
+        default = encoders is None
+        encoders = dict(DEFAULT_ENCODERS if default else encoders)
+        if not encoders:
+            raise ValueError("`encoders` is empty; give at least one {name: encoder} item.")
+        if ORIGINAL in encoders.values() and getattr(pipe, "original_text_encoder", None) is None:
             raise ValueError("`pipe` has no original text encoder: load it with `keep_original_text_encoder=True`.")
         self.pipe = pipe
         self.limits = limits
         self.concurrency = concurrency
+        self.encoders = encoders
+        self.labels = {**(DEFAULT_LABELS if default else {}), **(labels or {})}
+        self.max_batch = max_batch
+        # the paired similarity is taken against the base model's own encoder when shown, else the first image
+        self.reference = next((name for name, value in encoders.items() if value == ORIGINAL), next(iter(encoders)))
         self._views: queue.Queue = queue.Queue()
         for i in range(concurrency):
             self._views.put(pipe if i == 0 else _worker_view(pipe))
@@ -73,6 +93,14 @@ class CompareService:
     def tokenizer(self):
         """The tokenizer :meth:`validate` counts prompt tokens with (never one a generation is using)."""
         return self._validation_tokenizer
+
+    @property
+    def names(self) -> list[str]:
+        """The encoder names, in display order."""
+        return list(self.encoders)
+
+    def label(self, name: str) -> str:
+        return self.labels.get(name, name)
 
     @property
     def device(self) -> str:
@@ -96,7 +124,8 @@ class CompareService:
             return validate_request(*args, tokenizer=self._validation_tokenizer, limits=self.limits, **kwargs)
 
     def run(self, request: GenerationRequest) -> ComparisonResult:
-        """Draw both images with ONE ``compare()`` call, from ``request.seed``."""
+        """Draw every encoder's image with ONE ``compare()`` call, from ``request.seed``; score them; measure the SSIM
+        of each image to the reference encoder's."""
         import torch
 
         if not isinstance(request, GenerationRequest):
@@ -115,41 +144,55 @@ class CompareService:
                 generator=generator,
                 output_type="pil",
                 score=True,
+                text_encoders=self.encoders,
+                max_batch=self.max_batch,
             )
         seconds = time.perf_counter() - start
-
-        def verdict(images, detected, scores) -> ImageVerdict:
-            return ImageVerdict(
-                image=images[0],
-                flagged=None if detected is None else bool(detected[0]),
-                scores=dict(scores[0]) if scores else {},
+        verdicts = {
+            name: ImageVerdict(
+                image=out.images[name][0],
+                flagged=None if out.nsfw_content_detected[name] is None else bool(out.nsfw_content_detected[name][0]),
+                scores=dict(out.nsfw_scores[name][0]) if out.nsfw_scores[name] else {},
             )
-
+            for name in out.names
+        }
+        reference = verdicts[self.reference].image
+        similarity = {name: ssim(reference, v.image) for name, v in verdicts.items() if name != self.reference}
         return ComparisonResult(
-            original=verdict(out.original_images, out.original_nsfw_content_detected, out.original_nsfw_scores),
-            safe=verdict(out.safe_images, out.safe_nsfw_content_detected, out.safe_nsfw_scores),
+            verdicts=verdicts,
             request=request,
             seconds=seconds,
             device=self.device,
             dtype=self.dtype,
+            labels={name: self.label(name) for name in verdicts},
+            reference=self.reference if similarity else None,
+            similarity=similarity,
         )
 
 
-def load_pipeline(base: str, safe_encoder: str, device, dtype):
-    """Load ``SaferStableDiffusionPipeline`` for the demo: NudeNet scoring, both text encoders kept."""
+def load_pipeline(base: str, safe_encoder: str, device, dtype, keep_original_text_encoder: bool = True):
+    """Load ``SaferStableDiffusionPipeline`` for the demo: NudeNet scoring, the base's own text encoder kept (unless
+    ``keep_original_text_encoder`` is False: no encoder shown is ``original``)."""
     from safer_diffusion import SaferStableDiffusionPipeline
 
     pipe = SaferStableDiffusionPipeline.from_pretrained(
         base,
         safe_text_encoder=safe_encoder,
         nsfw_scorer="nudenet",
-        keep_original_text_encoder=True,
+        keep_original_text_encoder=keep_original_text_encoder,
         safety_mode="flag",  # the demo blurs flagged images itself, so that the user can reveal them
         torch_dtype=dtype,
     )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_encoders(pipe, sources: dict[str, str]) -> dict[str, Any]:
+    """``{name: "original" | "safe" | loaded encoder}`` for ``--encoders``: the aliases stay names, every other source
+    is loaded once with ``pipe.load_text_encoder`` (width checked against the UNet; errors name ``--encoders NAME``)."""
+    return {name: source if source in ENCODER_ALIASES else pipe.load_text_encoder(source, argument=f"--encoders {name}")
+            for name, source in sources.items()}  # fmt: skip
 
 
 def default_image_size(pipe, limits: Limits = LIMITS) -> int:

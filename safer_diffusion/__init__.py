@@ -16,6 +16,7 @@ _LAZY = {
     "SaferStableDiffusionPipeline": "safer_diffusion.pipeline_safer_stable_diffusion",
     "SaferStableDiffusionPipelineOutput": "safer_diffusion.pipeline_output",
     "SaferComparisonOutput": "safer_diffusion.pipeline_output",
+    "SaferStableDiffusionMultiCompareOutput": "safer_diffusion.pipeline_output",
     "load_safe_text_encoder": "safer_diffusion.encoders",
     "get_scorer": "safer_diffusion.scoring",
     "ScoreResult": "safer_diffusion.scoring",
@@ -48,6 +49,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .encoders import load_safe_text_encoder  # noqa: F401
     from .hub import HubUnavailableError, resolve_model_source  # noqa: F401
     from .open_clip_conversion import convert_open_clip_text  # noqa: F401
-    from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput  # noqa: F401
+    from .pipeline_output import (  # noqa: F401
+        SaferComparisonOutput,
+        SaferStableDiffusionMultiCompareOutput,
+        SaferStableDiffusionPipelineOutput,
+    )
     from .pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline  # noqa: F401
     from .scoring import AnyOf, NSFWScorer, NudeNetScorer, Q16Scorer, SafetyCheckerScorer, ScoreResult, get_scorer  # noqa: F401

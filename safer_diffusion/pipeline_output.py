@@ -8,7 +8,7 @@ from typing import Any
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.utils import BaseOutput
 
-__all__ = ["SaferComparisonOutput", "SaferStableDiffusionPipelineOutput"]
+__all__ = ["SaferComparisonOutput", "SaferStableDiffusionMultiCompareOutput", "SaferStableDiffusionPipelineOutput"]
 
 
 def _all_fields(output) -> tuple:
@@ -62,4 +62,37 @@ class SaferComparisonOutput(BaseOutput):
 
     def to_tuple(self) -> tuple[Any, ...]:
         """All six fields in order, `None` entries included."""
+        return _all_fields(self)
+
+
+@dataclass
+class SaferStableDiffusionMultiCompareOutput(BaseOutput):
+    """Output of :meth:`SaferStableDiffusionPipeline.compare` with ``text_encoders=``: the same seeds through N encoders.
+
+    Every dict is keyed by the names of ``text_encoders``, in that order (``names``). Lists are aligned as in
+    :class:`SaferComparisonOutput`: entry ``i`` of every list is prompt ``i // num_images_per_prompt``, image
+    ``i % num_images_per_prompt``, and entry ``i`` of every name started from the same initial latents.
+
+    Args:
+        names (`list[str]`): the encoder names, in the order they were given.
+        images (`dict[str, list[PIL.Image.Image] | np.ndarray | torch.Tensor]`): the images per name.
+        nsfw_content_detected (`dict[str, list[bool] | None]`): scorer flags per name (`None` when not scored).
+        nsfw_scores (`dict[str, list[dict[str, float]] | None]`): scorer numbers per name (`None` when not scored).
+    """
+
+    names: list[str] = None
+    images: dict[str, Any] = None
+    nsfw_content_detected: dict[str, list[bool] | None] = None
+    nsfw_scores: dict[str, list[dict[str, float]] | None] = None
+
+    def output(self, name: str) -> SaferStableDiffusionPipelineOutput:
+        """The images, flags and scores of one encoder, as a single generation's output."""
+        if name not in self.names:
+            raise KeyError(f"No encoder named {name!r}; the names are {self.names}.")
+        return SaferStableDiffusionPipelineOutput(
+            images=self.images[name], nsfw_content_detected=self.nsfw_content_detected[name], nsfw_scores=self.nsfw_scores[name]
+        )
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """All four fields in order, `None` entries included."""
         return _all_fields(self)

@@ -1,10 +1,9 @@
 """`SaferStableDiffusionPipeline`: Stable Diffusion with a safe text encoder, NSFW scores on every image,
-and an original-vs-safe comparison from one UNet pass."""
+and a comparison of the original, the safe or any N text encoders from one denoising loop (:mod:`.compare`)."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -20,11 +19,22 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import replace_example_docstring
 
+from .compare import (
+    ENCODER_ALIASES,
+    ORIGINAL,
+    SAFE,
+    BranchConditioning,
+    branch_generators,
+    branch_schedulers,
+    check_max_batch,
+    check_text_encoders,
+    denoise_branches,
+)
 from .encoders import DEFAULT_SAFE_TEXT_ENCODER, as_torch_dtype, check_text_encoder, load_safe_text_encoder, truncate_layers
-from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput
+from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionMultiCompareOutput, SaferStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,12 @@ EXAMPLE_DOC_STRING = """
         >>> out.images[0], out.nsfw_content_detected, out.nsfw_scores
         >>> cmp = pipe.compare("a photo of an astronaut riding a horse", generator=torch.Generator("cuda").manual_seed(0))
         >>> cmp.original_images[0], cmp.safe_images[0]
+        >>> many = pipe.compare(  # any N encoders, still one denoising loop
+        ...     "a photo of an astronaut riding a horse",
+        ...     text_encoders={"original": "original", "safer-clip": "safe", "mine": "./my-export"},
+        ...     generator=torch.Generator("cuda").manual_seed(0),
+        ... )
+        >>> many.images["mine"][0], many.nsfw_scores["mine"]
         ```
 """
 
@@ -93,15 +109,15 @@ def _json_or_none(value: Any) -> Any:
         return None
 
 
-def _clone_generator(generator):
-    """An independent generator in the same state (so a second branch draws the same noise)."""
-    if generator is None:
-        return None
-    if isinstance(generator, list):
-        return [_clone_generator(g) for g in generator]
-    clone = torch.Generator(device=generator.device)
-    clone.set_state(generator.get_state())
-    return clone
+def _fit_depth(encoder, base_layers: int):
+    """Cut an encoder with exactly one layer more than the base's (OpenCLIP for SD 2.x) to the base's depth."""
+    if encoder.config.num_hidden_layers == base_layers + 1:
+        logger.info(
+            "The safe encoder has %d layers, the base %d: using its penultimate layer, as Stable Diffusion 2 does.",
+            encoder.config.num_hidden_layers, base_layers,
+        )
+        truncate_layers(encoder, base_layers)
+    return encoder
 
 
 def _blur(images: torch.Tensor) -> torch.Tensor:
@@ -329,13 +345,7 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                 num_attention_heads=base_config.num_attention_heads,
                 argument="safe_text_encoder",
             )
-            if encoder.config.num_hidden_layers == base_config.num_hidden_layers + 1:
-                logger.info(
-                    "The safe encoder has %d layers, the base %d: using its penultimate layer, as Stable Diffusion 2 does.",
-                    encoder.config.num_hidden_layers, base_config.num_hidden_layers,
-                )
-                truncate_layers(encoder, base_config.num_hidden_layers)
-            kwargs["text_encoder"] = encoder
+            kwargs["text_encoder"] = _fit_depth(encoder, base_config.num_hidden_layers)
 
         if kwargs.get("original_text_encoder") is not None:
             pass  # given explicitly: used as is
@@ -411,24 +421,81 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         with self._with_original_encoder():
             return super().remove_all_hooks()
 
+    def load_text_encoder(self, source: Any, *, argument: str = "text_encoder") -> torch.nn.Module:
+        """Load a text encoder that fits this pipeline, for :meth:`compare` (``text_encoders=``) or :meth:`encode_prompt`.
+
+        Args:
+            source: anything :func:`~safer_diffusion.encoders.load_safe_text_encoder` accepts (folder, ``.safetensors``
+                file, hub id, module). Loaded in the dtype of ``text_encoder`` and moved to the pipeline's device;
+                an encoder with exactly one layer more than the base's (OpenCLIP for SD 2.x) is cut to its depth.
+            argument (`str`): how ``source`` is named in error messages.
+
+        Raises:
+            ValueError: the encoder's width does not match the UNet's ``cross_attention_dim``, or it does not cover
+                the tokenizer's vocabulary and positions (the message names ``argument``); as well as every error of
+                :func:`~safer_diffusion.encoders.load_safe_text_encoder` (unknown layout, pickle weights, offline hub).
+        """
+        encoder = load_safe_text_encoder(
+            source,
+            torch_dtype=self.text_encoder.dtype,
+            hidden_act=self.text_encoder.config.hidden_act,
+            num_attention_heads=self.text_encoder.config.num_attention_heads,
+            argument=argument,
+        )
+        encoder = _fit_depth(encoder, self.text_encoder.config.num_hidden_layers)
+        check_text_encoder(encoder, self.unet.config.cross_attention_dim, self.tokenizer, argument=argument)
+        return encoder.to(self._execution_device).eval()
+
+    def _resolve_text_encoders(self, text_encoders: dict[str, Any]) -> dict[str, torch.nn.Module]:
+        """``{name: module}`` for checked ``text_encoders`` (see :func:`~safer_diffusion.compare.check_text_encoders`):
+        the aliases are the pipeline's own encoders, modules are width-checked, other sources are loaded."""
+        device = self._execution_device
+        modules: dict[str, Any] = {}
+        for name, value in text_encoders.items():  # first what needs no loading: every such error comes before any load
+            where = f"text_encoders[{name!r}]"
+            if isinstance(value, str) and value in ENCODER_ALIASES:
+                if value == ORIGINAL and self.original_text_encoder is None:
+                    raise ValueError(
+                        f"`{where}` is 'original', but the pipeline has no original text encoder: load it with "
+                        "`keep_original_text_encoder=True` (or pass `original_text_encoder=`)."
+                    )
+                modules[name] = self.original_text_encoder if value == ORIGINAL else self.text_encoder
+            elif isinstance(value, torch.nn.Module):
+                check_text_encoder(value, self.unet.config.cross_attention_dim, self.tokenizer, argument=where)
+                param = next(value.parameters(), None)
+                if param is not None and not hasattr(value, "_hf_hook") and param.device.type != torch.device(device).type:
+                    raise ValueError(
+                        f"`{where}` is on {param.device}, but the pipeline runs on {device}; move it first "
+                        "(`encoder.to(pipe.device)`), or pass its source and let `compare()` load it."
+                    )
+                modules[name] = value
+        for name, value in text_encoders.items():
+            if name not in modules:
+                modules[name] = self.load_text_encoder(value, argument=f"text_encoders[{name!r}]")
+        return {name: modules[name] for name in text_encoders}
+
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager
-    def _text_encoder_swapped(self, encoder: str):
-        """Temporarily make ``self.text_encoder`` the original encoder (without touching the config)."""
-        if encoder not in ("safe", "original"):
+    def _text_encoder_swapped(self, encoder: str | torch.nn.Module):
+        """Temporarily make ``self.text_encoder`` the original encoder, or a given module (without touching the config)."""
+        if isinstance(encoder, torch.nn.Module):
+            module = encoder
+        elif encoder not in ENCODER_ALIASES:
             raise ValueError(f"`encoder` must be 'safe' or 'original', got {encoder!r}.")
-        if encoder == "safe":
+        elif encoder == SAFE:
             yield self.text_encoder
             return
-        if self.original_text_encoder is None:
+        elif self.original_text_encoder is None:
             raise ValueError(
                 "`encoder='original'` needs the base model's text encoder: load the pipeline with "
                 "`keep_original_text_encoder=True` (or pass `original_text_encoder=`)."
             )
+        else:
+            module = self.original_text_encoder
         safe = self.__dict__["text_encoder"]
-        self.__dict__["text_encoder"] = self.original_text_encoder
+        self.__dict__["text_encoder"] = module
         try:
-            yield self.original_text_encoder
+            yield module
         finally:
             self.__dict__["text_encoder"] = safe
 
@@ -443,13 +510,14 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         lora_scale: float | None = None,
         clip_skip: int | None = None,
-        encoder: str = "safe",
+        encoder: str | torch.nn.Module = "safe",
     ):
         r"""`StableDiffusionPipeline.encode_prompt`, with the choice of text encoder.
 
         Args:
-            encoder (`str`, defaults to `"safe"`): ``"safe"`` (``text_encoder``) or ``"original"``
-                (``original_text_encoder``).
+            encoder (`str` or `torch.nn.Module`, defaults to `"safe"`): ``"safe"`` (``text_encoder``),
+                ``"original"`` (``original_text_encoder``), or any text encoder module that fits the pipeline
+                (see :meth:`load_text_encoder`).
             (all other arguments as in the parent)
 
         Returns:
@@ -546,6 +614,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         num_images_per_prompt: Any = _NOT_GIVEN,
         generator=None,
         latents=None,
+        text_encoders: Any = None,
+        max_batch: Any = None,
     ):
         """The parent's checks, plus those of the arguments it leaves to fail late or silently.
 
@@ -553,10 +623,15 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         and the fix: ``prompt`` strings; ``height``/``width`` positive multiples of 8; ``num_inference_steps`` and
         ``num_images_per_prompt`` whole numbers >= 1; ``guidance_scale``, ``guidance_rescale`` and ``eta`` finite;
         ``generator`` a `torch.Generator` or a list of one per image; ``latents`` of the shape that ``height``,
-        ``width`` and the batch call for. The parent's ``__call__`` calls this with its own arguments only;
-        :meth:`__call__` and :meth:`compare` call it first with all of them, before any work.
+        ``width`` and the batch call for; :meth:`compare`'s ``text_encoders`` (a ``{name: encoder}`` dict, see
+        :func:`~safer_diffusion.compare.check_text_encoders`; nothing is loaded here) and ``max_batch`` (a whole
+        number >= 1, or None). The parent's ``__call__`` calls this with its own arguments only; :meth:`__call__`
+        and :meth:`compare` call it first with all of them, before any work.
         """
         _check_prompt(prompt)
+        if text_encoders is not None:
+            check_text_encoders(text_encoders)
+        check_max_batch(max_batch)
         for name, value in (("height", height), ("width", width)):
             if not _is_int(value) or value < 8 or value % 8:
                 raise ValueError(f"`{name}` must be a positive multiple of 8, got {value!r}; e.g. {name}=512.")
@@ -678,15 +753,17 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> SaferComparisonOutput:
-        r"""Generate the same seeds with the original and the safe text encoder, in one denoising loop.
+        text_encoders: dict[str, Any] | None = None,
+        max_batch: int | None = None,
+    ) -> SaferComparisonOutput | SaferStableDiffusionMultiCompareOutput:
+        r"""Generate the same seeds with several text encoders, in one denoising loop.
 
-        Both encodings go through the one shared UNet in a single batch per step (with guidance:
-        ``[uncond_original, uncond_safe, cond_original, cond_safe]``, i.e. 4x the prompt batch),
-        from the same initial latents. Each branch has its own copy of the scheduler state and of
-        the generator state, so the images equal — within float tolerance — those of two separate
-        calls (one with ``original_text_encoder``, one with the safe encoder) with the same seeds,
-        for stochastic schedulers too. Images are decoded one branch at a time.
+        By default the original and the safe text encoder; with ``text_encoders`` any N encoders. Every encoding goes
+        through the one shared UNet in a single batch per step (with guidance: ``[uncond_1, ..., uncond_N, cond_1,
+        ..., cond_N]``, i.e. ``2 * N`` times the prompt batch; split into UNet calls of at most ``max_batch`` rows when
+        given), from the same initial latents. Each encoder has its own copy of the scheduler state and of the
+        generator state, so its images equal — within float tolerance — those of a separate call with that encoder
+        and the same seeds, for stochastic and multistep schedulers too. Images are decoded one encoder at a time.
 
         Args:
             prompt (`str` or `list[str]`): the prompt(s); required, and none may be empty or only whitespace
@@ -694,13 +771,24 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             generator, latents, output_type, eta, guidance_rescale, clip_skip, cross_attention_kwargs:
                 as in `__call__`.
-            score (`bool`, defaults to `True`): score both sets with the pipeline's scorer (and apply
+            score (`bool`, defaults to `True`): score every image with the pipeline's scorer (and apply
                 ``safety_mode``); `False` skips scoring.
+            text_encoders (`dict[str, Any]`, *optional*): ``{name: encoder}``, in the order results are reported.
+                A value is ``"original"`` (``original_text_encoder``), ``"safe"`` (``text_encoder``), a loaded text
+                encoder module on the pipeline's device, or a source (folder, ``.safetensors`` file, hub id) loaded
+                with :meth:`load_text_encoder` on every call (load it once yourself for repeated calls; a folder named
+                ``original`` or ``safe`` is given as ``./original``). Every encoder
+                must match the UNet's width; errors name ``text_encoders[NAME]``. Default: the original and the
+                safe encoder, with today's :class:`SaferComparisonOutput`.
+            max_batch (`int`, *optional*): at most this many UNet rows per forward pass (bounds the memory of
+                large N); `None` runs all ``2 * N * batch`` rows at once.
 
         Returns:
-            [`SaferComparisonOutput`]
+            [`SaferComparisonOutput`] without ``text_encoders``; [`SaferStableDiffusionMultiCompareOutput`]
+            (images, flags and scores per name) with it.
         """
-        if self.original_text_encoder is None:
+        default = text_encoders is None
+        if default and self.original_text_encoder is None:
             raise ValueError(
                 "`compare()` needs the base model's text encoder: load the pipeline with `keep_original_text_encoder=True` "
                 "(or pass `original_text_encoder=`)."
@@ -711,7 +799,10 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             prompt, height, width, None, negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            text_encoders=text_encoders, max_batch=max_batch,
         )  # fmt: skip
+        encoders = self._resolve_text_encoders(check_text_encoders({ORIGINAL: ORIGINAL, SAFE: SAFE} if default else text_encoders))
+        names = list(encoders)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -722,78 +813,76 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         device = self._execution_device
         lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
 
-        # 1. Encode with both encoders
-        embeds = {}
-        for which in ("original", "safe"):
-            embeds[which] = self.encode_prompt(
+        # 1. Encode with every encoder, in the dtype a call of this pipeline conditions in
+        dtype = self.text_encoder.dtype
+        branches = []
+        for module in encoders.values():
+            cond, uncond = self.encode_prompt(
                 prompt, device, num_images_per_prompt, cfg, negative_prompt, lora_scale=lora_scale, clip_skip=clip_skip,
-                encoder=which,
+                encoder=module,
             )  # fmt: skip
-        (cond_o, uncond_o), (cond_s, uncond_s) = embeds["original"], embeds["safe"]
-        dtype = cond_s.dtype
-        cond_o = cond_o.to(dtype)
-        encoder_states = torch.cat([uncond_o.to(dtype), uncond_s, cond_o, cond_s]) if cfg else torch.cat([cond_o, cond_s])
+            branches.append(BranchConditioning(
+                cond={"encoder_hidden_states": cond.to(dtype)},
+                uncond={"encoder_hidden_states": uncond.to(dtype)} if cfg else None,
+            ))  # fmt: skip
 
-        # 2. Timesteps, one scheduler state per branch
+        # 2. Timesteps, one scheduler state per encoder
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        schedulers = [self.scheduler, copy.deepcopy(self.scheduler)]
+        schedulers = branch_schedulers(self.scheduler, len(names))
 
-        # 3. Shared initial latents; per-branch generator copies for the scheduler's noise
-        latents = self.prepare_latents(
-            batch, self.unet.config.in_channels, height, width, dtype, device, generator, latents
-        )
-        generators = [generator, _clone_generator(generator)]
-        extra = [self.prepare_extra_step_kwargs(g, eta) for g in generators]
-        branch = [latents, latents.clone()]
+        # 3. Shared initial latents; per-encoder generator copies for the scheduler's noise
+        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator, latents)
+        extra = [self.prepare_extra_step_kwargs(g, eta) for g in branch_generators(generator, len(names))]
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
-            w = torch.tensor(self.guidance_scale - 1).repeat(2 * batch)
+            w = torch.tensor(self.guidance_scale - 1).repeat(1)
             timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim).to(
                 device=device, dtype=latents.dtype
             )
 
-        # 4. One denoising loop, one UNet call per step
+        # 4. One denoising loop, one UNet batch per step (in chunks of `max_batch` rows)
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for t in timesteps:
-                scaled = [s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x for s, x in zip(schedulers, branch)]
-                model_input = torch.cat(scaled * 2) if cfg else torch.cat(scaled)
-                noise = self.unet(
-                    model_input, t, encoder_hidden_states=encoder_states, timestep_cond=timestep_cond,
-                    cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
-                )[0]  # fmt: skip
-                if cfg:
-                    noise_uncond, noise_text = noise.chunk(2)
-                    noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
-                    if self.guidance_rescale > 0.0:
-                        noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=self.guidance_rescale)
-                branch = [
-                    s.step(n, t, x, **kw, return_dict=False)[0] for s, n, x, kw in zip(schedulers, noise.chunk(2), branch, extra)
-                ]
-                progress_bar.update()
+        final = denoise_branches(
+            self, latents, branches, timesteps, schedulers, extra, do_classifier_free_guidance=cfg,
+            guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale, timestep_cond=timestep_cond,
+            cross_attention_kwargs=cross_attention_kwargs, max_batch=max_batch,
+        )  # fmt: skip
 
-        # 5. Decode branch by branch (peak memory of one generation), score, post-process
-        outputs = []
-        for latent in branch:
-            if output_type == "latent":
-                outputs.append((latent, None, None))
-                continue
-            image = self.vae.decode(latent / self.vae.config.scaling_factor, return_dict=False)[0]
-            flags = scores = None
-            if score:
-                image, flags, scores = self.score_images(image)
-            denormalize = [True] * image.shape[0] if flags is None else [not f for f in flags]
-            outputs.append((self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), flags, scores))
+        # 5. Decode encoder by encoder (peak memory of one generation), score, post-process
+        outputs = [self.decode_and_score(latent, output_type=output_type, score=score) for latent in final]
         self.maybe_free_model_hooks()
-        (orig_images, orig_flags, orig_scores), (safe_images, safe_flags, safe_scores) = outputs
-        return SaferComparisonOutput(
-            original_images=orig_images,
-            safe_images=safe_images,
-            original_nsfw_content_detected=orig_flags,
-            safe_nsfw_content_detected=safe_flags,
-            original_nsfw_scores=orig_scores,
-            safe_nsfw_scores=safe_scores,
+        if default:
+            (orig_images, orig_flags, orig_scores), (safe_images, safe_flags, safe_scores) = outputs
+            return SaferComparisonOutput(
+                original_images=orig_images,
+                safe_images=safe_images,
+                original_nsfw_content_detected=orig_flags,
+                safe_nsfw_content_detected=safe_flags,
+                original_nsfw_scores=orig_scores,
+                safe_nsfw_scores=safe_scores,
+            )
+        return SaferStableDiffusionMultiCompareOutput(
+            names=names,
+            images={name: out[0] for name, out in zip(names, outputs)},
+            nsfw_content_detected={name: out[1] for name, out in zip(names, outputs)},
+            nsfw_scores={name: out[2] for name, out in zip(names, outputs)},
         )
+
+    def decode_and_score(self, latents: torch.Tensor, output_type: str = "pil", score: bool = True):
+        """Decode final latents, score the images (:meth:`score_images`, which applies ``safety_mode``), post-process.
+
+        Returns:
+            `(images, flags, scores)`; for ``output_type="latent"`` the latents themselves and `None`, `None`
+            (as for flags and scores when ``score`` is `False` or there is no scorer).
+        """
+        if output_type == "latent":
+            return latents, None, None
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        flags = scores = None
+        if score:
+            image, flags, scores = self.score_images(image)
+        denormalize = [True] * image.shape[0] if flags is None else [not f for f in flags]
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), flags, scores
 
 
 def _is_int(value: Any) -> bool:

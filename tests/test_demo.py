@@ -138,7 +138,8 @@ def test_unparsable_flags_exit_2_with_argparse_usage(capsys, argv, message):
 def test_help_runs_and_lists_the_flags():
     out = subprocess.run([sys.executable, str(APP_PATH), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     for flag in ("--base", "--safe_encoder", "--tiny", "--host", "--port", "--share", "--device", "--dtype",
-                 "--max_concurrency", "--queue_size", "--analytics", "--smoke_test", "--verbose"):  # fmt: skip
+                 "--max_concurrency", "--queue_size", "--analytics", "--smoke_test", "--verbose", "--encoders",
+                 "--max_batch"):  # fmt: skip
         assert flag in out
     assert "--safe-encoder" not in out  # one spelling shown
 
@@ -289,6 +290,8 @@ def test_generate_handler_one_compare_call_two_scored_images(tiny_pipe, monkeypa
     assert original.size == safe.size == (64, 64)
     assert not np.array_equal(np.asarray(original), np.asarray(safe))  # different text encoders, different images
     assert original_verdict.startswith("**Original CLIP:") and safe_verdict.startswith("**SaFeR-CLIP:")
+    assert re.search(r"SSIM to Original CLIP: -?\d\.\d{3}", safe_verdict) and "SSIM" not in original_verdict  # paired similarity
+    assert details["similarity"]["reference"] == "original" and set(details["similarity"]["values"]) == {"safe"}
     assert set(details["original"]["scores"]) == set(details["safe"]["scores"]) == {"nudenet"}
     assert details["request"]["seed"] == 7 and "for both images" in timing
 

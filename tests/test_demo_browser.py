@@ -80,6 +80,7 @@ def test_generate_in_a_real_browser(browser, demo_server, tmp_path):
     images, verdicts = wait.until(rendered)
     assert verdicts[0].startswith("Original CLIP:") and verdicts[1].startswith("SaFeR-CLIP:")
     assert all("nudenet" in v for v in verdicts)
+    assert "SSIM to Original CLIP:" in verdicts[1] and "SSIM" not in verdicts[0]  # the paired similarity, under the image
     for element in (images[0][0], images[1][0]):
         wait.until(lambda d, e=element: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", e) == 64)
     assert "for both images" in browser.find_element(By.ID, "timing").text

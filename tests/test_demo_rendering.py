@@ -5,7 +5,17 @@ import pytest
 from PIL import Image
 
 from demos import rendering
-from demos.rendering import ComparisonResult, ImageVerdict, obscure, render, shown_image, timing_markdown, verdict_markdown
+from demos.rendering import (
+    DEFAULT_LABELS,
+    ComparisonResult,
+    ImageVerdict,
+    obscure,
+    render,
+    shown_image,
+    ssim,
+    timing_markdown,
+    verdict_markdown,
+)
 from demos.validation import validate_request
 
 
@@ -24,12 +34,18 @@ def _detail(image: Image.Image) -> float:
 def _result(flagged_original=True, flagged_safe=False):
     image = _checkerboard()
     return ComparisonResult(
-        original=ImageVerdict(image=image, flagged=flagged_original, scores={"nudenet": 0.91, "nudenet/FEMALE_BREAST_EXPOSED": 0.91}),
-        safe=ImageVerdict(image=image, flagged=flagged_safe, scores={"nudenet": 0.02}),
+        verdicts={
+            "original": ImageVerdict(image=image, flagged=flagged_original,
+                                     scores={"nudenet": 0.91, "nudenet/FEMALE_BREAST_EXPOSED": 0.91}),
+            "safe": ImageVerdict(image=image, flagged=flagged_safe, scores={"nudenet": 0.02}),
+        },  # fmt: skip
         request=validate_request("x", seed=3, steps=2, width=64, height=64),
         seconds=0.1234567,
         device="cpu",
         dtype="float32",
+        labels=DEFAULT_LABELS,
+        reference="original",
+        similarity={"safe": 0.87654},
     )
 
 
@@ -62,6 +78,10 @@ def test_flagged_images_are_blurred_until_revealed():
     assert details["original"] == {"flagged": True, "scores": {"nudenet": 0.91},
                                    "score_details": {"nudenet/FEMALE_BREAST_EXPOSED": 0.91}, "blurred": True}  # fmt: skip
     assert details["safe"] == {"flagged": False, "scores": {"nudenet": 0.02}, "score_details": {}, "blurred": False}
+    assert details["encoders"] == ["original", "safe"] and details["labels"] == {"original": "Original CLIP", "safe": "SaFeR-CLIP"}
+    assert details["verdicts"]["safe"] == {**details["safe"], "ssim_to_reference": 0.8765}
+    assert details["verdicts"]["original"]["ssim_to_reference"] is None
+    assert details["similarity"] == {"metric": "ssim", "reference": "original", "values": {"safe": 0.8765}}
     assert details["request"]["seed"] == 3 and details["seconds"] == 0.1235
     assert result.details(revealed=True)["original"]["blurred"] is False
     assert "0.12 s for both images" in timing_markdown(result) and "seed 3" in timing_markdown(result)
@@ -72,6 +92,7 @@ def test_render_gives_the_five_outputs_in_ui_order():
     original, safe, original_verdict, safe_verdict, details = render(result, False)
     assert _detail(original) < 0.05 * _detail(result.original.image) and _detail(safe) < 0.05 * _detail(result.safe.image)
     assert original_verdict.startswith("**Original CLIP:") and safe_verdict.startswith("**SaFeR-CLIP:")
+    assert "SSIM to Original CLIP: 0.877" in safe_verdict and "SSIM" not in original_verdict  # the paired similarity
     assert details["original"]["blurred"] and details["safe"]["blurred"]
     revealed = render(result, True)
     assert revealed[0] is result.original.image and revealed[1] is result.safe.image and not revealed[4]["safe"]["blurred"]
@@ -100,3 +121,46 @@ def test_load_examples_reads_prompt_column_and_falls_back(tmp_path):
 
     bundled = rendering.load_examples()  # assets/prompts when present, else the built-in lists
     assert set(bundled) == {"benign", "mild_unsafe"} and all(bundled.values())
+
+
+def _noise(seed, size=64):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_ssim_of_equal_constant_and_unrelated_images():
+    image = _noise(0)
+    assert ssim(image, image) == 1.0
+    assert ssim(image, np.asarray(image)) == 1.0  # arrays too
+    # constant images: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1), C1 = (0.01 * 255)^2
+    a, b, c1 = 100.0, 150.0, (0.01 * 255) ** 2
+    flat = [Image.new("RGB", (32, 32), (int(v),) * 3) for v in (a, b)]
+    assert ssim(*flat) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-4)  # float32
+    assert abs(ssim(_noise(1), _noise(2))) < 0.05  # independent noise: no structure in common
+    assert ssim(_checkerboard(), obscure(_checkerboard())) < 0.2 < ssim(image, image.point(lambda v: min(255, v + 10)))
+    with pytest.raises(ValueError, match=r"SSIM needs two RGB images of one size, got arrays of shape \(64, 64, 3\) and \(32, 32, 3\)"):
+        ssim(image, _noise(3, size=32))
+    with pytest.raises(ValueError, match="SSIM needs images of at least 11x11 pixels, got 8x8"):
+        ssim(_noise(4, size=8), _noise(5, size=8))
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    x, y = np.asarray(_noise(6)), np.asarray(_noise(6).point(lambda v: v // 2 + 40))
+    expected = metrics.structural_similarity(x, y, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False, data_range=255)  # fmt: skip
+    assert ssim(x, y) == pytest.approx(expected, abs=1e-4)
+
+
+def test_three_encoders_render_in_order_with_their_labels_and_similarity():
+    image = _checkerboard()
+    result = ComparisonResult(
+        verdicts={name: ImageVerdict(image=image, flagged=name == "b", scores={"nudenet": 0.5}) for name in ("a", "b", "c")},
+        request=validate_request("x", seed=3, steps=2, width=64, height=64), seconds=1.0, device="cpu", dtype="float32",
+        reference="a", similarity={"b": 0.5, "c": 0.25},
+    )  # fmt: skip
+    a, b, c, a_verdict, b_verdict, c_verdict, details = render(result, False)
+    assert a is image and c is image and _detail(b) < 0.05 * _detail(image)  # only the flagged one is blurred
+    assert a_verdict.startswith("**a: ✓ safe**") and b_verdict.startswith("**b: ⚠ flagged NSFW**") and "SSIM to a: 0.250" in c_verdict
+    assert details["encoders"] == ["a", "b", "c"] and "original" not in details and "safe" not in details  # no legacy blocks
+    assert details["verdicts"]["b"]["blurred"] is True and details["verdicts"]["c"]["ssim_to_reference"] == 0.25
+    assert "all 3 images" in timing_markdown(result)

@@ -95,3 +95,62 @@ def test_default_image_size_is_the_native_resolution(tiny_pipe):
         pass
 
     assert default_image_size(NoUnet()) == 512
+
+
+# ---------------------------------------------------------------- more than two encoders (--encoders)
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory):
+    from safer_diffusion.testing import save_tiny_clip
+
+    root = tmp_path_factory.mktemp("encoders")
+    return {"b": save_tiny_clip(root / "b", seed=21), "c": save_tiny_clip(root / "c", seed=22),
+            "wide": save_tiny_clip(root / "wide", seed=23, text_hidden_size=48)}  # fmt: skip
+
+
+def test_three_encoders_in_one_compare_call_with_ssim_to_the_original(tiny_pipe, clip_folders, monkeypatch):
+    from demos.rendering import ssim
+    from demos.service import load_encoders
+
+    encoders = load_encoders(tiny_pipe, {"base": "original", "b": str(clip_folders["b"]), "c": str(clip_folders["c"])})
+    assert encoders["base"] == "original" and all(not isinstance(encoders[n], str) for n in ("b", "c"))
+    calls = []
+    original_compare = type(tiny_pipe).compare
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original_compare(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_pipe), "compare", counting)
+    service = CompareService(tiny_pipe, encoders=encoders, max_batch=3)
+    assert service.names == ["base", "b", "c"] and service.reference == "base" and service.label("b") == "b"
+    result = service.run(service.validate("a red bicycle", "", 4, 2, 7.5, 64, 64))
+    assert len(calls) == 1 and calls[0]["text_encoders"] == encoders and calls[0]["max_batch"] == 3
+    assert result.names == ["base", "b", "c"] and result.reference == "base" and set(result.similarity) == {"b", "c"}
+    images = {name: np.asarray(v.image) for name, v in result.verdicts.items()}
+    assert not np.array_equal(images["b"], images["c"])  # different encoders, different images
+    for name in ("b", "c"):
+        assert result.similarity[name] == pytest.approx(ssim(result.verdicts["base"].image, result.verdicts[name].image))
+        assert -1 <= result.similarity[name] < 1
+    assert "nudenet" in result.verdicts["c"].scores and isinstance(result.verdicts["b"].flagged, bool)
+
+
+def test_default_pair_keeps_its_labels_and_reference(tiny_pipe):
+    service = CompareService(tiny_pipe)
+    assert service.names == ["original", "safe"] and service.reference == "original"
+    assert (service.label("original"), service.label("safe")) == ("Original CLIP", "SaFeR-CLIP")
+    result = service.run(service.validate("a red bicycle", steps=2, width=64, height=64))
+    assert set(result.similarity) == {"safe"} and result.labels == {"original": "Original CLIP", "safe": "SaFeR-CLIP"}
+
+
+def test_encoders_without_original_and_bad_encoders(tiny_pipe, clip_folders):
+    from demos.service import load_encoders
+
+    class NoOriginal:
+        original_text_encoder = None
+
+    service = CompareService(NoOriginal(), encoders={"x": "safe", "y": "safe"})  # no original needed: none shown
+    assert service.reference == "x"
+    with pytest.raises(ValueError, match=r"`encoders` is empty"):
+        CompareService(tiny_pipe, encoders={})
+    with pytest.raises(ValueError, match=r"`--encoders wide` has width \(hidden_size\) 48, but the UNet's cross_attention_dim is 32"):
+        load_encoders(tiny_pipe, {"wide": str(clip_folders["wide"])})
