@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from demos.validation import LIMITS, GenerationRequest, check_reveal
+from safer_diffusion.evaluation.fidelity import SSIM_SETTINGS, images_to_tensor
+from safer_diffusion.evaluation.fidelity import ssim as fidelity_ssim
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,6 @@ ORIGINAL_LABEL = "Original CLIP"
 SAFE_LABEL = "SaFeR-CLIP"
 #: Labels of the default pair of encoders (no ``--encoders``), by encoder name.
 DEFAULT_LABELS = {"original": ORIGINAL_LABEL, "safe": SAFE_LABEL}
-#: The SSIM of Wang et al. (2004) as scikit-image computes it with ``gaussian_weights=True, sigma=1.5,
-#: use_sample_covariance=False, data_range=255``: an 11 x 11 Gaussian window, averaged over RGB channels and over the
-#: positions whose window lies inside the image.
-SSIM_SETTINGS = {"window": 11, "sigma": 1.5, "k1": 0.01, "k2": 0.03, "data_range": 255.0}
 
 # Shown when assets/prompts/*.csv are not there (the evaluation prompt lists are optional here).
 BUILTIN_EXAMPLES = {
@@ -87,39 +85,16 @@ def obscure(image, pixels: int = 12):
 def ssim(image_a, image_b) -> float:
     """The SSIM of two RGB images of one size (PIL images or ``(H, W, 3)`` uint8 arrays), in [-1, 1]; 1 for equal images.
 
-    Weights-free and cheap: a separable Gaussian filter in float32 torch on the CPU (~50 ms at 512 x 512 on one core),
-    within 1e-4 of scikit-image's float64 value. :data:`SSIM_SETTINGS` gives the definition.
+    :func:`safer_diffusion.evaluation.fidelity.ssim` (the project's one SSIM) in float32 on the CPU: ~50 ms at
+    512 x 512 on one core, within 1e-4 of scikit-image's float64 value.
 
     Raises:
         ValueError: the images differ in size or are smaller than the 11-pixel window.
     """
-    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    a, b = (np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.float32) for im in (image_a, image_b))
-    if a.shape != b.shape or a.ndim != 3:
-        raise ValueError(f"SSIM needs two RGB images of one size, got arrays of shape {a.shape} and {b.shape}.")
-    size, sigma = SSIM_SETTINGS["window"], SSIM_SETTINGS["sigma"]
-    if min(a.shape[:2]) < size:
-        raise ValueError(f"SSIM needs images of at least {size}x{size} pixels, got {a.shape[1]}x{a.shape[0]}.")
-    # (co)variances are shift-invariant: centring on the pair's mean keeps float32's E[x^2] - mu^2 accurate
-    shift = torch.from_numpy((a.mean(axis=(0, 1)) + b.mean(axis=(0, 1))) / 2).view(1, 3, 1, 1)
-    x, y = (torch.from_numpy(v).permute(2, 0, 1).unsqueeze(0) - shift for v in (a, b))  # (1, 3, H, W)
-    taps = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(taps**2) / (2 * sigma**2))
-    g = (g / g.sum()).to(torch.float32)
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (1, 15, H, W)
-    k = stack.shape[1]
-    stack = F.conv2d(stack, g.view(1, 1, 1, size).expand(k, 1, 1, size), groups=k)
-    stack = F.conv2d(stack, g.view(1, 1, size, 1).expand(k, 1, size, 1), groups=k)
-    mu_x, mu_y, xx, yy, xy = stack.split(3, dim=1)
-    c1 = (SSIM_SETTINGS["k1"] * SSIM_SETTINGS["data_range"]) ** 2
-    c2 = (SSIM_SETTINGS["k2"] * SSIM_SETTINGS["data_range"]) ** 2
-    var_x, var_y, cov = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
-    mu_x, mu_y = mu_x + shift, mu_y + shift
-    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
-    return float(value.mean())
+    pair = images_to_tensor([image_a, image_b], argument="images")
+    return float(fidelity_ssim(pair[:1], pair[1:], dtype=torch.float32)[0])
 
 
 @dataclass
