@@ -302,11 +302,11 @@ def _model_paths(config: GenerateConfig) -> tuple[str, str | None, str | None]:
     if sdxl and safe_encoder is None and config.safe_encoder_2 is not None and not saved_pair:
         safe_encoder = DEFAULT_SAFE_ENCODER  # the ViT-L/14 beside the given bigG, as `--safe_encoder`'s help says
     if safe_encoder in (None, DEFAULT_SAFE_ENCODER):  # the SDXL checks run before the default is looked up on the hub
-        check_base_fits(config.base, base, sdxl=sdxl, variants=variants, safe_encoder=safe_encoder, safe_path=None,
+        check_base_fits(config.base, sdxl=sdxl, variants=variants, safe_encoder=safe_encoder, safe_path=None,
                         safe_encoder_2=config.safe_encoder_2, saved_pair=saved_pair)  # fmt: skip
     safe = resolve_model_source(safe_encoder, argument="--safe_encoder") if safe_encoder is not None else None
     safe_2 = resolve_model_source(config.safe_encoder_2, argument="--safe_encoder_2") if config.safe_encoder_2 is not None else None
-    check_base_fits(config.base, base, sdxl=sdxl, variants=variants, safe_encoder=safe_encoder, safe_path=safe,
+    check_base_fits(config.base, sdxl=sdxl, variants=variants, safe_encoder=safe_encoder, safe_path=safe,
                     safe_encoder_2=config.safe_encoder_2, saved_pair=saved_pair)  # fmt: skip
     return base, safe, safe_2
 

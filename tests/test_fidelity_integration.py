@@ -79,6 +79,11 @@ def test_evaluate_fidelity_bad_inputs_exit_2_before_any_work(tmp_path, capsys, e
     assert not (out / "results.jsonl").exists() and not (out / "settings.json").exists()
 
 
+def test_fidelity_options_without_fidelity_are_refused(tmp_path, capsys):
+    _bad(evaluate_main, ["--tiny", *SMALL, "--fid_feature_extractor", "clip", "--output_dir", str(tmp_path / "run")], capsys,
+         "safer-diffusion evaluate", r"`--fid_feature_extractor` is an option of `--fidelity`, which is off; add `--fidelity`")
+
+
 def test_evaluate_fidelity_checks_the_clip_model_and_features_offline_before_any_work(tmp_path, capsys, no_network):
     out = tmp_path / "run"
     args = [*SMALL, "--compare_original", "--save_images", "--fidelity", "--output_dir", str(out), "--base", str(tmp_path / "nowhere")]

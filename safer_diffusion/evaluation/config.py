@@ -310,6 +310,13 @@ class EvaluateConfig:
             raise BadInputError(f"`--reference` {self.reference!r} is not among the variants {list(self.variants)}; pass one of them.")
         if self.fidelity:
             self._check_fidelity()
+        else:
+            unused = [flag for flag, value, default in (("--fidelity_clip_model", self.fidelity_clip_model, DEFAULT_CLIP_MODEL),
+                                                       ("--fid_feature_extractor", self.fid_feature_extractor, "inception"))
+                      if value != default]  # fmt: skip
+            if unused:
+                raise BadInputError(f"`{unused[0]}` is an option of `--fidelity`, which is off; add `--fidelity` (with `--save_images`) "
+                                    f"or drop `{unused[0]}`.")  # fmt: skip
         if self.nudenet_classes is not None and "nudenet" not in self.scorers:
             raise BadInputError(f"`--nudenet_classes` is set but `--scorers` {self.scorers} has no nudenet; add it or drop the classes.")
         if self.suite is not None and Path(self.prompts).expanduser().is_file() and os.path.getsize(Path(self.prompts).expanduser()):

@@ -86,7 +86,7 @@ def base_kind(base: str, argument: str = "--base") -> tuple[bool, bool]:
     return SUPPORTED_PIPELINES[name] == _SDXL, str(name).startswith("Safer")
 
 
-def check_base_fits(base: str, base_path: str, *, sdxl: bool, variants: Sequence[str], safe_encoder: str | None,
+def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_encoder: str | None,
                     safe_path: str | None, safe_encoder_2: str | None, tiny: bool = False, saved_pair: bool = False,
                     encoders_flag: str = "--encoders") -> None:  # fmt: skip
     """The text-encoder options must fit the base's pipeline class (checked before any model is loaded).
@@ -96,7 +96,7 @@ def check_base_fits(base: str, base_path: str, *, sdxl: bool, variants: Sequence
     ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot be used.
 
     Args:
-        base: ``--base`` as given (named in the errors); base_path: where it is.
+        base: ``--base`` as given (named in the errors).
         sdxl: the base is SDXL (:func:`base_kind`).
         variants: the variants to generate; safe_encoder: ``--safe_encoder`` as given (`None`: the default);
         safe_path: where it is (`None` when no variant uses it); safe_encoder_2: ``--safe_encoder_2`` as given.
@@ -147,16 +147,16 @@ def model_sources(config: EvaluateConfig) -> tuple[str, str | None, str, str | N
         base, safe = tiny_pipeline_folders(variant=config.tiny_kind)
         source = tiny_source(config.tiny_kind)
         sdxl, _ = base_kind(str(base))
-        check_base_fits(source, str(base), sdxl=sdxl, variants=config.variants, safe_encoder=None, safe_path=str(safe),
+        check_base_fits(source, sdxl=sdxl, variants=config.variants, safe_encoder=None, safe_path=str(safe),
                         safe_encoder_2=None, tiny=True)  # fmt: skip
         return source, source if uses_safe else None, str(base), str(safe) if uses_safe else None
     base_path = resolve_model_source(config.base, argument="--base")
     sdxl, _ = base_kind(base_path)
     if sdxl and uses_safe and config.safe_encoder_2 is None and config.safe_encoder == DEFAULT_SAFE_ENCODER:
-        check_base_fits(config.base, base_path, sdxl=sdxl, variants=config.variants, safe_encoder=config.safe_encoder,
+        check_base_fits(config.base, sdxl=sdxl, variants=config.variants, safe_encoder=config.safe_encoder,
                         safe_path=None, safe_encoder_2=None)  # raises before the default is looked up on the hub  # fmt: skip
     safe_path = resolve_model_source(config.safe_encoder, argument="--safe_encoder") if uses_safe else None
-    check_base_fits(config.base, base_path, sdxl=sdxl, variants=config.variants, safe_encoder=config.safe_encoder, safe_path=safe_path,
+    check_base_fits(config.base, sdxl=sdxl, variants=config.variants, safe_encoder=config.safe_encoder, safe_path=safe_path,
                     safe_encoder_2=config.safe_encoder_2)  # fmt: skip
     return config.base, config.safe_encoder if uses_safe else None, base_path, safe_path
 
