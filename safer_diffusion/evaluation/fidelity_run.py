@@ -181,8 +181,9 @@ class FidelityConfig:
     lpips: bool = option(True, "LPIPS when the `lpips` package and its weights are available here (reported as skipped "
                                "otherwise; never downloaded offline).", group="metrics")  # fmt: skip
     lpips_net: str = option("alex", "LPIPS backbone.", choices=LPIPS_NETS, group="metrics")
-    encoder_drift: bool = option(False, "Also measure text-encoder drift per prompt (no images): loads the run's pipeline "
-                                        "(--base and --safe_encoder from its settings.json).", group="metrics")  # fmt: skip
+    encoder_drift: bool = option(False, "Also measure text-encoder drift per prompt (no images) for every variant against the "
+                                        "reference: each variant's own encoder as the run's settings.json records it (original: "
+                                        "--base's, safe: --safe_encoder, NAME=SOURCE items); SD 1.x/2.x runs.", group="metrics")  # fmt: skip
     tiny: bool = option(False, "Use the tiny random offline CLIP for the CLIP metrics and the FID features (smoke tests; the "
                                "numbers are meaningless).", group="metrics")  # fmt: skip
 

@@ -87,8 +87,8 @@ def base_kind(base: str, argument: str = "--base") -> tuple[bool, bool]:
 
 
 def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_encoder: str | None,
-                    safe_path: str | None, safe_encoder_2: str | None, tiny: bool = False, saved_pair: bool = False,
-                    encoders_flag: str = "--encoders") -> None:  # fmt: skip
+                    safe_path: str | None, safe_encoder_2: str | None, tiny: bool = False,
+                    saved_pair: bool = False) -> None:  # fmt: skip
     """The text-encoder options must fit the base's pipeline class (checked before any model is loaded).
 
     An SD 1.x/2.x base takes no ``--safe_encoder_2``. An SDXL base generates ``original`` and ``safe`` only, and its
@@ -114,7 +114,7 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
     others = [v for v in variants if v not in (ORIGINAL, SAFE)]
     if others:
         raise BadInputError(
-            f"`{encoders_flag}` {others}: with an SDXL `--base` only original and safe can be generated (an SDXL variant is a pair "
+            f"`--encoders` {others}: with an SDXL `--base` only original and safe can be generated (an SDXL variant is a pair "
             "of text encoders, and SaferStableDiffusionXLPipeline.compare() compares the base's pair with the safe pair); drop "
             "them, or evaluate them on a Stable Diffusion 1.x/2.x base."
         )
@@ -127,7 +127,7 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
             f"`--base` {base!r} is SDXL, which conditions on two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14), but "
             f"the default `--safe_encoder` {DEFAULT_SAFE_ENCODER} is a ViT-L/14 only and would leave the bigG path unsafe. "
             "Pass a two-encoder export folder (text_encoder/ and text_encoder_2/ with their manifest, docs/EXPORT_FORMAT.md "
-            "section 8, as `python -m finetune.export` writes for SDXL) as `--safe_encoder DIR`, or the ViT-L/14 as "
+            "section 8) or an SDXL pipeline folder holding the safe pair as `--safe_encoder DIR`, or the ViT-L/14 as "
             "`--safe_encoder` and the bigG as `--safe_encoder_2`."
         )
     require_text_encoder_pair(safe_path or safe_encoder, argument="--safe_encoder", other="--safe_encoder_2")
