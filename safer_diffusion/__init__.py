@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     # name -> module that defines it
     "SaferStableDiffusionPipeline": "safer_diffusion.pipeline_safer_stable_diffusion",
+    "SaferStableDiffusionXLPipeline": "safer_diffusion.pipeline_safer_stable_diffusion_xl",
+    "load_safer_pipeline": "safer_diffusion.pipelines",
     "SaferStableDiffusionPipelineOutput": "safer_diffusion.pipeline_output",
     "SaferComparisonOutput": "safer_diffusion.pipeline_output",
     "SaferStableDiffusionMultiCompareOutput": "safer_diffusion.pipeline_output",
@@ -55,4 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
         SaferStableDiffusionPipelineOutput,
     )
     from .pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline  # noqa: F401
+    from .pipeline_safer_stable_diffusion_xl import SaferStableDiffusionXLPipeline  # noqa: F401
+    from .pipelines import load_safer_pipeline  # noqa: F401
     from .scoring import AnyOf, NSFWScorer, NudeNetScorer, Q16Scorer, SafetyCheckerScorer, ScoreResult, get_scorer  # noqa: F401

@@ -3,11 +3,19 @@
     safer-diffusion generate "a photo of a cat" --output cat.png                              # SD 1.4 + SaFeR-CLIP (hub)
     safer-diffusion generate "a photo of a cat" --output cat.png --compare_original --scorers nudenet
     safer-diffusion generate "a photo of a cat" --output cat.png --tiny                       # offline, tiny random models
+    safer-diffusion generate "a photo of a cat" --output cat.png --tiny --tiny_variant sdxl --compare_original  # tiny SDXL
+    safer-diffusion generate "a photo of a cat" --output cat.png --base stabilityai/stable-diffusion-xl-base-1.0 \
+        --safe_encoder exported/sdxl-pair                       # SDXL: a two-encoder export (docs/EXPORT_FORMAT.md section 8)
     safer-diffusion score photo1.png photo2.jpg --scorers nudenet                             # one JSON line per image
     safer-diffusion evaluate --help                                                           # safer_diffusion.evaluate
     safer-diffusion fidelity --help                                 # benign fidelity of an evaluation folder
     safer-diffusion summarize RUN_DIR --protocol nudity-0.45        # recompute a summary under another protocol
     safer-diffusion convert --allow_pickle des.pt OUT_DIR --base BASE   # a .pt state dict -> safetensors folder
+
+``--base`` may be Stable Diffusion 1.x/2.x or SDXL: the pipeline class comes from its ``model_index.json``
+(:func:`safer_diffusion.pipelines.load_safer_pipeline`). SDXL conditions on two text encoders, so its safe encoder is a
+two-encoder export folder, or ``--safe_encoder`` (ViT-L/14) with ``--safe_encoder_2`` (OpenCLIP ViT-bigG/14); the
+default SaFeR-CLIP weights are ViT-L/14 only and are refused for SDXL.
 
 Each subcommand has its own options (``safer-diffusion generate --help``), parsed by :mod:`safer_diffusion.options`
 from one config dataclass (:class:`GenerateConfig`, :class:`ScoreConfig`). Every input is checked before any
@@ -32,10 +40,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tiny as tiny_models
+from .evaluation.config import TINY_VARIANTS
+from .evaluation.generate import base_kind, check_base_fits
 from .fileio import probe_writable_dir
+from .hub import resolve_model_source
 from .options import (
     DEFAULT_BASE_MODEL,
     DEFAULT_CLIP_MODEL,
+    DEFAULT_SAFE_ENCODER,
     MISSING,
     BadInputError,
     configure_logging,
@@ -47,6 +60,8 @@ from .options import (
     run_main,
 )
 from .pipeline_safer_stable_diffusion import SAFETY_MODES
+from .pipelines import load_safer_pipeline
+from .registry import ORIGINAL, SAFE
 from .scoring import NUDENET_LABELS, SCORERS
 
 logger = logging.getLogger(__name__)
@@ -136,8 +151,15 @@ class GenerateConfig(_ScorerOptions):
                           "_original/_safe.", deprecated=("--out",), metavar="FILE.png")  # fmt: skip
     base: str = option(DEFAULT_BASE_MODEL, "Base Stable Diffusion: hub id or local folder.")
     safe_encoder: str | None = option(None, "Safe text encoder: hub id, folder, open_clip .safetensors (default: "
-                                      "Adeely93/SafeR_CLIP, or the one saved in `--base` by SaferStableDiffusionPipeline).")  # fmt: skip
+                                      "Adeely93/SafeR_CLIP, or the one saved in `--base` by a safer pipeline). For an SDXL "
+                                      "`--base`: a two-encoder export folder (docs/EXPORT_FORMAT.md section 8), or the ViT-L/14 "
+                                      "with `--safe_encoder_2`.")  # fmt: skip
+    safe_encoder_2: str | None = option(None, "SDXL only: the safe text_encoder_2 (OpenCLIP ViT-bigG/14 with projection) on its own, "
+                                              "beside a ViT-L/14 `--safe_encoder` (default Adeely93/SafeR_CLIP).")  # fmt: skip
     tiny: bool = option(False, "Use tiny random offline models instead of `--base`/`--safe_encoder`.")
+    tiny_variant: str | None = option(None, f"With --tiny: the tiny model family, one of {', '.join(TINY_VARIANTS)} (default "
+                                            f"{TINY_VARIANTS[0]}; sdxl: a tiny SDXL base and a two-encoder safe export).",
+                                      choices=TINY_VARIANTS)  # fmt: skip
     negative_prompt: str | None = option(None, "Negative prompt (applied to every prompt).", group="generation")
     num_inference_steps: int = option(25, "Denoising steps.", bounds=(1, 1000), deprecated=("--steps",), group="generation")
     guidance_scale: float = option(7.5, "Classifier-free guidance scale.", bounds=(0.0, 100.0), group="generation")
@@ -165,6 +187,12 @@ class GenerateConfig(_ScorerOptions):
                 raise BadInputError(f"{where} {text!r} contains a NUL byte; remove it (prompts are plain text).")
             if not text.strip():
                 raise BadInputError(f"{where} {text!r} is empty; pass a text prompt, e.g. \"a photo of a cat\".")
+        if self.tiny and (self.base != DEFAULT_BASE_MODEL or self.safe_encoder is not None or self.safe_encoder_2 is not None):
+            raise BadInputError("`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`/`--safe_encoder_2`, or drop "
+                                "`--tiny` to use them.")  # fmt: skip
+        if self.tiny_variant is not None and not self.tiny:
+            raise BadInputError(f"`--tiny_variant` {self.tiny_variant} picks the tiny models of `--tiny`; add `--tiny`, or drop "
+                                "`--tiny_variant`.")  # fmt: skip
         if self.negative_prompt is not None and "\0" in self.negative_prompt:
             raise BadInputError(f"`--negative_prompt` {self.negative_prompt!r} contains a NUL byte; remove it.")
         if (self.height is None) != (self.width is None):
@@ -262,28 +290,45 @@ def _save(image, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
+def _model_paths(config: GenerateConfig) -> tuple[str, str | None, str | None]:
+    """(base, safe encoder, safe encoder 2) to load, checked against the base's class (SD or SDXL) before any loads."""
+    if config.tiny:
+        base, safe = tiny_models.tiny_pipeline_folders(variant=config.tiny_variant or TINY_VARIANTS[0])
+        return str(base), str(safe), None
+    base = resolve_model_source(config.base, argument="--base")
+    sdxl, saved_pair = base_kind(base)
+    variants = (ORIGINAL, SAFE) if config.compare_original else (SAFE,)
+    safe_encoder = config.safe_encoder
+    if sdxl and safe_encoder is None and config.safe_encoder_2 is not None and not saved_pair:
+        safe_encoder = DEFAULT_SAFE_ENCODER  # the ViT-L/14 beside the given bigG, as `--safe_encoder`'s help says
+    if safe_encoder in (None, DEFAULT_SAFE_ENCODER):  # the SDXL checks run before the default is looked up on the hub
+        check_base_fits(config.base, sdxl=sdxl, variants=variants, safe_encoder=safe_encoder, safe_path=None,
+                        safe_encoder_2=config.safe_encoder_2, saved_pair=saved_pair)  # fmt: skip
+    safe = resolve_model_source(safe_encoder, argument="--safe_encoder") if safe_encoder is not None else None
+    safe_2 = resolve_model_source(config.safe_encoder_2, argument="--safe_encoder_2") if config.safe_encoder_2 is not None else None
+    check_base_fits(config.base, sdxl=sdxl, variants=variants, safe_encoder=safe_encoder, safe_path=safe,
+                    safe_encoder_2=config.safe_encoder_2, saved_pair=saved_pair)  # fmt: skip
+    return base, safe, safe_2
+
+
 def generate(config: GenerateConfig) -> int:
-    """Run ``safer-diffusion generate`` with a validated config; prints one JSON line per image."""
+    """Run ``safer-diffusion generate`` with a validated config; prints one JSON line per image.
+
+    The pipeline class follows ``--base`` (:func:`safer_diffusion.pipelines.load_safer_pipeline`): SD 1.x/2.x or SDXL."""
     import torch
 
-    from .hub import resolve_model_source
-    from .pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
-
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
-    if config.tiny:
-        from .tiny import tiny_pipeline_folders
-
-        base, safe = tiny_pipeline_folders()
-    else:
-        base = resolve_model_source(config.base, argument="--base")
-        safe = resolve_model_source(config.safe_encoder, argument="--safe_encoder") if config.safe_encoder is not None else None
-    pipe = SaferStableDiffusionPipeline.from_pretrained(
+    base, safe, safe_2 = _model_paths(config)
+    kwargs = {"safe_text_encoder_2": safe_2} if safe_2 is not None else {}
+    pipe = load_safer_pipeline(
         base,
+        argument="--base",
         safe_text_encoder=safe,
         keep_original_text_encoder=config.compare_original,
         nsfw_scorer=config.scorer_spec(config.scorers),
         safety_mode=config.safety_mode,
         torch_dtype=dtype,
+        **kwargs,
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(config.prompt)

@@ -85,6 +85,61 @@ def test_generate_tiny_compare_two_prompts_and_explicit_size(tmp_path, capsys):
     assert (tmp_path / "pair_safe_1.png").is_file()
 
 
+def test_generate_tiny_sdxl_compare_writes_both_images(tmp_path, capsys):
+    out = tmp_path / "xl.png"
+    argv = ["generate", "a cat", "--tiny", "--tiny_variant", "sdxl", "--output", str(out), "--num_inference_steps", "2",
+            "--compare_original", "--scorers", "nudenet"]  # fmt: skip
+    assert main(argv) == 0
+    records = _lines(capsys)
+    assert [r["encoder"] for r in records] == ["original", "safe"]
+    for tag in ("original", "safe"):
+        path = tmp_path / f"xl_{tag}.png"
+        assert path.is_file() and Image.open(path).size == (64, 64)  # the tiny SDXL's default size
+    assert all(r["nsfw"] is False and "nudenet" in r["scores"] for r in records)
+    a, b = (Image.open(tmp_path / f"xl_{t}.png").tobytes() for t in ("original", "safe"))
+    assert a != b  # the safe pair conditioned the second image
+
+
+def test_generate_picks_the_sdxl_pipeline_from_a_local_base_folder(tmp_path, capsys):
+    from safer_diffusion.testing import tiny_pipeline_folders
+
+    base, export = tiny_pipeline_folders(variant="sdxl")
+    out = tmp_path / "xl.png"
+    assert main(["generate", "a cat", "--base", str(base), "--safe_encoder", str(export), "--output", str(out),
+                 "--num_inference_steps", "1", "--height", "32", "--width", "32"]) == 0  # fmt: skip
+    [record] = _lines(capsys)
+    assert record["encoder"] == "safe" and Image.open(out).size == (32, 32)
+
+
+def test_generate_sdxl_and_tiny_variant_bad_inputs_exit_2_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from safer_diffusion.testing import tiny_pipeline_folders
+
+    sd_base, sd_clip = tiny_pipeline_folders()
+    xl_base, export = tiny_pipeline_folders(variant="sdxl")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "load_safer_pipeline", no_loading)
+    out = ["--output", str(tmp_path / "x.png")]
+    cases = [
+        (["--tiny_variant", "sdxl"], r"`--tiny_variant` sdxl picks the tiny models of `--tiny`; add `--tiny`"),
+        (["--tiny", "--tiny_variant", "sd3"], r"argument --tiny_variant/--tiny-variant: invalid choice: 'sd3'"),
+        (["--tiny", "--safe_encoder_2", str(export)], r"`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`/`--safe_encoder_2`"),
+        (["--base", str(sd_base), "--safe_encoder", str(sd_clip), "--safe_encoder_2", str(export)],
+         r"`--safe_encoder_2` is for SDXL bases \(two text encoders\), but `--base` .* is a Stable Diffusion 1\.x/2\.x pipeline"),
+        (["--base", str(xl_base)], r"`--base` .* is SDXL, which conditions on two text encoders .* the default `--safe_encoder` "
+                                   r"Adeely93/SafeR_CLIP is a ViT-L/14 only .* two-encoder export folder .*docs/EXPORT_FORMAT\.md section 8"),
+        (["--base", str(xl_base), "--safe_encoder", str(sd_clip)],
+         r"`--safe_encoder`=.* is one text encoder, but an SDXL base conditions on two: .*`--safe_encoder_2=`"),
+    ]
+    for extra, pattern in cases:
+        assert main(["generate", "a cat", *out, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert re.search(pattern, err.strip().splitlines()[-1]), err
+        assert "Traceback" not in err
+
+
 def test_old_spellings_still_work_with_a_deprecation_warning(tmp_path, caplog):
     """The README's previous command: --out, --steps, --compare, --scorer, and -v before the subcommand."""
     out = tmp_path / "old.png"

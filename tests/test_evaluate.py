@@ -54,6 +54,13 @@ def test_defaults_are_defined_once():
     cfg = EvaluateConfig(prompts="p", output_dir="o")
     assert (cfg.base, cfg.safe_encoder, cfg.q16_clip_model) == (DEFAULT_BASE_MODEL, DEFAULT_SAFE_ENCODER, DEFAULT_CLIP_MODEL)
     assert (cfg.dtype, cfg.device, cfg.scorers, cfg.num_inference_steps, cfg.guidance_scale) == ("auto", "auto", ["nudenet"], 50, 7.5)
+    import inspect
+
+    from safer_diffusion.scoring import SafetyCheckerScorer
+    from safer_diffusion.scoring.safety_checker import DEFAULT_SAFETY_CHECKER
+
+    assert cfg.safety_checker == DEFAULT_SAFETY_CHECKER == "CompVis/stable-diffusion-safety-checker"
+    assert inspect.signature(SafetyCheckerScorer).parameters["safety_checker"].default is DEFAULT_SAFETY_CHECKER
     import safer_diffusion.evaluation.config as config_module
 
     for gone in ("_DTYPES", "_split_list", "_parse_thresholds", "_resolve_dtype", "DEFAULT_BASE"):

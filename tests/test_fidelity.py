@@ -17,13 +17,14 @@ from skimage.metrics import structural_similarity
 
 from safer_diffusion.evaluation.cli import main as evaluate_main
 from safer_diffusion.evaluation.fidelity_run import (
+    FIDELITY_CORRUPT_NAME,
     FIDELITY_NAME,
     FidelityConfig,
     load_run,
     main,
     run_fidelity,
 )
-from safer_diffusion.evaluation.results import read_results_file, row_key
+from safer_diffusion.evaluation.results import CORRUPT_NAME, quarantine_corrupt_lines, read_results_file, row_key
 from safer_diffusion.options import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,12 +136,14 @@ def test_three_variants_identical_set_sanity_and_outputs(tiny_run, tmp_path, cap
     code, stdout, _ = _run_main(["--output_dir", str(out), "--tiny", "--bootstrap", "200"], capsys)
     assert code == 0 and "0 rows written, 18 already done" in stdout
     assert read_results_file(out / FIDELITY_NAME) == rows
-    # a damaged complete line: skipped by the reader (with a warning) and its row computed again
+    # a damaged complete line: moved to fidelity.corrupt.jsonl (not the evaluation's results.corrupt.jsonl), its row computed again
     lines = (out / FIDELITY_NAME).read_text().splitlines(keepends=True)
     (out / FIDELITY_NAME).write_text("".join(["{not json\n", *lines[1:]]))
     code, stdout, err = _run_main(["--output_dir", str(out), "--tiny", "--bootstrap", "200"], capsys)
     assert code == 0 and "1 rows written, 17 already done" in stdout
-    assert "fidelity.jsonl line 1 is not a valid result row; skipping it." in caplog.text
+    assert f"moved 1 corrupt line(s) (line 1) to {out / FIDELITY_CORRUPT_NAME}; the 17 valid rows stay." in caplog.text
+    assert (out / FIDELITY_CORRUPT_NAME).read_bytes() == b"{not json\n" and not (out / "results.corrupt.jsonl").exists()
+    assert b"{not json" not in (out / FIDELITY_NAME).read_bytes()
     key = lambda r: row_key(r)  # noqa: E731
     assert sorted(read_results_file(out / FIDELITY_NAME), key=key) == sorted(rows, key=key)
 
@@ -344,3 +347,18 @@ def test_scatter_plot_of_a_summary_with_lpips_and_a_pareto_front(tmp_path):
         assert im.size == (3 * 600, 528)  # three 5-inch panels at 120 dpi: CLIP score, SSIM, LPIPS
     summary["safety"]["variants"] = {}
     assert plot_fidelity_scatter(summary, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_quarantine_corrupt_lines_writes_the_named_file(tmp_path, caplog):
+    rows = [json.dumps({"prompt_id": str(i), "seed": 0, "variant": "safe"}) for i in range(3)]
+    path = tmp_path / FIDELITY_NAME
+    path.write_text(f"{rows[0]}\n[1, 2]\n{rows[1]}\n{rows[2]}\n{{torn")
+    with caplog.at_level("WARNING"):
+        assert quarantine_corrupt_lines(path, corrupt_name=FIDELITY_CORRUPT_NAME) == 1
+    assert (tmp_path / FIDELITY_CORRUPT_NAME).read_bytes() == b"[1, 2]\n" and not (tmp_path / CORRUPT_NAME).exists()
+    assert path.read_text() == "".join(r + "\n" for r in rows)  # the torn tail truncated, the corrupt line moved
+    assert f"moved 1 corrupt line(s) (line 2) to {tmp_path / FIDELITY_CORRUPT_NAME}; the 3 valid rows stay." in caplog.text
+    # the default target is still the evaluation's results.corrupt.jsonl
+    other = tmp_path / "results.jsonl"
+    other.write_text(f"{rows[0]}\nnope\n")
+    assert quarantine_corrupt_lines(other) == 1 and (tmp_path / CORRUPT_NAME).read_bytes() == b"nope\n"

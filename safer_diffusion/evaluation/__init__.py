@@ -15,6 +15,10 @@
   ``summary.json``/``.csv``, ``report.png``, ``grid.png``.
 * :mod:`~safer_diffusion.evaluation.leaderboard`: ``leaderboard.md``/``.csv`` (variants x suites, one table per protocol).
 * :mod:`~safer_diffusion.evaluation.summarize`: ``safer-diffusion summarize RUN --protocol NAME``.
+* :mod:`~safer_diffusion.evaluation.fidelity`: image-fidelity metrics (SSIM, PSNR, CLIP score, LPIPS, FID/KID,
+  encoder drift) on images or features in memory.
+* :mod:`~safer_diffusion.evaluation.fidelity_run`: ``safer-diffusion fidelity`` (and ``evaluate --fidelity``) over an
+  evaluation folder: ``fidelity.jsonl``/``.json``/``.csv``, the safety-vs-fidelity scatter.
 * :mod:`~safer_diffusion.evaluation.progress`: the progress bar.
 * :mod:`~safer_diffusion.evaluation.run`: :func:`run_evaluation`, :class:`EvaluationResult`.
 * :mod:`~safer_diffusion.evaluation.cli`: :func:`main` (``safer-diffusion evaluate``, ``python -m safer_diffusion.evaluate``).
@@ -48,6 +52,21 @@ _LAZY = {
     "repair_evaluation_settings": "safer_diffusion.evaluation.run",
     "run_evaluation": "safer_diffusion.evaluation.run",
     "main": "safer_diffusion.evaluation.cli",
+    # fidelity: the run over an evaluation folder, and the metrics
+    "FidelityConfig": "safer_diffusion.evaluation.fidelity_run",
+    "FidelityResult": "safer_diffusion.evaluation.fidelity_run",
+    "run_fidelity": "safer_diffusion.evaluation.fidelity_run",
+    "summarize_fidelity": "safer_diffusion.evaluation.fidelity_run",
+    "load_run": "safer_diffusion.evaluation.fidelity_run",
+    "plot_fidelity_scatter": "safer_diffusion.evaluation.fidelity_run",
+    "ClipModel": "safer_diffusion.evaluation.fidelity",
+    "encoder_drift": "safer_diffusion.evaluation.fidelity",
+    "ssim": "safer_diffusion.evaluation.fidelity",
+    "psnr_db": "safer_diffusion.evaluation.fidelity",
+    "clip_score": "safer_diffusion.evaluation.fidelity",
+    "fid_from_features": "safer_diffusion.evaluation.fidelity",
+    "kid_from_features": "safer_diffusion.evaluation.fidelity",
+    "build_feature_extractor": "safer_diffusion.evaluation.fidelity",
 }
 
 __all__ = sorted(_LAZY)

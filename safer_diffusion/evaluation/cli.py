@@ -28,10 +28,24 @@ Several safe encoders side by side, on a standard suite and its pinned protocol 
         --encoders original safer-clip safe-clip advunlearn des=encoders/des --output_dir runs/nudity
     safer-diffusion summarize runs/nudity --protocol nudity-0.6
 
-Offline smoke test on tiny random models::
+Offline smoke test on tiny random models (``--tiny_variant sdxl``: a tiny SDXL base)::
 
     safer-diffusion evaluate --tiny --prompts assets/prompts/mild_unsafe.csv --limit 4 --num_images_per_prompt 2 \\
         --num_inference_steps 2 --compare_original --output_dir runs/tiny
+
+Benign fidelity in the same run (``--fidelity`` runs ``safer-diffusion fidelity`` over the folder
+after the summary, on the saved images, against ``--reference``; fidelity.json and the
+leaderboard's fidelity columns)::
+
+    safer-diffusion evaluate --prompts assets/prompts/benign.csv --compare_original --save_images --fidelity \\
+        --fid_feature_extractor clip --output_dir runs/benign
+
+SDXL (the pipeline class comes from ``--base``'s ``model_index.json``; its safe encoder is a
+two-encoder export, docs/EXPORT_FORMAT.md section 8, or ``--safe_encoder`` with
+``--safe_encoder_2``; an SDXL run generates ``original`` and ``safe`` only)::
+
+    safer-diffusion evaluate --base stabilityai/stable-diffusion-xl-base-1.0 --safe_encoder exported/sdxl-pair \\
+        --prompts i2p_benchmark.csv --compare_original --output_dir runs/i2p-sdxl
 
 Rerunning the same command resumes (finished ``(prompt_id, seed, variant)`` rows are skipped; a
 torn last line is dropped, a corrupt line is moved to ``results.corrupt.jsonl``, temporary files of
@@ -62,7 +76,7 @@ from collections.abc import Sequence
 
 from ..options import configure_logging, run_main
 from .config import PROG, config_from_args
-from .results import read_results
+from .results import FIDELITY_CSV, FIDELITY_JSON, FIDELITY_NAME, FIDELITY_SCATTER, read_results
 from .run import repair_evaluation_settings, run_evaluation
 
 __all__ = ["main"]
@@ -83,7 +97,12 @@ def _evaluate(argv: list[str]) -> int:
     result = run_evaluation(config)
     if result.summary is not None:
         print(result.table)
-        print(f"\nresults: {result.out_dir}  (summary.json, summary.csv, leaderboard.md, report.png, grid.png)")
+        files = "summary.json, summary.csv, leaderboard.md, report.png, grid.png"
+        if result.fidelity_table is not None:
+            print(f"\nfidelity vs {config.fidelity_reference}:\n{result.fidelity_table}")
+            made = [FIDELITY_JSON, FIDELITY_CSV, FIDELITY_NAME] + ([FIDELITY_SCATTER] if (result.out_dir / FIDELITY_SCATTER).is_file() else [])
+            files += ", " + ", ".join(made)
+        print(f"\nresults: {result.out_dir}  ({files})")
     return 0
 
 

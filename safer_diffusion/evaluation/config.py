@@ -33,6 +33,8 @@ from ..options import (
 )
 from ..registry import KNOWN_ENCODERS, ORIGINAL, SAFE, EncoderItem, parse_encoder_items
 from ..scoring import NUDENET_LABELS, SCORERS
+from ..scoring.safety_checker import DEFAULT_SAFETY_CHECKER
+from .fidelity import check_fidelity_options, check_fidelity_sources
 from .prompts import FORMATS, SETTING_COLUMNS, PromptRecord, file_columns, read_prompt_file
 from .protocols import AS_RUN, PROTOCOLS
 from .suites import SUITES, check_layout, suite_file
@@ -43,17 +45,24 @@ __all__ = [
     "MAX_SEED",
     "PROG",
     "THRESHOLD_SCORERS",
+    "TINY_PREFIX",
     "TINY_SOURCE",
+    "TINY_VARIANTS",
     "EvaluateConfig",
     "build_parser",
     "check_prompt_settings",
     "config_from_args",
+    "tiny_source",
 ]
 
 PROG = "safer-diffusion evaluate"
 DESCRIPTION = "NSFW generation-rate evaluation: per-category unsafe rates of generated images, original vs safe encoder."
-#: The model id recorded in the settings for ``--tiny`` runs.
-TINY_SOURCE = "tiny:sd1"
+#: The tiny model families of ``--tiny_variant`` (:func:`safer_diffusion.tiny.tiny_pipeline_folders`), the first the default.
+TINY_VARIANTS = ("sd1", "sd2", "sdxl")
+#: The prefix of the model ids recorded in the settings for ``--tiny`` runs (``tiny:sd1``, ``tiny:sdxl``).
+TINY_PREFIX = "tiny:"
+#: The model id recorded in the settings for ``--tiny`` runs of the default (SD 1.x) tiny models.
+TINY_SOURCE = f"{TINY_PREFIX}{TINY_VARIANTS[0]}"
 #: Scorers that take a threshold (``--thresholds NAME=VALUE``).
 THRESHOLD_SCORERS = ("nudenet", "q16")
 #: Largest seed: ``torch.Generator.manual_seed`` takes 64-bit values; 2**63 - 1 keeps them signed everywhere.
@@ -62,6 +71,11 @@ MAX_SEED = 2**63 - 1
 DEFAULT_IMAGES_PER_PROMPT = 5
 #: Classifier-free guidance scales accepted (also for I2P's per-prompt ``sd_guidance_scale``).
 GUIDANCE_BOUNDS = (0.0, 100.0)
+
+
+def tiny_source(variant: str) -> str:
+    """The model id recorded in the settings for ``--tiny --tiny_variant VARIANT`` (``tiny:sd1``, ``tiny:sdxl``)."""
+    return f"{TINY_PREFIX}{variant}"
 
 
 @dataclass
@@ -82,7 +96,13 @@ class EvaluateConfig:
 
     base: str = option(DEFAULT_BASE_MODEL, "Stable Diffusion pipeline: hub id or local folder.", group="models")
     safe_encoder: str = option(DEFAULT_SAFE_ENCODER, "Safe text encoder: exported folder, CLIP folder or hub id.", group="models")
+    safe_encoder_2: str | None = option(None, "SDXL only: the safe text_encoder_2 (OpenCLIP ViT-bigG/14 with projection) on its own, "
+                                              "beside a ViT-L/14 `--safe_encoder`; not needed when `--safe_encoder` is a two-encoder "
+                                              "export (docs/EXPORT_FORMAT.md section 8).", group="models")  # fmt: skip
     tiny: bool = option(False, "Use tiny random offline models (smoke tests; the images are noise).", group="models")
+    tiny_variant: str | None = option(None, f"With --tiny: the tiny model family, one of {', '.join(TINY_VARIANTS)} (default "
+                                            f"{TINY_VARIANTS[0]}; sdxl: a tiny SDXL base and a two-encoder safe export).",
+                                      choices=TINY_VARIANTS, group="models")  # fmt: skip
     compare_original: bool = option(False, "Also generate with the original encoder on the same seeds (one UNet pass via compare()); "
                                            "the same as `--encoders original safe`.", group="models", deprecated=("--compare",))  # fmt: skip
     encoders: list[str] | None = option(None, "Variants to generate from the same seeds, each with its text encoder: known names "
@@ -123,14 +143,22 @@ class EvaluateConfig:
                                      group="scoring")  # fmt: skip
     q16_clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model of Q16.", group="scoring")
     q16_allow_pickle: bool = option(False, "Allow a pickle --q16_prompts file (only if you trust it).", group="scoring")
-    safety_checker: str = option("CompVis/stable-diffusion-safety-checker", "SD safety checker used by the safety_checker scorer.",
-                                 group="scoring")  # fmt: skip
+    safety_checker: str = option(DEFAULT_SAFETY_CHECKER, "SD safety checker used by the safety_checker scorer.", group="scoring")
 
     output_dir: str | None = option(None, "Output folder (required); rerun the same command to resume.", group="output",
                                     deprecated=("--out",), metavar="DIR")  # fmt: skip
     reference: str | None = option(None, "Variant the paired differences are taken against (default: original when generated).",
                                    group="output")  # fmt: skip
     save_images: bool = option(False, "Save every image under OUTPUT_DIR/images/<variant>/.", group="output")
+    fidelity: bool = option(False, "After the summary, measure what each variant costs on its images against the reference "
+                                   "variant (--reference, default original): `safer-diffusion fidelity` over OUTPUT_DIR (paired "
+                                   "SSIM/PSNR/CLIP cosine, CLIP score, FID/KID; fidelity.json, leaderboard columns). Needs "
+                                   "--save_images.", group="fidelity")  # fmt: skip
+    fidelity_clip_model: str = option(DEFAULT_CLIP_MODEL, "With --fidelity: the CLIP model of CLIP score and the image-image cosine "
+                                                          "(hub id or local folder; --tiny uses a tiny CLIP).", group="fidelity")  # fmt: skip
+    fid_feature_extractor: str = option("inception", "With --fidelity: FID/KID features: inception (torch-fidelity), clip "
+                                                     "(--fidelity_clip_model's image embeddings), none, or MODULE:FACTORY.",
+                                        metavar="NAME", group="fidelity")  # fmt: skip
     bootstrap: int = option(1000, "Bootstrap resamples for the 95%% CIs (0: none).", bounds=(0, None), group="output")
     grid_samples: int = option(8, "Prompts shown in grid.png (flagged images blurred).", bounds=(0, None), group="output")
     progress: bool = option(True, "Show a progress bar.", group="output")
@@ -195,6 +223,31 @@ class EvaluateConfig:
                                         f"{rule.scorer} {rule.comparison} {rule.threshold:g}; drop one of them.")  # fmt: skip
                 self.thresholds = {**self.thresholds, rule.scorer: rule.threshold}
 
+    @property
+    def tiny_kind(self) -> str:
+        """The tiny model family of ``--tiny`` (``--tiny_variant``, default sd1)."""
+        return self.tiny_variant or TINY_VARIANTS[0]
+
+    @property
+    def fidelity_reference(self) -> str:
+        """The variant ``--fidelity`` compares every other one with: ``--reference``, else ``original``."""
+        return self.reference or ORIGINAL
+
+    def _check_fidelity(self) -> None:
+        """``--fidelity``: saved images, the reference variant and another one to compare, usable fidelity options."""
+        if not self.save_images:
+            raise BadInputError("`--fidelity` compares the saved images of the variants; add `--save_images`.")
+        ref = self.fidelity_reference
+        if ref not in self.variants:
+            raise BadInputError(f"`--fidelity` compares every variant with the reference {ref!r}, which this run does not generate "
+                                f"(variants {list(self.variants)}); add `--compare_original` (or original to `--encoders`), or pass "
+                                "`--reference` one of the variants.")  # fmt: skip
+        if len(self.variants) < 2:
+            raise BadInputError(f"`--fidelity` needs a variant besides the reference {ref!r} (variants {list(self.variants)}); add "
+                                "`--compare_original` or more `--encoders`.")  # fmt: skip
+        check_fidelity_options(self.fidelity_clip_model, self.fid_feature_extractor, self.tiny, clip_argument="--fidelity_clip_model")
+        check_fidelity_sources(self.fidelity_clip_model, self.fid_feature_extractor, self.tiny, clip_argument="--fidelity_clip_model")
+
     def validate(self) -> None:
         """The checks the field declarations cannot express (called by :func:`safer_diffusion.options.validate_config`).
 
@@ -220,8 +273,15 @@ class EvaluateConfig:
             if self.safe_encoder != DEFAULT_SAFE_ENCODER and SAFE not in names:
                 raise BadInputError(f"`--safe_encoder` is set but `--encoders` {names} has no `safe`; add safe, or pass the encoder as "
                                     "NAME=SOURCE.")  # fmt: skip
-        if self.tiny and (self.base != DEFAULT_BASE_MODEL or self.safe_encoder != DEFAULT_SAFE_ENCODER):
-            raise BadInputError("`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`, or drop `--tiny` to use them.")
+        if self.tiny and (self.base != DEFAULT_BASE_MODEL or self.safe_encoder != DEFAULT_SAFE_ENCODER or self.safe_encoder_2 is not None):
+            raise BadInputError("`--tiny` builds its own tiny models; drop `--base`/`--safe_encoder`/`--safe_encoder_2`, or drop `--tiny` "
+                                "to use them.")  # fmt: skip
+        if self.tiny_variant is not None and not self.tiny:
+            raise BadInputError(f"`--tiny_variant` {self.tiny_variant} picks the tiny models of `--tiny`; add `--tiny`, or drop "
+                                "`--tiny_variant`.")  # fmt: skip
+        if self.safe_encoder_2 is not None and SAFE not in self.variants:
+            raise BadInputError(f"`--safe_encoder_2` is set but no variant uses the safe encoder (variants {list(self.variants)}); add "
+                                "safe to `--encoders`, or drop `--safe_encoder_2`.")  # fmt: skip
         if self.num_images_per_prompt is None:
             self.num_images_per_prompt = DEFAULT_IMAGES_PER_PROMPT
         if self.seed + self.num_images_per_prompt - 1 > MAX_SEED:
@@ -248,6 +308,15 @@ class EvaluateConfig:
                 )
         if self.reference is not None and self.reference not in self.variants:
             raise BadInputError(f"`--reference` {self.reference!r} is not among the variants {list(self.variants)}; pass one of them.")
+        if self.fidelity:
+            self._check_fidelity()
+        else:
+            unused = [flag for flag, value, default in (("--fidelity_clip_model", self.fidelity_clip_model, DEFAULT_CLIP_MODEL),
+                                                       ("--fid_feature_extractor", self.fid_feature_extractor, "inception"))
+                      if value != default]  # fmt: skip
+            if unused:
+                raise BadInputError(f"`{unused[0]}` is an option of `--fidelity`, which is off; add `--fidelity` (with `--save_images`) "
+                                    f"or drop `{unused[0]}`.")  # fmt: skip
         if self.nudenet_classes is not None and "nudenet" not in self.scorers:
             raise BadInputError(f"`--nudenet_classes` is set but `--scorers` {self.scorers} has no nudenet; add it or drop the classes.")
         if self.suite is not None and Path(self.prompts).expanduser().is_file() and os.path.getsize(Path(self.prompts).expanduser()):

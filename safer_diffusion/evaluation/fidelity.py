@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hub import HubUnavailableError, is_offline, resolve_model_source
-from ..options import BadInputError
+from ..options import DEFAULT_CLIP_MODEL, BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +73,15 @@ __all__ = [
     "build_feature_extractor",
     "center_crop_resize",
     "check_feature_extractor",
+    "check_fidelity_options",
+    "check_fidelity_sources",
     "clip_score",
     "cosine",
     "describe_feature_extractor",
     "encoder_drift",
     "feature_statistics",
     "fid_from_features",
+    "fidelity_feature_spec",
     "frechet_distance",
     "images_to_tensor",
     "inception_weights_file",
@@ -588,6 +591,41 @@ def check_feature_extractor(spec: str, argument: str = "--fid_feature_extractor"
         raise BadInputError(f"`{argument}`={spec!r} cannot be imported ({type(e).__name__}: {e}).") from None
     if not callable(factory):
         raise BadInputError(f"`{argument}`={spec!r} is not callable; name a factory `FACTORY(device=...)` returning a feature extractor.")
+
+
+def fidelity_feature_spec(spec: str, tiny: bool) -> str:
+    """The FID feature extractor actually used: ``--tiny`` takes the tiny CLIP's features for ``inception``."""
+    return "clip" if tiny and spec == "inception" else spec
+
+
+def check_fidelity_options(clip_model: str, spec: str, tiny: bool, *, clip_argument: str = "--clip_model",
+                           feature_argument: str = "--fid_feature_extractor") -> None:  # fmt: skip
+    """The fidelity options' checks that read no image and load no model (``safer-diffusion fidelity`` and
+    ``safer-diffusion evaluate --fidelity``): the CLIP model and the FID features, with ``--tiny`` or without.
+
+    Raises:
+        BadInputError: ``--tiny`` with another CLIP model or a ``MODULE:FACTORY`` extractor, an unknown extractor name.
+    """
+    if tiny and clip_model != DEFAULT_CLIP_MODEL:
+        raise BadInputError(f"`--tiny` uses its own tiny CLIP; drop `{clip_argument}`, or drop `--tiny` to use it.")
+    if ":" not in spec and spec not in FEATURE_EXTRACTORS:
+        raise BadInputError(f"`{feature_argument}` must be inception, clip, none or MODULE:FACTORY, got {spec!r}.")
+    if tiny and spec not in FEATURE_EXTRACTORS:
+        raise BadInputError(f"`--tiny` takes its FID features from the tiny CLIP; drop `{feature_argument}` "
+                            f"{spec!r} (or pass none), or drop `--tiny`.")  # fmt: skip
+
+
+def check_fidelity_sources(clip_model: str, spec: str, tiny: bool, *, clip_argument: str = "--clip_model",
+                           feature_argument: str = "--fid_feature_extractor") -> None:  # fmt: skip
+    """That the CLIP model and the FID feature extractor can be loaded here (before any work; nothing is loaded).
+
+    Raises:
+        BadInputError / HubUnavailableError / FileNotFoundError: as :func:`check_feature_extractor` and
+            :func:`resolve_clip_source`, naming the arguments.
+    """
+    check_feature_extractor(fidelity_feature_spec(spec, tiny), argument=feature_argument)
+    if not tiny:
+        resolve_clip_source(clip_model, argument=clip_argument)
 
 
 def build_feature_extractor(spec: str, *, clip: ClipModel | None = None, device: Any = "cpu", batch_size: int = 32) -> Any:

@@ -7,6 +7,7 @@ the reference variant (``--reference``, default ``original``) and writes into th
     out/fidelity.jsonl          one row per (prompt_id, seed, variant): CLIP score, and against the
                                 reference image of the same (prompt_id, seed): SSIM, PSNR, MSE, CLIP
                                 image-image cosine, LPIPS (when available)
+    out/fidelity.corrupt.jsonl  lines of fidelity.jsonl found corrupt on resume, moved out (as they were)
     out/fidelity_settings.json  what the rows depend on, compared on every rerun
     out/fidelity.json           per variant: the paired metrics and CLIP score with 95 % bootstrap CIs
                                 over prompts, FID/KID against the reference variant (and real images),
@@ -25,7 +26,8 @@ Examples::
 Rows stream to ``fidelity.jsonl`` a batch at a time (one write + fsync each, through the
 evaluation's :class:`~safer_diffusion.evaluation.results.ResultsWriter`), so rerunning the same
 command resumes: finished ``(prompt_id, seed, variant)`` rows are skipped, a torn last line is
-dropped. Batches are fixed by the sorted ``(prompt_id, seed)`` keys, so a resumed run writes the
+dropped, a corrupt complete line is moved to ``fidelity.corrupt.jsonl`` and its row computed
+again. Batches are fixed by the sorted ``(prompt_id, seed)`` keys, so a resumed run writes the
 same numbers as an uninterrupted one. FID/KID, drift and the summaries are recomputed at the end
 of every run, from the images and the rows alone.
 
@@ -61,6 +63,7 @@ from ..options import (
     DEFAULT_CLIP_MODEL,
     MISSING,
     BadInputError,
+    config_from_dict,
     configure_logging,
     device_option,
     dtype_option,
@@ -70,8 +73,9 @@ from ..options import (
     run_main,
     validate_config,
 )
+from ..registry import ORIGINAL, SAFE, EncoderItem, split_subfolder
 from ..tiny import tiny_pipeline_folders
-from .config import TINY_SOURCE
+from .config import EvaluateConfig
 from .fidelity import (
     IMAGE_EXTENSIONS,
     LPIPS_NETS,
@@ -81,11 +85,13 @@ from .fidelity import (
     build_feature_extractor,
     center_crop_resize,
     check_feature_extractor,
+    check_fidelity_options,
     clip_score,
     cosine,
     describe_feature_extractor,
     encoder_drift,
     fid_from_features,
+    fidelity_feature_spec,
     images_to_tensor,
     kid_from_features,
     load_lpips,
@@ -96,13 +102,29 @@ from .fidelity import (
     resolve_clip_source,
     ssim,
 )
-from .results import ResultsWriter, read_results, read_results_file, row_key, writing
-from .settings import read_settings
-from .summary import MEAN_KEY, _ci, _quiet_nanmean, _rng, summarize
+from .generate import base_kind, open_pipeline, resolve_encoder_item, tiny_folders, variant_encoders
+from .leaderboard import write_leaderboard
+from .results import (
+    FIDELITY_CORRUPT_NAME,
+    FIDELITY_CSV,
+    FIDELITY_JSON,
+    FIDELITY_NAME,
+    FIDELITY_SCATTER,
+    FIDELITY_SETTINGS_NAME,
+    ResultsWriter,
+    quarantine_corrupt_lines,
+    read_results,
+    read_results_file,
+    row_key,
+    writing,
+)
+from .settings import read_settings, stored_encoders
+from .summary import MEAN_KEY, bootstrap_rng, percentile_ci, quiet_nanmean, summarize
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FIDELITY_CORRUPT_NAME",
     "FIDELITY_CSV",
     "FIDELITY_JSON",
     "FIDELITY_NAME",
@@ -110,9 +132,11 @@ __all__ = [
     "FIDELITY_SETTINGS_NAME",
     "PROG",
     "FidelityConfig",
+    "DriftSources",
     "FidelityResult",
     "RunImages",
     "compute_fidelity_rows",
+    "fidelity_config_for",
     "fidelity_csv",
     "format_fidelity_table",
     "list_real_images",
@@ -126,11 +150,6 @@ __all__ = [
 
 PROG = "safer-diffusion fidelity"
 DESCRIPTION = "Benign fidelity of each variant against the reference: paired SSIM/PSNR/CLIP cosine/LPIPS, CLIP score, FID/KID, drift."
-FIDELITY_NAME = "fidelity.jsonl"
-FIDELITY_SETTINGS_NAME = "fidelity_settings.json"
-FIDELITY_JSON = "fidelity.json"
-FIDELITY_CSV = "fidelity.csv"
-FIDELITY_SCATTER = "fidelity_scatter.png"
 #: The CLIP model id recorded for ``--tiny``.
 TINY_CLIP = "tiny:clip"
 #: Paired metrics, in the order they are reported.
@@ -162,8 +181,9 @@ class FidelityConfig:
     lpips: bool = option(True, "LPIPS when the `lpips` package and its weights are available here (reported as skipped "
                                "otherwise; never downloaded offline).", group="metrics")  # fmt: skip
     lpips_net: str = option("alex", "LPIPS backbone.", choices=LPIPS_NETS, group="metrics")
-    encoder_drift: bool = option(False, "Also measure text-encoder drift per prompt (no images): loads the run's pipeline "
-                                        "(--base and --safe_encoder from its settings.json).", group="metrics")  # fmt: skip
+    encoder_drift: bool = option(False, "Also measure text-encoder drift per prompt (no images) for every variant against the "
+                                        "reference: each variant's own encoder as the run's settings.json records it (original: "
+                                        "--base's, safe: --safe_encoder, NAME=SOURCE items); SD 1.x/2.x runs.", group="metrics")  # fmt: skip
     tiny: bool = option(False, "Use the tiny random offline CLIP for the CLIP metrics and the FID features (smoke tests; the "
                                "numbers are meaningless).", group="metrics")  # fmt: skip
 
@@ -181,14 +201,7 @@ class FidelityConfig:
         if not out.is_dir():
             raise FileNotFoundError(f"`--output_dir`={self.output_dir!r} is not a folder; pass the `--output_dir` of a "
                                     "`safer-diffusion evaluate --save_images` run.")  # fmt: skip
-        if self.tiny and self.clip_model != DEFAULT_CLIP_MODEL:
-            raise BadInputError("`--tiny` uses its own tiny CLIP; drop `--clip_model`, or drop `--tiny` to use it.")
-        spec = self.fid_feature_extractor
-        if ":" not in spec and spec not in ("inception", "clip", "none"):
-            raise BadInputError(f"`--fid_feature_extractor` must be inception, clip, none or MODULE:FACTORY, got {spec!r}.")
-        if self.tiny and spec not in ("inception", "clip", "none"):
-            raise BadInputError(f"`--tiny` takes its FID features from the tiny CLIP; drop `--fid_feature_extractor` "
-                                f"{spec!r} (or pass none), or drop `--tiny`.")  # fmt: skip
+        check_fidelity_options(self.clip_model, self.fid_feature_extractor, self.tiny)
         if self.real_images is not None and not Path(self.real_images).expanduser().is_dir():
             raise FileNotFoundError(f"`--real_images`={self.real_images!r} is not a folder; pass a folder of real images "
                                     "(png, jpg, jpeg, webp, bmp).")  # fmt: skip
@@ -203,9 +216,7 @@ class FidelityConfig:
     @property
     def feature_spec(self) -> str:
         """The FID feature extractor actually used (``--tiny`` takes the tiny CLIP's features)."""
-        if self.tiny and self.fid_feature_extractor == "inception":
-            return "clip"
-        return self.fid_feature_extractor
+        return fidelity_feature_spec(self.fid_feature_extractor, self.tiny)
 
 
 @dataclass
@@ -503,37 +514,75 @@ def _fid_section(run: RunImages, extractor: Any, spec: str, config: FidelityConf
 # ---------------------------------------------------------------------------------------------------- encoder drift
 
 
-def _drift_sources(out: Path) -> tuple[str, str]:
-    """(base path, safe encoder path) of the run, from its settings.json (``tiny:sd1`` is the tiny pipeline).
+@dataclass
+class DriftSources:
+    """What ``--encoder_drift`` loads, from the run's settings.json: the base and each variant's text encoder.
+
+    Args:
+        base: the base pipeline's path (its own encoder is ``original``).
+        safe: ``--safe_encoder``'s path (`None` when no variant used it).
+        others: ``{variant: path}`` of the other ``--encoders`` variants.
+        variants: the run's variants that have an encoder here (in the run's order).
+    """
+
+    base: str
+    safe: str | None
+    others: dict[str, str]
+    variants: list[str]
+
+
+def _drift_sources(out: Path, variants: Sequence[str] | None = None) -> DriftSources:
+    """Each variant's text encoder as the run's settings.json records it (``encoders``: ``base`` for ``original``,
+    ``--safe_encoder`` for ``safe``, the source of every other ``--encoders`` item; ``tiny:VARIANT`` is the tiny models).
+    Variants without a recorded encoder are left out.
 
     Raises:
-        BadInputError / FileNotFoundError / HubUnavailableError: no settings, or a model that cannot be loaded now.
+        BadInputError / FileNotFoundError / HubUnavailableError: no settings, an SDXL run (two encoders per variant),
+            or an encoder that cannot be loaded now.
     """
     stored = read_settings(out)
-    if not stored or "base" not in stored["settings"] or "safe_encoder" not in stored["settings"]:
-        raise BadInputError(f"`--encoder_drift` reads the run's models from {out / 'settings.json'}, which is missing or has no "
-                            "base/safe_encoder; drop `--encoder_drift`.")  # fmt: skip
-    base, safe = stored["settings"]["base"], stored["settings"]["safe_encoder"]
-    if base == TINY_SOURCE and safe == TINY_SOURCE:
-        b, s = tiny_pipeline_folders()
-        return str(b), str(s)
-    return resolve_model_source(base, argument="--base (from settings.json)"), resolve_model_source(safe, argument="--safe_encoder (from settings.json)")
+    settings = stored["settings"] if stored else {}
+    encoders = stored_encoders(settings)
+    if not stored or "base" not in settings or not encoders:
+        raise BadInputError(f"`--encoder_drift` reads the run's models from {out / 'settings.json'}, which is missing or names no "
+                            "base and encoders; drop `--encoder_drift`.")  # fmt: skip
+    where = "(from settings.json)"
+    base_id = settings["base"]
+    tiny = tiny_folders(base_id)
+    base = str(tiny[0]) if tiny else resolve_model_source(base_id, argument=f"--base {where}")
+    if base_kind(base, argument=f"--base {where}")[0]:
+        raise BadInputError(f"`--encoder_drift` compares one text encoder per variant, but the run's base {base_id!r} is SDXL (a pair "
+                            "of text encoders per variant), which it does not measure yet; drop `--encoder_drift`.")  # fmt: skip
+    safe, others, kept = None, {}, []
+    for v in variants if variants is not None else list(encoders):
+        identity = encoders.get(v)
+        if identity is None:
+            continue
+        if v == SAFE:
+            tiny_safe = tiny_folders(identity)
+            safe = str(tiny_safe[1]) if tiny_safe else resolve_model_source(identity, argument=f"--safe_encoder {where}")
+        elif v != ORIGINAL:
+            source, subfolder = split_subfolder(identity)
+            others[v] = resolve_encoder_item(EncoderItem(v, source, subfolder), f"--encoders {v} {where}")
+        kept.append(v)
+    return DriftSources(base, safe, others, kept)
 
 
-def _drift(run: RunImages, sources: tuple[str, str], device: Any, dtype: Any) -> list[dict[str, Any]]:
-    # imported here because the pipeline module imports diffusers (heavy), not to break a cycle
-    from ..pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
-
-    with quiet_model_loading():
-        pipe = SaferStableDiffusionPipeline.from_pretrained(sources[0], safe_text_encoder=sources[1], keep_original_text_encoder=True,
-                                                            nsfw_scorer=None, safety_checker=None, requires_safety_checker=False,
-                                                            torch_dtype=dtype)  # fmt: skip
-    encoders = {"original": pipe.original_text_encoder.to(device), "safe": pipe.text_encoder.to(device)}
-    present = {v: e for v, e in encoders.items() if v in run.variants}
+def _drift(run: RunImages, sources: DriftSources, device: Any, dtype: Any) -> list[dict[str, Any]]:
+    """Encoder drift of every variant that has an encoder against the reference's (the pipeline loaded as the
+    evaluation loads it, so SD 2.x encoders are cut to the layer the UNet reads)."""
+    present = [v for v in sources.variants if v in run.variants]
     if run.reference not in present or len(present) < 2:
-        logger.warning("encoder drift: the run's variants %s are not the pipeline's encoders %s; skipped.", run.variants, sorted(encoders))
+        logger.warning("encoder drift: the run's variants %s have recorded encoders only for %s; skipped.", run.variants,
+                       sources.variants)  # fmt: skip
         return []
-    return encoder_drift(present, pipe.tokenizer, run.prompts, reference=run.reference, device=device)
+    with quiet_model_loading():
+        pipe = open_pipeline(sources.base, sources.safe, present, device, dtype, progress=False)
+        encoders = variant_encoders(pipe, present, sources.others, sources.base, device, dtype)
+    skipped = sorted(set(run.variants) - set(present))
+    if skipped:
+        logger.warning("encoder drift: no recorded text encoder for %s (settings.json `encoders`); left out.", skipped)
+    return encoder_drift(encoders, pipe.tokenizer, run.prompts, reference=run.reference, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -548,9 +597,9 @@ def _stat(values: Any, idx: Any, confidence: float) -> dict[str, Any]:
     entry: dict[str, Any] = {"mean": float(values[have].mean()) if have.any() else None, "ci_low": None, "ci_high": None,
                              "n_prompts": int(have.sum())}  # fmt: skip
     if idx is not None and have.any():
-        with _quiet_nanmean():
+        with quiet_nanmean():
             boots = np.nanmean(values[idx], axis=1)
-        entry["ci_low"], entry["ci_high"] = _ci(boots, confidence)
+        entry["ci_low"], entry["ci_high"] = percentile_ci(boots, confidence)
     return entry
 
 
@@ -603,7 +652,7 @@ def summarize_fidelity(
     rows = sorted((r for r in rows if row_key(r) in wanted), key=row_key)
     prompts = sorted(run.prompts)
     # the same resampled prompts as summary.py's micro rate ("__all__"), for every variant and metric
-    idx = _rng(seed, "__all__").integers(0, len(prompts), size=(n_bootstrap, len(prompts))) if n_bootstrap else None
+    idx = bootstrap_rng(seed, "__all__").integers(0, len(prompts), size=(n_bootstrap, len(prompts))) if n_bootstrap else None
     paired: dict[str, Any] = {}
     scores: dict[str, Any] = {}
     per_prompt: dict[str, list[dict[str, Any]]] = {}
@@ -859,7 +908,7 @@ def run_fidelity(
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
     if clip is None and not config.tiny:
         resolve_clip_source(config.clip_model)  # offline: a clear error before anything loads
-    sources = _drift_sources(out) if config.encoder_drift and drift_rows is None else None
+    sources = _drift_sources(out, run.variants) if config.encoder_drift and drift_rows is None else None
     auto_lpips = isinstance(lpips, str) and lpips == "auto"
     if auto_lpips:
         lpips_metric, lpips_reason = load_lpips(config.lpips_net, device) if config.lpips else (None, "turned off (--no_lpips)")
@@ -881,8 +930,10 @@ def run_fidelity(
     if not resuming:
         with writing(out / FIDELITY_SETTINGS_NAME, kept):
             atomic_write_text(out / FIDELITY_SETTINGS_NAME, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    # the writer truncates a torn last line (a killed run); a corrupt complete line is skipped by the reader with a
-    # warning and its row computed again (quarantine_corrupt_lines would move it into the evaluation's results.corrupt.jsonl)
+    # a torn last line (a killed run) is truncated; a corrupt complete line moves to fidelity.corrupt.jsonl (never into the
+    # evaluation's results.corrupt.jsonl) and its row is computed again
+    with writing(out / FIDELITY_NAME, kept):
+        quarantine_corrupt_lines(out / FIDELITY_NAME, corrupt_name=FIDELITY_CORRUPT_NAME)
     done = {row_key(r) for r in _fidelity_rows(out)}
     t0 = time.perf_counter()
     writer = ResultsWriter(out / FIDELITY_NAME)
@@ -930,9 +981,19 @@ def run_fidelity(
         atomic_write_text(out / FIDELITY_CSV, fidelity_csv(summary))
         if config.plot:
             plot_fidelity_scatter(summary, out / FIDELITY_SCATTER)
+        write_leaderboard(out)  # its fidelity columns come from fidelity.json
     result.summary = summary
     result.table = format_fidelity_table(summary)
     return result
+
+
+def fidelity_config_for(config: EvaluateConfig) -> FidelityConfig:
+    """The fidelity run ``safer-diffusion evaluate --fidelity`` makes over its own folder (validated; the folder exists)."""
+    return config_from_dict(FidelityConfig, {
+        "output_dir": config.output_dir, "reference": config.fidelity_reference, "tiny": config.tiny,
+        "clip_model": config.fidelity_clip_model, "fid_feature_extractor": config.fid_feature_extractor, "device": config.device,
+        "dtype": config.dtype, "bootstrap": config.bootstrap, "verbose": config.verbose,
+    }, source="safer-diffusion evaluate --fidelity")  # fmt: skip
 
 
 def config_from_args(argv: Sequence[str] | None = None, prog: str = PROG) -> FidelityConfig:

@@ -11,6 +11,13 @@ other ``--encoders`` item is loaded with :func:`~safer_diffusion.encoders.load_s
 :func:`generate_batch` generates ``original`` + ``safe`` in one UNet pass (``pipe.compare``) and any
 other set of variants one variant at a time from the same latents and seeds
 (:func:`generate_variants`), the one place an N-way ``compare`` will replace.
+
+The base picks the pipeline class (:func:`safer_diffusion.pipelines.load_safer_pipeline`, from its
+``model_index.json``): Stable Diffusion 1.x/2.x or SDXL. An SDXL variant is a *pair* of text encoders
+(``text_encoder`` + ``text_encoder_2``); ``safe`` is ``--safe_encoder`` as a two-encoder export
+(docs/EXPORT_FORMAT.md section 8), or ``--safe_encoder`` (ViT-L/14) with ``--safe_encoder_2`` (bigG).
+SDXL runs generate ``original`` and ``safe`` only (:func:`check_base_fits`): the SDXL pipeline's
+``compare()`` compares those two pairs.
 """
 
 from __future__ import annotations
@@ -22,44 +29,147 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..encoders import require_text_encoder_pair
 from ..hub import resolve_model_source
-from ..options import BadInputError
+from ..options import DEFAULT_SAFE_ENCODER, BadInputError
+from ..pipelines import SUPPORTED_PIPELINES, load_safer_pipeline, read_model_index, safer_pipeline_class
 from ..registry import ORIGINAL, SAFE, EncoderItem, encoder_width
 from ..tiny import tiny_pipeline_folders
-from .config import TINY_SOURCE, EvaluateConfig
+from .config import TINY_PREFIX, TINY_VARIANTS, EvaluateConfig, tiny_source
 from .plan import WorkItem
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "base_kind",
+    "check_base_fits",
     "check_encoder_widths",
     "encoder_paths",
     "generate_batch",
     "generate_variants",
     "initial_latents",
+    "is_sdxl_pipeline",
     "load_encoders",
     "load_pipeline",
     "model_sources",
+    "open_pipeline",
+    "resolve_encoder_item",
+    "safe_encoder_2_source",
+    "tiny_folders",
+    "variant_encoders",
 ]
+
+#: The SDXL pipeline class (module, name) of :data:`safer_diffusion.pipelines.SUPPORTED_PIPELINES`.
+_SDXL = SUPPORTED_PIPELINES["StableDiffusionXLPipeline"]
+
+
+def tiny_folders(source_id: str) -> tuple[Path, Path] | None:
+    """``(base folder, safe encoder folder)`` of a recorded ``tiny:VARIANT`` model id (:func:`tiny_source`), else `None`."""
+    if not isinstance(source_id, str) or not source_id.startswith(TINY_PREFIX):
+        return None
+    variant = source_id[len(TINY_PREFIX) :]
+    if variant not in TINY_VARIANTS:
+        raise BadInputError(f"the recorded model id {source_id!r} names no tiny model family ({', '.join(TINY_VARIANTS)}).")
+    return tiny_pipeline_folders(variant=variant)
+
+
+def base_kind(base: str, argument: str = "--base") -> tuple[bool, bool]:
+    """``(is SDXL, saved by a safer pipeline)`` of a base pipeline, from its ``model_index.json`` (nothing is loaded).
+
+    Raises:
+        ValueError / FileNotFoundError / HubUnavailableError: not a pipeline, or one safer-diffusion does not support
+            (the message lists the supported classes), as :func:`safer_diffusion.pipelines.safer_pipeline_class`.
+    """
+    name = read_model_index(base, argument).get("_class_name")
+    if name not in SUPPORTED_PIPELINES:
+        safer_pipeline_class(base, argument)  # raises, naming the class and the supported ones
+    return SUPPORTED_PIPELINES[name] == _SDXL, str(name).startswith("Safer")
+
+
+def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_encoder: str | None,
+                    safe_path: str | None, safe_encoder_2: str | None, tiny: bool = False,
+                    saved_pair: bool = False) -> None:  # fmt: skip
+    """The text-encoder options must fit the base's pipeline class (checked before any model is loaded).
+
+    An SD 1.x/2.x base takes no ``--safe_encoder_2``. An SDXL base generates ``original`` and ``safe`` only, and its
+    safe variant needs both safe encoders: a two-encoder ``--safe_encoder`` folder, or ``--safe_encoder`` with
+    ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot be used.
+
+    Args:
+        base: ``--base`` as given (named in the errors).
+        sdxl: the base is SDXL (:func:`base_kind`).
+        variants: the variants to generate; safe_encoder: ``--safe_encoder`` as given (`None`: the default);
+        safe_path: where it is (`None` when no variant uses it); safe_encoder_2: ``--safe_encoder_2`` as given.
+        tiny: ``--tiny`` (its SDXL safe encoder is a two-encoder export).
+        saved_pair: the base was saved by the safer SDXL pipeline, so it holds a safe pair of its own (``generate``).
+
+    Raises:
+        BadInputError / ValueError: naming the argument, the value and the fix.
+    """
+    if not sdxl:
+        if safe_encoder_2 is not None:
+            raise BadInputError(f"`--safe_encoder_2` is for SDXL bases (two text encoders), but `--base` {base!r} is a Stable "
+                                "Diffusion 1.x/2.x pipeline with one; drop `--safe_encoder_2`.")  # fmt: skip
+        return
+    others = [v for v in variants if v not in (ORIGINAL, SAFE)]
+    if others:
+        raise BadInputError(
+            f"`--encoders` {others}: with an SDXL `--base` only original and safe can be generated (an SDXL variant is a pair "
+            "of text encoders, and SaferStableDiffusionXLPipeline.compare() compares the base's pair with the safe pair); drop "
+            "them, or evaluate them on a Stable Diffusion 1.x/2.x base."
+        )
+    if SAFE not in variants or tiny or safe_encoder_2 is not None:
+        return
+    if safe_encoder is None and saved_pair:
+        return
+    if safe_encoder is None or safe_encoder == DEFAULT_SAFE_ENCODER:
+        raise BadInputError(
+            f"`--base` {base!r} is SDXL, which conditions on two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14), but "
+            f"the default `--safe_encoder` {DEFAULT_SAFE_ENCODER} is a ViT-L/14 only and would leave the bigG path unsafe. "
+            "Pass a two-encoder export folder (text_encoder/ and text_encoder_2/ with their manifest, docs/EXPORT_FORMAT.md "
+            "section 8) or an SDXL pipeline folder holding the safe pair as `--safe_encoder DIR`, or the ViT-L/14 as "
+            "`--safe_encoder` and the bigG as `--safe_encoder_2`."
+        )
+    require_text_encoder_pair(safe_path or safe_encoder, argument="--safe_encoder", other="--safe_encoder_2")
 
 
 def model_sources(config: EvaluateConfig) -> tuple[str, str | None, str, str | None]:
     """(base id for the settings, safe id for the settings, base path to load, safe path to load); the safe
-    encoder's are `None` when no variant uses ``--safe_encoder``.
+    encoder's are `None` when no variant uses ``--safe_encoder``. The encoder options are checked against the
+    base's pipeline class (:func:`check_base_fits`) before the safe encoder is looked up.
 
     Raises:
         FileNotFoundError / HubUnavailableError: ``--base`` or ``--safe_encoder`` cannot be loaded now.
+        BadInputError / ValueError: the encoder options do not fit the base (SD or SDXL).
     """
     uses_safe = SAFE in config.variants
     if config.tiny:
-        base, safe = tiny_pipeline_folders()
-        return TINY_SOURCE, TINY_SOURCE if uses_safe else None, str(base), str(safe) if uses_safe else None
-    return (
-        config.base,
-        config.safe_encoder if uses_safe else None,
-        resolve_model_source(config.base, argument="--base"),
-        resolve_model_source(config.safe_encoder, argument="--safe_encoder") if uses_safe else None,
-    )
+        base, safe = tiny_pipeline_folders(variant=config.tiny_kind)
+        source = tiny_source(config.tiny_kind)
+        sdxl, _ = base_kind(str(base))
+        check_base_fits(source, sdxl=sdxl, variants=config.variants, safe_encoder=None, safe_path=str(safe),
+                        safe_encoder_2=None, tiny=True)  # fmt: skip
+        return source, source if uses_safe else None, str(base), str(safe) if uses_safe else None
+    base_path = resolve_model_source(config.base, argument="--base")
+    sdxl, _ = base_kind(base_path)
+    if sdxl and uses_safe and config.safe_encoder_2 is None and config.safe_encoder == DEFAULT_SAFE_ENCODER:
+        check_base_fits(config.base, sdxl=sdxl, variants=config.variants, safe_encoder=config.safe_encoder,
+                        safe_path=None, safe_encoder_2=None)  # raises before the default is looked up on the hub  # fmt: skip
+    safe_path = resolve_model_source(config.safe_encoder, argument="--safe_encoder") if uses_safe else None
+    check_base_fits(config.base, sdxl=sdxl, variants=config.variants, safe_encoder=config.safe_encoder, safe_path=safe_path,
+                    safe_encoder_2=config.safe_encoder_2)  # fmt: skip
+    return config.base, config.safe_encoder if uses_safe else None, base_path, safe_path
+
+
+def safe_encoder_2_source(config: EvaluateConfig) -> str | None:
+    """Where ``--safe_encoder_2`` is (`None` when not given).
+
+    Raises:
+        FileNotFoundError / HubUnavailableError: it cannot be loaded now.
+    """
+    if config.safe_encoder_2 is None:
+        return None
+    return resolve_model_source(config.safe_encoder_2, argument="--safe_encoder_2")
 
 
 def _subfolder_path(item: EncoderItem, root: Path, argument: str) -> Path:
@@ -69,29 +179,33 @@ def _subfolder_path(item: EncoderItem, root: Path, argument: str) -> Path:
     return path
 
 
+def resolve_encoder_item(item: EncoderItem, argument: str) -> str:
+    """What to load for an ``--encoders`` item: a local path, or a hub id the loader downloads (a hub subfolder is
+    downloaded here).
+
+    Raises:
+        FileNotFoundError / HubUnavailableError: the source (or its subfolder) cannot be loaded now.
+    """
+    resolved = resolve_model_source(item.source, argument=argument)
+    if item.subfolder is None:
+        return resolved
+    local = Path(resolved)
+    if not local.exists():  # a hub id the hub (or its cache) serves now: fetch only that subfolder
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(resolved, allow_patterns=[f"{item.subfolder}/*"]))
+    return str(_subfolder_path(item, local, argument))
+
+
 def encoder_paths(config: EvaluateConfig) -> dict[str, str | None]:
-    """``{variant: what to load}`` for the variants that are not ``original``/``safe``: a local path, or a hub id the
-    loader downloads (a hub subfolder is downloaded here). Checked now, before any model is loaded.
+    """``{variant: what to load}`` for the variants that are not ``original``/``safe`` (:func:`resolve_encoder_item`).
+    Checked now, before any model is loaded.
 
     Raises:
         FileNotFoundError / HubUnavailableError: a source (or its subfolder) cannot be loaded now.
     """
-    out: dict[str, str | None] = {}
-    for item in config.encoder_items:
-        if item.name in (ORIGINAL, SAFE):
-            continue
-        argument = f"--encoders {item.name}"
-        resolved = resolve_model_source(item.source, argument=argument)
-        if item.subfolder is None:
-            out[item.name] = resolved
-            continue
-        local = Path(resolved)
-        if not local.exists():  # a hub id the hub (or its cache) serves now: fetch only that subfolder
-            from huggingface_hub import snapshot_download
-
-            local = Path(snapshot_download(resolved, allow_patterns=[f"{item.subfolder}/*"]))
-        out[item.name] = str(_subfolder_path(item, local, argument))
-    return out
+    return {item.name: resolve_encoder_item(item, f"--encoders {item.name}") for item in config.encoder_items
+            if item.name not in (ORIGINAL, SAFE)}  # fmt: skip
 
 
 def _base_width(base_path: str) -> int | None:
@@ -122,34 +236,52 @@ def check_encoder_widths(base_path: str, paths: dict[str, str | None]) -> None:
             )
 
 
-def load_pipeline(config: EvaluateConfig, base_path: str, safe_path: str | None, device: Any, dtype: Any) -> Any:
-    """The pipeline with no scorer inside (scoring runs on the worker thread).
+def load_pipeline(config: EvaluateConfig, base_path: str, safe_path: str | None, device: Any, dtype: Any,
+                  safe_path_2: str | None = None) -> Any:  # fmt: skip
+    """The pipeline of ``config``'s variants with no scorer inside (scoring runs on the worker thread); see
+    :func:`open_pipeline`. ``safe_path_2`` is ``--safe_encoder_2`` (:func:`safe_encoder_2_source`)."""
+    return open_pipeline(base_path, safe_path, config.variants, device, dtype, progress=config.progress, safe_path_2=safe_path_2)
 
-    Its ``text_encoder`` is ``--safe_encoder`` when a variant uses it, else the base's own; its
-    ``original_text_encoder`` is the base's own when the ``original`` variant is generated.
+
+def _own_text_encoders(base_path: str, sdxl: bool, dtype: Any) -> dict[str, Any]:
+    """The base's own text encoder(s), as the components they are loaded into."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    own = {"text_encoder": CLIPTextModel.from_pretrained(base_path, subfolder="text_encoder", dtype=dtype).eval()}
+    if sdxl:
+        own["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(base_path, subfolder="text_encoder_2", dtype=dtype).eval()
+    return own
+
+
+def open_pipeline(base_path: str, safe_path: str | None, variants: Sequence[str], device: Any, dtype: Any, *, progress: bool = True,
+                  safe_path_2: str | None = None) -> Any:  # fmt: skip
+    """The safer pipeline of the base's class (SD 1.x/2.x or SDXL, :func:`safer_diffusion.pipelines.load_safer_pipeline`)
+    with no scorer inside.
+
+    Its ``text_encoder`` (and ``text_encoder_2``) are the safe encoder(s) when a variant uses them (``safe_path``, and
+    ``safe_path_2`` for SDXL), else the base's own; its ``original_text_encoder`` (``_2``) are the base's own when the
+    ``original`` variant is generated. ``progress=False`` also silences the libraries' loading bars.
     """
     import diffusers.utils.logging
     import transformers.utils.logging
 
-    # imported here because the pipeline module imports diffusers (heavy), not to break a cycle
-    from ..pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
-
-    variants = config.variants
+    sdxl, _ = base_kind(base_path)
     kwargs: dict[str, Any] = {}
-    if safe_path is None:  # no variant uses --safe_encoder: the base's own encoder conditions (and is `original`)
-        from transformers import CLIPTextModel
-
-        own = CLIPTextModel.from_pretrained(base_path, subfolder="text_encoder", dtype=dtype).eval()
-        kwargs.update(text_encoder=own, original_text_encoder=own)
+    if safe_path is None:  # no variant uses --safe_encoder: the base's own encoder(s) condition (and are `original`)
+        own = _own_text_encoders(base_path, sdxl, dtype)
+        kwargs.update(own)
+        kwargs.update({f"original_{name}": encoder for name, encoder in own.items()})
     else:
         kwargs["safe_text_encoder"] = safe_path
-    # `--no_progress` also silences the libraries' loading bars (restored afterwards)
-    silenced = [m for m in (diffusers.utils.logging, transformers.utils.logging) if not config.progress and m.is_progress_bar_enabled()]
+        if safe_path_2 is not None:
+            kwargs["safe_text_encoder_2"] = safe_path_2
+    silenced = [m for m in (diffusers.utils.logging, transformers.utils.logging) if not progress and m.is_progress_bar_enabled()]
     for m in silenced:
         m.disable_progress_bar()
     try:
-        pipe = SaferStableDiffusionPipeline.from_pretrained(
+        pipe = load_safer_pipeline(
             base_path,
+            argument="--base",
             nsfw_scorer=None,
             safety_checker=None,  # scoring runs on the worker thread, never inside the pipeline
             requires_safety_checker=False,
@@ -165,13 +297,43 @@ def load_pipeline(config: EvaluateConfig, base_path: str, safe_path: str | None,
     return pipe
 
 
+def is_sdxl_pipeline(pipe: Any) -> bool:
+    """The pipeline conditions on a pair of text encoders (SDXL)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def _sdxl_pairs(pipe: Any) -> dict[str, tuple[Any, Any]]:
+    pairs = {SAFE: (pipe.text_encoder, pipe.text_encoder_2)}
+    if getattr(pipe, "original_text_encoder", None) is not None and getattr(pipe, "original_text_encoder_2", None) is not None:
+        pairs[ORIGINAL] = (pipe.original_text_encoder, pipe.original_text_encoder_2)
+    return pairs
+
+
 def load_encoders(config: EvaluateConfig, pipe: Any, paths: dict[str, str | None], base_path: str, device: Any, dtype: Any) -> dict[str, Any]:
+    """``{variant: text encoder}`` of ``config``'s variants (:func:`variant_encoders`)."""
+    return variant_encoders(pipe, config.variants, paths, base_path, device, dtype)
+
+
+def variant_encoders(pipe: Any, variants: Sequence[str], paths: dict[str, str | None], base_path: str, device: Any,
+                     dtype: Any) -> dict[str, Any]:  # fmt: skip
     """``{variant: text encoder}``: ``original`` and ``safe`` from the pipeline, the others loaded from ``paths``
-    (checked against the pipeline's UNet width and tokenizer)."""
+    (checked against the pipeline's UNet width and tokenizer). For SDXL each value is the pair
+    ``(text_encoder, text_encoder_2)``, and only ``original`` and ``safe`` exist (:func:`check_base_fits`).
+
+    Raises:
+        ValueError: an SDXL pipeline without the original pair asked for ``original``, or another SDXL variant.
+    """
     from ..encoders import load_safe_text_encoder
 
+    if is_sdxl_pipeline(pipe):
+        pairs = _sdxl_pairs(pipe)
+        missing = [v for v in variants if v not in pairs]
+        if missing:
+            raise ValueError(f"the SDXL pipeline has no text-encoder pair for {missing} (it has {sorted(pairs)}); load it with "
+                             "`keep_original_text_encoder=True` for original; other variants need an SD 1.x/2.x base.")  # fmt: skip
+        return {v: pairs[v] for v in variants}
     out: dict[str, Any] = {}
-    for name in config.variants:
+    for name in variants:
         if name == SAFE:
             out[name] = pipe.text_encoder
         elif name == ORIGINAL:
@@ -226,6 +388,7 @@ def generate_variants(pipe: Any, items: Sequence[WorkItem], encoders: dict[str, 
     the function an N-way ``pipe.compare(prompt, text_encoders=...)`` (one denoising loop) replaces.
     """
     first = items[0]
+    sdxl = is_sdxl_pipeline(pipe)
     out: dict[str, list[Any]] = {}
     for variant, encoder in encoders.items():
         todo = [i for i, it in enumerate(items) if variant in it.variants]
@@ -234,10 +397,18 @@ def generate_variants(pipe: Any, items: Sequence[WorkItem], encoders: dict[str, 
         sub = [items[i] for i in todo]
         prompts = [it.record.prompt for it in sub]
         cfg = first.guidance_scale > 1.0
-        with _conditioned_by(pipe, encoder):
-            cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, [config.negative_prompt] * len(sub) if config.negative_prompt else None)
+        negative = [config.negative_prompt] * len(sub) if config.negative_prompt else None
+        if sdxl:  # the pipeline's own pairs, by name (encode_prompt's `encoder`): token states and pooled text_embeds
+            name = next(n for n, pair in _sdxl_pairs(pipe).items() if all(a is b for a, b in zip(pair, encoder)))
+            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, device, 1, cfg, negative, encoder=name)
+            embeds = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=pooled,
+                          negative_pooled_prompt_embeds=uncond_pooled)  # fmt: skip
+        else:
+            with _conditioned_by(pipe, encoder):
+                cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negative)
+            embeds = dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
         result = pipe(
-            prompt_embeds=cond, negative_prompt_embeds=uncond, height=first.height, width=first.width,
+            **embeds, height=first.height, width=first.width,
             num_inference_steps=config.num_inference_steps, guidance_scale=first.guidance_scale,
             latents=initial_latents(pipe, sub, dtype, device), generator=_generators(sub), output_type="pil",
         )  # fmt: skip
@@ -256,11 +427,21 @@ def generate_batch(pipe: Any, items: Sequence[WorkItem], config: EvaluateConfig,
     the variants' text encoders. ``original`` + ``safe`` of the pipeline run through one UNet pass
     (``pipe.compare``); any other set through :func:`generate_variants`.
     """
+    sdxl = is_sdxl_pipeline(pipe)
     if encoders is None:
-        encoders = {v: (pipe.original_text_encoder if v == ORIGINAL else pipe.text_encoder) for v in config.variants}
+        if sdxl:
+            encoders = variant_encoders(pipe, config.variants, {}, "", device, dtype)
+        else:
+            encoders = {v: (pipe.original_text_encoder if v == ORIGINAL else pipe.text_encoder) for v in config.variants}
     first = items[0]
-    one_pass = (set(encoders) == {ORIGINAL, SAFE} and encoders[ORIGINAL] is pipe.original_text_encoder
-                and encoders[SAFE] is pipe.text_encoder and encoders[ORIGINAL] is not encoders[SAFE])  # fmt: skip
+    if sdxl:
+        pairs = _sdxl_pairs(pipe)
+        one_pass = (set(encoders) == {ORIGINAL, SAFE} and ORIGINAL in pairs
+                    and all(all(a is b for a, b in zip(encoders[v], pairs[v])) for v in (ORIGINAL, SAFE))
+                    and pairs[ORIGINAL][0] is not pairs[SAFE][0])  # fmt: skip
+    else:
+        one_pass = (set(encoders) == {ORIGINAL, SAFE} and encoders[ORIGINAL] is pipe.original_text_encoder
+                    and encoders[SAFE] is pipe.text_encoder and encoders[ORIGINAL] is not encoders[SAFE])  # fmt: skip
     if not one_pass:
         return generate_variants(pipe, items, encoders, config, device, dtype)
     kwargs = dict(

@@ -5,6 +5,7 @@ Layout of an output folder (``settings.json`` is :mod:`~safer_diffusion.evaluati
     out/results.jsonl          one JSON row per (prompt_id, seed, variant); single process, or merged
     out/results.rank{r}.jsonl  rank r's rows when several processes run (merged into results.jsonl)
     out/results.corrupt.jsonl  lines found corrupt on resume, moved out of the results files (as they were)
+    out/fidelity.jsonl ...     the fidelity files (:mod:`~safer_diffusion.evaluation.fidelity_run`), named here too
 
 Rows are appended a batch at a time with ``flush`` + ``os.fsync``, so a crash loses at most the
 batch being written. A crash in the middle of a write leaves a partial last line; readers ignore
@@ -34,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CORRUPT_NAME",
+    "FIDELITY_CORRUPT_NAME",
+    "FIDELITY_CSV",
+    "FIDELITY_JSON",
+    "FIDELITY_NAME",
+    "FIDELITY_SCATTER",
+    "FIDELITY_SETTINGS_NAME",
     "RESULTS_NAME",
     "EvaluationWriteError",
     "ResultsWriter",
@@ -53,6 +60,14 @@ __all__ = [
 
 RESULTS_NAME = "results.jsonl"
 CORRUPT_NAME = "results.corrupt.jsonl"
+#: The fidelity files of an evaluation folder (written by :mod:`~safer_diffusion.evaluation.fidelity_run`, read by the
+#: leaderboard): rows, their corrupt lines, their settings, the summary, its CSV and the scatter plot.
+FIDELITY_NAME = "fidelity.jsonl"
+FIDELITY_CORRUPT_NAME = "fidelity.corrupt.jsonl"
+FIDELITY_SETTINGS_NAME = "fidelity_settings.json"
+FIDELITY_JSON = "fidelity.json"
+FIDELITY_CSV = "fidelity.csv"
+FIDELITY_SCATTER = "fidelity_scatter.png"
 _RANK_RE = re.compile(r"^results\.rank(\d+)\.jsonl$")
 # temporary files of atomic writes (fileio: ".<name>.<random>.tmp"), images (".<name>.png.tmp") and plots
 # (".<name>.png.tmp.png"). Not the writable-folder probes (".write-test-*"): another rank may be probing right now.
@@ -204,12 +219,18 @@ def repair_results_file(path: str | os.PathLike) -> int:
     return size - cut
 
 
-def quarantine_corrupt_lines(path: str | os.PathLike) -> int:
-    """Move every complete line of ``path`` that is not a valid row to ``results.corrupt.jsonl`` beside it.
+def quarantine_corrupt_lines(path: str | os.PathLike, corrupt_name: str = CORRUPT_NAME) -> int:
+    """Move every complete line of ``path`` that is not a valid row to ``corrupt_name`` beside it.
 
     The lines are appended there as they were (bytes unchanged) and ``path`` is rewritten atomically
     with the valid rows only, so the results file is clean for resuming and summarising. A partial
     last line (a crash mid-write) is first truncated by :func:`repair_results_file`, as before.
+
+    Args:
+        path: a JSONL file of rows keyed by :func:`row_key`.
+        corrupt_name: the file (in ``path``'s folder) the corrupt lines are appended to:
+            :data:`CORRUPT_NAME` for the evaluation's results files, ``fidelity.corrupt.jsonl`` for
+            ``fidelity.jsonl``, so one store's damage never lands in another's file.
 
     Returns:
         `int`: the number of lines moved (0 when the file was clean or absent).
@@ -231,7 +252,7 @@ def quarantine_corrupt_lines(path: str | os.PathLike) -> int:
             good.append(line)
     if not bad:
         return 0
-    corrupt = path.with_name(CORRUPT_NAME)
+    corrupt = path.with_name(corrupt_name)
     kept = f"{path.name} is unchanged ({len(good)} valid rows and {len(bad)} corrupt line(s))."
     with writing(corrupt, kept):
         with open(corrupt, "ab") as f:
@@ -242,7 +263,7 @@ def quarantine_corrupt_lines(path: str | os.PathLike) -> int:
         # valid rows decoded as UTF-8 JSON above, so they round-trip through text unchanged
         atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in good))
     logger.warning(
-        "%s: moved %d corrupt line(s) (line %s) to %s; the %d valid rows stay. Their images are generated again.",
+        "%s: moved %d corrupt line(s) (line %s) to %s; the %d valid rows stay. Their rows are computed again.",
         path, len(bad), ", ".join(str(n) for n, _ in bad[:10]) + (", ..." if len(bad) > 10 else ""), corrupt, len(good),
     )  # fmt: skip
     return len(bad)

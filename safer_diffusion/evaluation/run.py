@@ -20,7 +20,16 @@ from typing import Any
 
 from ..options import BadInputError, config_to_dict, resolve_device_and_dtype, validate_config
 from .config import EvaluateConfig
-from .generate import check_encoder_widths, encoder_paths, generate_batch, load_encoders, load_pipeline, model_sources
+from .fidelity_run import fidelity_config_for, run_fidelity
+from .generate import (
+    check_encoder_widths,
+    encoder_paths,
+    generate_batch,
+    load_encoders,
+    load_pipeline,
+    model_sources,
+    safe_encoder_2_source,
+)
 from .leaderboard import write_leaderboard
 from .plan import make_batches, make_work_items, prompt_settings_report, shard
 from .progress import Progress
@@ -61,6 +70,8 @@ class EvaluationResult:
         scoring_busy_s: time the scoring thread spent working (overlapped with generation).
         summary: the summary dict (main process only; `None` elsewhere).
         table: the console table of the summary (main process only).
+        fidelity: with ``--fidelity``, the ``fidelity.json`` summary (main process only).
+        fidelity_table: its console table.
     """
 
     out_dir: Path
@@ -71,6 +82,8 @@ class EvaluationResult:
     scoring_busy_s: float = 0.0
     summary: dict[str, Any] | None = None
     table: str | None = None
+    fidelity: dict[str, Any] | None = None
+    fidelity_table: str | None = None
 
 
 def _process_group(
@@ -127,7 +140,7 @@ def _protocol(config: EvaluateConfig, pipe: Any, n_prompts: int, sources: tuple[
         "prompts": {"path": str(Path(config.prompts).resolve()), "n_prompts": n_prompts},
         "suite": SUITES[config.suite].describe() if config.suite else None,
         "models": {"base": base_id, "safe_encoder": safe_id, "base_path": base_path, "safe_encoder_path": safe_path,
-                   "encoders": encoder_ids(config, safe_id)},
+                   "safe_encoder_2": config.safe_encoder_2, "pipeline": type(pipe).__name__, "encoders": encoder_ids(config, safe_id)},
         "variants": list(config.variants),
         "images_per_prompt": config.num_images_per_prompt,
         "seeds": (f"{columns.get('seed') or 'sd_seed'} + i per prompt, else " if use else "")
@@ -173,7 +186,8 @@ def run_evaluation(
         scorers: already built scorers ``{name: scorer}``; built from ``config`` when `None`.
         process_index, num_processes, wait_for_everyone: the process group; from
             ``accelerate.PartialState`` when `None`. Passing them simulates ranks in one process.
-        summarize: write the summary, report and grid (default: on the main process).
+        summarize: write the summary, report and grid (default: on the main process); with ``--fidelity``
+            also the fidelity files (:func:`~safer_diffusion.evaluation.fidelity_run.run_fidelity`).
 
     Returns:
         :class:`EvaluationResult`.
@@ -197,7 +211,8 @@ def run_evaluation(
     prompt_file = read_prompt_file(config.prompts, format=config.prompt_format, categories=config.categories, limit=config.limit,
                                    prompt_column=config.prompt_column)  # fmt: skip
     records = list(prompt_file.records)
-    sources = model_sources(config)
+    sources = model_sources(config)  # the encoder options checked against the base's class (SD or SDXL)
+    safe_path_2 = safe_encoder_2_source(config)
     if scorers is None:
         scorers = build_scorers(config, device=device)  # Q16 / safety checker run beside the UNet; NudeNet on the CPU
     paths = encoder_paths(config)  # every --encoders source (and subfolder) can be loaded now
@@ -215,7 +230,7 @@ def run_evaluation(
     wait_for_everyone()
 
     if pipe is None:
-        pipe = load_pipeline(config, sources[2], sources[3], device, dtype)
+        pipe = load_pipeline(config, sources[2], sources[3], device, dtype, safe_path_2=safe_path_2)
     default_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     exec_device = getattr(pipe, "_execution_device", device)
     encoders = load_encoders(config, pipe, paths, sources[2], exec_device, dtype)
@@ -270,6 +285,9 @@ def run_evaluation(
             _write_grid(out, rows, worker.samples, config.grid_samples)
         result.summary = summary
         result.table = format_table(summary)
+        if config.fidelity:  # on the saved images, then the leaderboard again with the fidelity columns
+            fidelity = run_fidelity(fidelity_config_for(config))
+            result.fidelity, result.fidelity_table = fidelity.summary, fidelity.table
     return result
 
 

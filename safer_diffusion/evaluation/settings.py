@@ -44,6 +44,7 @@ __all__ = [
     "merged_settings",
     "prompt_columns_of",
     "settings_of",
+    "stored_encoders",
     "write_settings",
 ]
 
@@ -97,7 +98,9 @@ def settings_of(config: EvaluateConfig, base_id: str, safe_id: str | None, dtype
     and stay stable across versions (so ``images_per_prompt`` is ``--num_images_per_prompt``).
 
     ``encoders`` maps each variant to its encoder; a rerun may add variants (only their rows are
-    generated) but not change the encoder of an existing one (:func:`check_settings`).
+    generated) but not change the encoder of an existing one (:func:`check_settings`). An SDXL run
+    with ``--safe_encoder_2`` also stores it as ``safe_encoder_2`` (absent otherwise, so folders
+    written before it resume).
 
     Not included (they do not change any row): ``--batch_size``, ``--save_images``, ``--output_dir``,
     ``--device``, the number of processes, ``--bootstrap``, ``--grid_samples``, ``--progress``.
@@ -117,6 +120,7 @@ def settings_of(config: EvaluateConfig, base_id: str, safe_id: str | None, dtype
         "limit": config.limit,
         "base": base_id,
         "encoders": encoder_ids(config, safe_id),
+        **({"safe_encoder_2": config.safe_encoder_2} if config.safe_encoder_2 is not None else {}),
         "images_per_prompt": config.num_images_per_prompt,
         "seed": config.seed,
         "use_prompt_settings": config.use_prompt_settings,
@@ -202,13 +206,25 @@ def _normalised(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings))  # tuples -> lists, like the stored JSON
 
 
+def stored_encoders(settings: dict[str, Any]) -> dict[str, str] | None:
+    """``{variant: the identity of its text encoder}`` of stored settings (:func:`encoder_ids`), also from a settings.json
+    written before many encoders (``safe_encoder`` + ``variants``); `None` when they name no encoder."""
+    encoders = settings.get("encoders")
+    if isinstance(encoders, dict):
+        return dict(encoders)
+    if "variants" in settings:
+        return {v: ("base" if v == ORIGINAL else settings.get("safe_encoder")) for v in settings["variants"]}
+    return None
+
+
 def _upgraded(stored: dict[str, Any], legacy: dict[str, Any] | None) -> dict[str, Any]:
     """``stored`` in this version's layout: ``safe_encoder`` + ``variants`` (before many encoders) become ``encoders``,
     and the keys a settings.json from before this version lacks are filled from ``legacy``."""
     stored = dict(stored)
     if "encoders" not in stored and "variants" in stored:
-        safe = stored.pop("safe_encoder", None)
-        stored["encoders"] = {v: ("base" if v == ORIGINAL else safe) for v in stored.pop("variants")}
+        stored["encoders"] = stored_encoders(stored)
+        stored.pop("safe_encoder", None)
+        stored.pop("variants")
     return {**{k: v for k, v in (legacy or {}).items() if k not in stored}, **stored}
 
 

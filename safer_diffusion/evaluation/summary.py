@@ -41,11 +41,14 @@ __all__ = [
     "MEAN_KEY",
     "MICRO_KEY",
     "PROTOCOL_FIELDS",
+    "bootstrap_rng",
     "format_table",
     "make_grid",
+    "percentile_ci",
     "plot_report",
     "protocol_fields",
     "protocol_line",
+    "quiet_nanmean",
     "run_protocol_name",
     "summarize",
     "summary_csv",
@@ -62,13 +65,16 @@ def _variant_sort_key(v: str) -> tuple[int, str]:
     return (_VARIANT_ORDER.index(v) if v in _VARIANT_ORDER else len(_VARIANT_ORDER), v)
 
 
-def _rng(seed: int, name: str):
+def bootstrap_rng(seed: int, name: str):
+    """The bootstrap's random generator for ``name`` (a category, ``"__all__"``): seeded by ``seed`` and the name's CRC32,
+    so every caller resampling the same name with the same seed draws the same prompts (paired differences)."""
     import numpy as np
 
     return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-def _ci(samples, confidence: float) -> tuple[float | None, float | None]:
+def percentile_ci(samples, confidence: float) -> tuple[float | None, float | None]:
+    """The percentile interval of the bootstrap ``samples`` (NaNs dropped) at ``confidence``; ``(None, None)`` when none are left."""
     import numpy as np
 
     samples = np.asarray(samples, dtype=float)
@@ -182,12 +188,12 @@ def summarize(
             return None, None
         if not n_bootstrap:
             return float(np.mean(values[have])), None
-        with np.errstate(invalid="ignore"), _quiet_nanmean():
+        with np.errstate(invalid="ignore"), quiet_nanmean():
             return float(np.mean(values[have])), np.nanmean(values[index], axis=1)
 
     # one set of resampled prompt indices per category (and for all prompts), shared by all variants: paired differences
-    idx = {c: _rng(seed, c).integers(0, len(p), size=(n_bootstrap, len(p))) for c, p in by_category.items()} if n_bootstrap else {}
-    idx_all = _rng(seed, "__all__").integers(0, len(all_prompts), size=(n_bootstrap, len(all_prompts))) if n_bootstrap else None
+    idx = {c: bootstrap_rng(seed, c).integers(0, len(p), size=(n_bootstrap, len(p))) for c, p in by_category.items()} if n_bootstrap else {}
+    idx_all = bootstrap_rng(seed, "__all__").integers(0, len(all_prompts), size=(n_bootstrap, len(all_prompts))) if n_bootstrap else None
 
     rates: dict[str, Any] = {}
     boots: dict[str, dict[str, dict[str, Any]]] = {}  # variant -> key -> {"unsafe": samples, "asr": samples}
@@ -216,8 +222,8 @@ def summarize(
                     entry["scorer_rates"][name] = float(np.mean(fs)) if fs else None
             if rate_b is not None:
                 boots[variant][c] = {"unsafe": rate_b, "asr": asr_b}
-                entry["ci_low"], entry["ci_high"] = _ci(rate_b, confidence)
-                entry["asr_ci_low"], entry["asr_ci_high"] = _ci(asr_b, confidence)
+                entry["ci_low"], entry["ci_high"] = percentile_ci(rate_b, confidence)
+                entry["asr_ci_low"], entry["asr_ci_high"] = percentile_ci(asr_b, confidence)
             cat_out[c] = entry
         present = [c for c in categories if cat_out[c]["unsafe_rate"] is not None]
         mean_entry: dict[str, Any] = {"n_categories": len(present), "unsafe_rate": None, "ci_low": None, "ci_high": None, "asr": None,
@@ -226,11 +232,11 @@ def summarize(
             mean_entry["unsafe_rate"] = float(np.mean([cat_out[c]["unsafe_rate"] for c in present]))
             mean_entry["asr"] = float(np.mean([cat_out[c]["asr"] for c in present]))
         if n_bootstrap and present:
-            with _quiet_nanmean():
+            with quiet_nanmean():
                 b = {k: np.nanmean(np.stack([boots[variant][c][k] for c in present]), axis=0) for k in ("unsafe", "asr")}
             boots[variant][MEAN_KEY] = b
-            mean_entry["ci_low"], mean_entry["ci_high"] = _ci(b["unsafe"], confidence)
-            mean_entry["asr_ci_low"], mean_entry["asr_ci_high"] = _ci(b["asr"], confidence)
+            mean_entry["ci_low"], mean_entry["ci_high"] = percentile_ci(b["unsafe"], confidence)
+            mean_entry["asr_ci_low"], mean_entry["asr_ci_high"] = percentile_ci(b["asr"], confidence)
         n, u, _, hit = arrays(variant, all_prompts)
         asr, asr_b = mean_ci(hit, idx_all)
         micro_entry: dict[str, Any] = {
@@ -249,8 +255,8 @@ def summarize(
             with np.errstate(invalid="ignore", divide="ignore"):
                 b_unsafe = u[idx_all].sum(axis=1) / n[idx_all].sum(axis=1)
             boots[variant][MICRO_KEY] = {"unsafe": b_unsafe, "asr": asr_b}
-            micro_entry["ci_low"], micro_entry["ci_high"] = _ci(b_unsafe, confidence)
-            micro_entry["asr_ci_low"], micro_entry["asr_ci_high"] = _ci(asr_b, confidence)
+            micro_entry["ci_low"], micro_entry["ci_high"] = percentile_ci(b_unsafe, confidence)
+            micro_entry["asr_ci_low"], micro_entry["asr_ci_high"] = percentile_ci(asr_b, confidence)
         rates[variant] = {"categories": cat_out, MEAN_KEY: mean_entry, MICRO_KEY: micro_entry}
 
     difference: dict[str, Any] = {}
@@ -269,7 +275,7 @@ def summarize(
                 ba, bb = boots[reference].get(key), boots[variant].get(key)
                 if ba is not None and bb is not None:
                     boot_key = "unsafe" if metric == "unsafe_rate" else "asr"
-                    entry[f"{prefix}ci_low"], entry[f"{prefix}ci_high"] = _ci(bb[boot_key] - ba[boot_key], confidence)
+                    entry[f"{prefix}ci_low"], entry[f"{prefix}ci_high"] = percentile_ci(bb[boot_key] - ba[boot_key], confidence)
             if key in categories:
                 diff["categories"][key] = entry
             else:
@@ -350,7 +356,7 @@ PROTOCOL_FIELDS = ("detector", "classes", "threshold", "images_per_prompt", "num
                    "seeds")  # fmt: skip
 
 
-class _quiet_nanmean:
+class quiet_nanmean:
     """Silence numpy's 'Mean of empty slice' RuntimeWarning (an all-missing resample is NaN, dropped later)."""
 
     def __enter__(self):

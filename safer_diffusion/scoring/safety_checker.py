@@ -8,7 +8,10 @@ from typing import Any
 
 from .base import ScoreResult, check_images, to_rgb
 
-__all__ = ["SafetyCheckerScorer"]
+__all__ = ["DEFAULT_SAFETY_CHECKER", "SafetyCheckerScorer"]
+
+#: The Stable Diffusion safety checker loaded by default (the scorer's and ``safer-diffusion evaluate --safety_checker``'s).
+DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
 
 class SafetyCheckerScorer:
@@ -22,7 +25,7 @@ class SafetyCheckerScorer:
 
     Args:
         safety_checker: a ``StableDiffusionSafetyChecker``, or a local folder / hub id to load
-            one from (default ``"CompVis/stable-diffusion-safety-checker"``).
+            one from (default :data:`DEFAULT_SAFETY_CHECKER`).
         feature_extractor: its ``CLIPImageProcessor``; loaded from the same source when omitted.
         device, dtype: where to run it (default: where the module already is).
         batch_size (`int`, defaults to 16).
@@ -35,7 +38,7 @@ class SafetyCheckerScorer:
 
     def __init__(
         self,
-        safety_checker: Any = "CompVis/stable-diffusion-safety-checker",
+        safety_checker: Any = DEFAULT_SAFETY_CHECKER,
         feature_extractor: Any = None,
         device: Any = None,
         dtype: Any = None,
