@@ -29,6 +29,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from .compare import clone_generator
 from .encoders import (
     as_torch_dtype,
     check_sdxl_text_encoders,
@@ -50,7 +51,6 @@ from .pipeline_safer_stable_diffusion import (
     _check_prompt,
     _check_safetensors_only,
     _check_safety_mode,
-    _clone_generator,
     _is_int,
     _is_real,
 )
@@ -881,7 +881,7 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
 
         # 4. Shared initial latents; per-branch generator copies for the scheduler's noise
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator, latents)
-        generators = [generator] + [_clone_generator(generator) for _ in range(n - 1)]
+        generators = [generator] + [clone_generator(generator) for _ in range(n - 1)]
         extra = [self.prepare_extra_step_kwargs(g, eta) for g in generators]
         branch = [latents] + [latents.clone() for _ in range(n - 1)]
         timestep_cond = None
