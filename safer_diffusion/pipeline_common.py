@@ -507,6 +507,13 @@ class SaferPipelineMixin(OriginalEncodersMixin):
         """Hook: load ``source`` as one fitting module per slot, on the pipeline's device (errors name ``argument``)."""
         raise NotImplementedError
 
+    def load_compare_text_encoder(self, source: Any, *, argument: str = "text_encoders") -> Any:
+        """Load ``source`` once as one value of ``compare(text_encoders={name: value})``: a text encoder module that
+        fits the pipeline (SD 1.x/2.x, :meth:`load_text_encoder`) or a pair (SDXL, :meth:`load_text_encoder_pair`),
+        on the pipeline's device. Errors name ``argument``."""
+        modules = self._load_text_encoders_for_compare(source, argument=argument)
+        return modules[0] if len(modules) == 1 else modules
+
     def _compare_labels(self, where: str) -> tuple[str, ...]:
         """How each module of a ``text_encoders`` value is named in errors: the value itself, or ``[0]``, ``[1]``."""
         return (where,) if len(self._text_encoder_slots) == 1 else tuple(f"{where}[{i}]" for i in range(len(self._text_encoder_slots)))
