@@ -433,6 +433,26 @@ def test_n_way_names_a_single_encoder_export_a_wide_pair_and_a_missing_original(
         pipe.compare("a cat", num_inference_steps=2, text_encoders={"m": meta})
 
 
+@pytest.mark.gpu
+def test_n_way_compare_of_pairs_on_cuda_equals_separate_calls_and_works_with_cpu_offload(sdxl_folders, pairs):
+    base, safe = sdxl_folders
+    p = SaferStableDiffusionXLPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True).to("cuda")
+    p.set_progress_bar_config(disable=True)
+    on_gpu = {name: tuple(copy.deepcopy(e).to("cuda") for e in pair) for name, pair in pairs.items()}  # the fixture stays on CPU
+    common = dict(num_inference_steps=3, output_type="np")
+    out = p.compare("a cat", text_encoders={**on_gpu, "safe": "safe"}, generator=torch.Generator("cuda").manual_seed(0), **common)
+    for name, pair in {**on_gpu, "safe": (p.text_encoder, p.text_encoder_2)}.items():
+        alone = _vanilla(p, pair, type(p.scheduler).from_config(p.scheduler.config))(
+            "a cat", generator=torch.Generator("cuda").manual_seed(0), **common).images
+        np.testing.assert_allclose(out.images[name], alone, atol=1e-3)
+    offloaded = SaferStableDiffusionXLPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True)
+    offloaded.set_progress_bar_config(disable=True)
+    offloaded.enable_model_cpu_offload()
+    cmp = offloaded.compare("a cat", text_encoders={"original": "original", "export": str(safe)},
+                            generator=torch.Generator("cuda").manual_seed(0), **common)  # fmt: skip
+    assert cmp.images["export"].shape == (1, 64, 64, 3) and np.isfinite(cmp.images["export"]).all()
+
+
 @pytest.mark.parametrize("max_batch", [0, 1.5, True])
 def test_bad_max_batch_is_refused_before_loading_a_pair(pipe, no_work, max_batch):
     with pytest.raises(ValueError, match=rf"`max_batch` must be a whole number >= 1 .*got {max_batch!r}"):
