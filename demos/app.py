@@ -1,13 +1,16 @@
-"""The Gradio app of the demo: Stable Diffusion with the original CLIP text encoder vs SaFeR-CLIP (or any N encoders), side by side.
+"""The Gradio app of the demo: Stable Diffusion (1.x/2.x or SDXL) with the original CLIP text encoder(s) vs SaFeR-CLIP (or any N encoders), side by side.
 
 This file holds the Blocks layout, its event wiring and the command line (``main``). The rest lives beside it:
 :mod:`demos.validation` checks every input, :mod:`demos.service` loads the pipeline and runs requests on a pool of
 thread-safe pipeline views, :mod:`demos.rendering` decides what is shown (verdicts, blur, text). All model logic is
 in :mod:`safer_diffusion`.
 
-One ``SaferStableDiffusionPipeline.compare()`` call draws every image from the same seed and the same UNet; each
-image is scored by NudeNet, and a flagged image leaves the server blurred unless ``reveal`` is ``True``. Under each
-image but the reference (the base model's own encoder, else the first) is its SSIM to the reference image.
+One ``compare()`` call of the safer pipeline draws every image from the same seed and the same UNet; each image is
+scored by NudeNet, and a flagged image leaves the server blurred unless ``reveal`` is ``True``. Under each image but
+the reference (the base model's own encoder, else the first) is its SSIM to the reference image. The pipeline class
+follows ``--base`` (:func:`safer_diffusion.pipelines.load_safer_pipeline`): ``SaferStableDiffusionPipeline`` for SD
+1.x/2.x, ``SaferStableDiffusionXLPipeline`` for SDXL, whose safe encoder is a *pair* (a two-encoder export folder as
+``--safe_encoder``, or the ViT-L/14 as ``--safe_encoder`` and the bigG as ``--safe_encoder_2``).
 
 Run it::
 
@@ -15,11 +18,14 @@ Run it::
     python demos/app.py --tiny             # offline: tiny random models, images are noise
     python demos/app.py --base ./sd-v1-4 --safe_encoder ./safer-clip-export --port 7860
     python demos/app.py --tiny --smoke_test   # one generation through the UI handler, prints JSON, exits
+    python demos/app.py --tiny --tiny_variant sdxl --smoke_test   # the same on a tiny SDXL base and safe pair
+    python demos/app.py --base stabilityai/stable-diffusion-xl-base-1.0 --safe_encoder ./safer-clip-sdxl-export
     python demos/app.py --encoders original=original safer-clip=safe safe-clip=aimagelab/safeclip_vit-l_14 mine=./export
 
 ``--encoders NAME=SOURCE ...`` (optional) lists the encoders shown, in order: SOURCE ``original`` is the base model's
 own encoder, ``safe`` the ``--safe_encoder``, anything else a folder, ``.safetensors`` file or hub id (each loaded
-once at startup and checked against the base model's width). Without it the demo shows ``original`` and ``safe``.
+once at startup and checked against the base model's width; for SDXL a two-encoder export folder). Without it the
+demo shows ``original`` and ``safe``.
 
 The only API endpoint is ``/compare`` (the Generate button, Enter in the prompt box and the Reveal checkbox all
 call it; the other buttons run in the browser only)::
@@ -77,6 +83,7 @@ from safer_diffusion.options import (  # noqa: E402
     resolve_device_and_dtype,
     run_main,
 )
+from safer_diffusion.tiny import _VARIANTS as TINY_VARIANTS  # noqa: E402 - the tiny model families, owned by tiny
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +125,20 @@ def parse_encoders(items: Sequence[str]) -> dict[str, str]:
 class DemoConfig:
     """Options of ``python demos/app.py`` (``--snake_case``; ``--kebab-case`` is accepted too)."""
 
-    base: str | None = option(None, f"Stable Diffusion pipeline: hub id or local folder (default: {DEFAULT_BASE_MODEL}).",
-                              group="models")  # fmt: skip
+    base: str | None = option(None, "Stable Diffusion 1.x/2.x or SDXL pipeline: hub id or local folder; its model_index.json "
+                                    f"picks the pipeline class (default: {DEFAULT_BASE_MODEL}).", group="models")  # fmt: skip
     safe_encoder: str | None = option(
-        None, f"SaFeR-CLIP text encoder: hub id, CLIP folder or `finetune.export` folder (default: {DEFAULT_SAFE_ENCODER}).",
-        group="models")  # fmt: skip
+        None, f"SaFeR-CLIP text encoder: hub id, CLIP folder or `finetune.export` folder (default: {DEFAULT_SAFE_ENCODER}). "
+              "For an SDXL `--base`: a two-encoder export folder (text_encoder/ and text_encoder_2/, docs/EXPORT_FORMAT.md "
+              "section 8), or the ViT-L/14 with `--safe_encoder_2`.", group="models")  # fmt: skip
+    safe_encoder_2: str | None = option(None, "SDXL only: the safe text_encoder_2 (OpenCLIP ViT-bigG/14 with projection) on its "
+                                              "own, beside a ViT-L/14 `--safe_encoder`.", group="models")  # fmt: skip
     tiny: bool = option(False, "Use tiny random models built offline (images are noise; for trying the app without a GPU "
-                               "or network). Cannot be combined with --base or --safe_encoder.", group="models")  # fmt: skip
+                               "or network). Cannot be combined with --base, --safe_encoder or --safe_encoder_2.",
+                        group="models")  # fmt: skip
+    tiny_variant: str | None = option(None, f"With --tiny: the tiny model family, one of {', '.join(TINY_VARIANTS)} (default "
+                                            f"{TINY_VARIANTS[0]}; sdxl: a tiny SDXL base and a two-encoder safe export).",
+                                      choices=TINY_VARIANTS, group="models")  # fmt: skip
     device: str = device_option(group="models")
     dtype: str = dtype_option(help="Weights dtype: auto = float16 on CUDA, float32 otherwise (float16 is refused on the CPU).",
                               group="models")  # fmt: skip
@@ -148,18 +162,23 @@ class DemoConfig:
     verbose: bool = option(False, "Log INFO messages (model loading, requests).")
 
     def validate(self) -> None:
-        if self.tiny and (self.base is not None or self.safe_encoder is not None):
-            raise BadInputError("`--tiny` builds its own models: do not combine it with `--base` or `--safe_encoder`.")
-        for name in ("base", "safe_encoder"):
+        if self.tiny and (self.base is not None or self.safe_encoder is not None or self.safe_encoder_2 is not None):
+            raise BadInputError("`--tiny` builds its own models: do not combine it with `--base` or `--safe_encoder` (or "
+                                "`--safe_encoder_2`).")  # fmt: skip
+        if self.tiny_variant is not None and not self.tiny:
+            raise BadInputError(f"`--tiny_variant` {self.tiny_variant} picks the tiny models of `--tiny`; add `--tiny`, or drop "
+                                "`--tiny_variant`.")  # fmt: skip
+        for name in ("base", "safe_encoder", "safe_encoder_2"):
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise BadInputError(f"`--{name}` is empty; pass a hub id or a folder, or leave it out for the default.")
         if not self.host.strip():
             raise BadInputError("`--host` is empty; use 127.0.0.1 (this machine only) or 0.0.0.0 (your network).")
         encoders = parse_encoders(self.encoders)
-        if encoders and self.safe_encoder is not None and SAFE not in encoders.values():
-            raise BadInputError("`--safe_encoder` is given but no `--encoders` item is NAME=safe, so it would not be shown; "
-                                "add one (e.g. `safer-clip=safe`) or drop `--safe_encoder`.")  # fmt: skip
+        for name in ("safe_encoder", "safe_encoder_2"):
+            if encoders and getattr(self, name) is not None and SAFE not in encoders.values():
+                raise BadInputError(f"`--{name}` is given but no `--encoders` item is NAME=safe, so it would not be shown; "
+                                    f"add one (e.g. `safer-clip=safe`) or drop `--{name}`.")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
@@ -442,22 +461,53 @@ def encoder_plan(config: DemoConfig) -> tuple[tuple[str, str] | None, dict[str, 
 def _unavailable(err: Exception) -> StartupError:
     return StartupError(
         f"Cannot load the models: {err} To run the demo anyway: offline on tiny random models with "
-        "`python demos/app.py --tiny`; on local copies with `python demos/app.py --base /path/to/stable-diffusion-v1-4 "
-        f"--safe_encoder /path/to/safer-clip`; or with network access, where the defaults ({DEFAULT_BASE_MODEL}, "
+        "`python demos/app.py --tiny` (`--tiny_variant sdxl` for SDXL); on local copies with `python demos/app.py --base "
+        "/path/to/stable-diffusion-v1-4 --safe_encoder /path/to/safer-clip` (SDXL: `--base /path/to/sdxl-base "
+        f"--safe_encoder /path/to/sdxl-pair-export`); or with network access, where the defaults ({DEFAULT_BASE_MODEL}, "
         f"{DEFAULT_SAFE_ENCODER}) are downloaded once."
     )
 
 
-def resolve_sources(config: DemoConfig) -> tuple[str, str]:
-    """``(base, safe_encoder)`` as loadable sources, or :class:`StartupError` naming ``--tiny`` and local paths."""
+def _not_loadable(base: str, safe_encoder: str, err: Exception) -> StartupError:
+    return StartupError(
+        f"could not load the models from `--base` {base} and `--safe_encoder` {safe_encoder}: {err} Pass a Stable "
+        "Diffusion 1.x/2.x or SDXL pipeline folder (model_index.json) as `--base`, and as `--safe_encoder` a CLIP or "
+        "`finetune.export` folder (for SDXL a two-encoder export folder, or the ViT-L/14 with `--safe_encoder_2`), or use "
+        "`--tiny` for offline tiny random models."
+    )
+
+
+def check_encoders_fit_base(config: DemoConfig, base: str, sdxl: bool) -> None:
+    """Refuse encoder options that cannot fit ``base``'s pipeline class before anything is resolved or loaded:
+    ``--safe_encoder_2`` for an SD 1.x/2.x base, and the default ``--safe_encoder`` (a ViT-L/14 only) for SDXL."""
+    if not sdxl:
+        if config.safe_encoder_2 is not None:
+            raise BadInputError(f"`--safe_encoder_2` is for SDXL bases (two text encoders), but `--base` {base!r} is a Stable "
+                                "Diffusion 1.x/2.x pipeline with one; drop `--safe_encoder_2`.")  # fmt: skip
+        return
+    shown_safe = not config.encoders or SAFE in parse_encoders(config.encoders).values()
+    if not config.tiny and shown_safe and config.safe_encoder is None and config.safe_encoder_2 is None:
+        raise BadInputError(
+            f"`--base` {base!r} is SDXL, which conditions on two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14), but "
+            f"the default `--safe_encoder` {DEFAULT_SAFE_ENCODER} is a ViT-L/14 only and would leave the bigG path unsafe. "
+            "Pass a two-encoder export folder (text_encoder/ and text_encoder_2/ with their manifest, docs/EXPORT_FORMAT.md "
+            "section 8) as `--safe_encoder DIR`, or the ViT-L/14 as `--safe_encoder` and the bigG as `--safe_encoder_2`."
+        )
+
+
+def resolve_sources(config: DemoConfig) -> tuple[str, str, str | None]:
+    """``(base, safe_encoder, safe_encoder_2)`` as loadable sources (``safe_encoder_2`` `None` unless given), checked
+    against the base's pipeline class (SD 1.x/2.x or SDXL, read from its model_index.json) before any model loads;
+    :class:`StartupError` naming ``--tiny`` and local paths when a source cannot be reached."""
+    from safer_diffusion.encoders import require_text_encoder_pair
     from safer_diffusion.hub import HubUnavailableError, resolve_model_source
+    from safer_diffusion.pipelines import is_sdxl_base
 
     slot, _ = encoder_plan(config)
     if config.tiny:
         from safer_diffusion.tiny import tiny_pipeline_folders
 
-        base, safe = tiny_pipeline_folders()
-        base, safe = str(base), str(safe)
+        base, safe = (str(path) for path in tiny_pipeline_folders(variant=config.tiny_variant or TINY_VARIANTS[0]))
     else:
         base = config.base if config.base is not None else DEFAULT_BASE_MODEL
         safe = config.safe_encoder if config.safe_encoder is not None else DEFAULT_SAFE_ENCODER
@@ -465,9 +515,19 @@ def resolve_sources(config: DemoConfig) -> tuple[str, str]:
     if slot is not None:
         safe, safe_argument = slot[1], f"--encoders {slot[0]}"
     try:
-        return resolve_model_source(base, "--base"), resolve_model_source(safe, safe_argument)
+        base = resolve_model_source(base, "--base")
+        try:
+            sdxl = is_sdxl_base(base, "--base")
+        except ValueError as err:  # not a diffusers pipeline, or not one safer-diffusion loads
+            raise _not_loadable(base, safe, err) from None
+        check_encoders_fit_base(config, base, sdxl)
+        safe = resolve_model_source(safe, safe_argument)
+        safe_2 = None if config.safe_encoder_2 is None else resolve_model_source(config.safe_encoder_2, "--safe_encoder_2")
     except (HubUnavailableError, FileNotFoundError) as err:
         raise _unavailable(err) from None
+    if sdxl and safe_2 is None and slot is None:  # one folder must hold the safe pair: name the missing encoder now
+        require_text_encoder_pair(safe, argument=safe_argument, other="--safe_encoder_2")
+    return base, safe, safe_2
 
 
 def resolve_encoder_sources(config: DemoConfig) -> dict[str, str]:
@@ -506,16 +566,14 @@ def exposure_warnings(config: DemoConfig, port: int | None) -> list[str]:
     return warnings
 
 
-def load_models(base: str, safe_encoder: str, device, dtype, keep_original_text_encoder: bool = True):
+def load_models(base: str, safe_encoder: str, device, dtype, keep_original_text_encoder: bool = True,
+                safe_encoder_2: str | None = None):  # fmt: skip
     """:func:`~demos.service.load_pipeline`, with a folder that is not a model reported as bad input (exit 2)."""
     try:
-        return load_pipeline(base, safe_encoder, device, dtype, keep_original_text_encoder=keep_original_text_encoder)
+        return load_pipeline(base, safe_encoder, device, dtype, keep_original_text_encoder=keep_original_text_encoder,
+                             safe_encoder_2=safe_encoder_2)  # fmt: skip
     except (OSError, ValueError) as err:  # not a pipeline / encoder folder, incomplete download, ...
-        raise StartupError(
-            f"could not load the models from `--base` {base} and `--safe_encoder` {safe_encoder}: {err} "
-            "Pass a Stable Diffusion pipeline folder (model_index.json) as `--base` and a CLIP or `finetune.export` "
-            "folder as `--safe_encoder`, or use `--tiny` for offline tiny random models."
-        ) from None
+        raise _not_loadable(base, safe_encoder, err) from None
 
 
 def load_demo_encoders(pipe, sources: dict[str, str]) -> dict[str, Any]:
@@ -542,7 +600,7 @@ def smoke_test(demo_service: CompareService, examples: dict[str, list[str]], siz
     *images, _, _, details, result = generate(prompt, "", 0, SMOKE_TEST_STEPS, 7.5, size, size, False)
     rerender(result, True)
     sizes = {name: list(image.size) for name, image in zip(names, images[: len(names)])}
-    summary = {"ok": True, "prompt": prompt, "image_sizes": sizes, **details}
+    summary = {"ok": True, "pipeline": type(demo_service.pipe).__name__, "prompt": prompt, "image_sizes": sizes, **details}
     if names == ["original", "safe"]:
         summary.update(original_size=sizes["original"], safe_size=sizes["safe"])
     return summary
@@ -555,14 +613,16 @@ def _run(argv: Sequence[str] | None) -> int:
     port = None if config.smoke_test else choose_port(config.host, config.port)
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
     check_device_dtype(device, dtype)
-    base, safe_encoder = resolve_sources(config)
+    base, safe_encoder, safe_encoder_2 = resolve_sources(config)
     sources = resolve_encoder_sources(config)
     if not config.smoke_test:
         for warning in exposure_warnings(config, port):
             logger.warning(warning)
 
-    logger.info("Loading %s with safe text encoder %s on %s (%s)", base, safe_encoder, device, dtype)
-    pipe = load_models(base, safe_encoder, device, dtype, keep_original_text_encoder=ORIGINAL in sources.values())
+    logger.info("Loading %s with safe text encoder %s%s on %s (%s)", base, safe_encoder,
+                f" and {safe_encoder_2}" if safe_encoder_2 else "", device, dtype)  # fmt: skip
+    pipe = load_models(base, safe_encoder, device, dtype, keep_original_text_encoder=ORIGINAL in sources.values(),
+                       safe_encoder_2=safe_encoder_2)  # fmt: skip
     encoders = load_demo_encoders(pipe, sources) if config.encoders else None
     service = CompareService(pipe, concurrency=config.max_concurrency, encoders=encoders, max_batch=config.max_batch)
     examples = load_examples()

@@ -2,7 +2,8 @@
 runs validated requests through ONE ``pipe.compare(text_encoders=...)`` call each, on a pool of thread-safe pipeline
 views (one per concurrent generation).
 
-No Gradio here: the service can be used and tested on its own, e.g. on the tiny pipeline::
+No Gradio here: the service can be used and tested on its own, with an SD 1.x/2.x or an SDXL pipeline, e.g. on the
+tiny one::
 
     from safer_diffusion.tiny import tiny_pipeline_folders
     base, safe = tiny_pipeline_folders()
@@ -40,11 +41,14 @@ def _worker_view(pipe):
     and in the scheduler (timesteps, step index), so two concurrent calls must not share an instance.
     The fast tokenizer is copied too: its Rust backend keeps the padding/truncation mode of the last
     call, and ``encode_prompt`` tokenizes twice with different modes, so a shared tokenizer lets one
-    request's ``padding="longest"`` leak into another's ``padding="max_length"``.
+    request's ``padding="longest"`` leak into another's ``padding="max_length"``. An SDXL pipeline's
+    ``tokenizer_2`` is copied for the same reason.
     """
     view = copy.copy(pipe)
     view.scheduler = copy.deepcopy(pipe.scheduler)
     view.tokenizer = copy.deepcopy(pipe.tokenizer)
+    if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL tokenizes with both, in the same two modes
+        view.tokenizer_2 = copy.deepcopy(pipe.tokenizer_2)
     return view
 
 
@@ -52,11 +56,11 @@ class CompareService:
     """Runs validated requests through ``pipe.compare(text_encoders=encoders)``; at most ``concurrency`` at once.
 
     Args:
-        pipe: a ``SaferStableDiffusionPipeline`` (loaded with ``keep_original_text_encoder=True`` when an encoder
-            is ``"original"``).
+        pipe: a ``SaferStableDiffusionPipeline`` or ``SaferStableDiffusionXLPipeline`` (loaded with
+            ``keep_original_text_encoder=True`` when an encoder is ``"original"``).
         concurrency: how many generations may run at the same time (each gets its own pipeline view).
         limits: input limits for :func:`~demos.validation.validate_request`.
-        encoders: ``{name: "original" | "safe" | loaded text encoder}`` in display order (see :func:`load_encoders`);
+        encoders: ``{name: "original" | "safe" | loaded text encoder (SDXL: pair)}`` in display order (see :func:`load_encoders`);
             default :data:`DEFAULT_ENCODERS`, labelled "Original CLIP" and "SaFeR-CLIP".
         labels: display label per name (default: the name; for the default encoders their usual labels).
         max_batch: UNet rows per forward pass (``compare(max_batch=)``), `None` for all at once.
@@ -170,18 +174,25 @@ class CompareService:
         )
 
 
-def load_pipeline(base: str, safe_encoder: str, device, dtype, keep_original_text_encoder: bool = True):
-    """Load ``SaferStableDiffusionPipeline`` for the demo: NudeNet scoring, the base's own text encoder kept (unless
-    ``keep_original_text_encoder`` is False: no encoder shown is ``original``)."""
-    from safer_diffusion import SaferStableDiffusionPipeline
+def load_pipeline(base: str, safe_encoder: str, device, dtype, keep_original_text_encoder: bool = True,
+                  safe_encoder_2: str | None = None):  # fmt: skip
+    """Load the safer pipeline of ``base``'s class for the demo (``SaferStableDiffusionPipeline`` for SD 1.x/2.x,
+    ``SaferStableDiffusionXLPipeline`` for SDXL, picked by :func:`safer_diffusion.pipelines.load_safer_pipeline`):
+    NudeNet scoring, the base's own text encoder(s) kept (unless ``keep_original_text_encoder`` is False: no encoder
+    shown is ``original``). For SDXL, ``safe_encoder`` is a two-encoder export folder, or the ViT-L/14 with
+    ``safe_encoder_2`` the bigG."""
+    from safer_diffusion.pipelines import load_safer_pipeline
 
-    pipe = SaferStableDiffusionPipeline.from_pretrained(
+    second = {} if safe_encoder_2 is None else {"safe_text_encoder_2": safe_encoder_2}
+    pipe = load_safer_pipeline(
         base,
+        argument="--base",
         safe_text_encoder=safe_encoder,
         nsfw_scorer="nudenet",
         keep_original_text_encoder=keep_original_text_encoder,
         safety_mode="flag",  # the demo blurs flagged images itself, so that the user can reveal them
         torch_dtype=dtype,
+        **second,
     )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -190,8 +201,9 @@ def load_pipeline(base: str, safe_encoder: str, device, dtype, keep_original_tex
 
 def load_encoders(pipe, sources: dict[str, str]) -> dict[str, Any]:
     """``{name: "original" | "safe" | loaded encoder}`` for ``--encoders``: the aliases stay names, every other source
-    is loaded once with ``pipe.load_text_encoder`` (width checked against the UNet; errors name ``--encoders NAME``)."""
-    return {name: source if source in ENCODER_ALIASES else pipe.load_text_encoder(source, argument=f"--encoders {name}")
+    is loaded once with ``pipe.load_compare_text_encoder`` (a module for SD 1.x/2.x, a pair from a two-encoder export
+    for SDXL; checked against the UNet; errors name ``--encoders NAME``)."""
+    return {name: source if source in ENCODER_ALIASES else pipe.load_compare_text_encoder(source, argument=f"--encoders {name}")
             for name, source in sources.items()}  # fmt: skip
 
 

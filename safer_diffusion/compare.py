@@ -1,9 +1,10 @@
 """The N-way comparison core: several text encoders' prompt embeddings denoised in ONE loop from the same latents.
 
-:meth:`SaferStableDiffusionPipeline.compare` is built on these helpers, and a pipeline for another base (SDXL) can
-reuse them as they are: it builds one :class:`BranchConditioning` per encoder (its UNet keyword tensors, e.g.
-``added_cond_kwargs`` for SDXL), then calls :func:`branch_schedulers`, :func:`branch_generators` and
-:func:`denoise_branches`, and decodes each branch's latents itself.
+:meth:`SaferStableDiffusionPipeline.compare` and :meth:`SaferStableDiffusionXLPipeline.compare` are both built on these
+helpers (through :class:`~safer_diffusion.pipeline_common.SaferPipelineMixin`): each builds one
+:class:`BranchConditioning` per encoder (its UNet keyword tensors: ``encoder_hidden_states``, and for SDXL also
+``added_cond_kwargs`` with the pooled ``text_embeds`` and ``time_ids``), then calls :func:`branch_schedulers`,
+:func:`branch_generators` and :func:`denoise_branches`, and decodes each branch's latents itself.
 
 Why the images equal N separate generations with the same seeds: every branch starts from the same initial
 latents, steps its own copy of the scheduler (multistep schedulers keep history; stochastic ones draw noise) with
@@ -76,12 +77,14 @@ def check_max_batch(max_batch: Any) -> int | None:
     return int(max_batch)
 
 
-def check_text_encoders(text_encoders: Any) -> dict[str, Any]:
+def check_text_encoders(text_encoders: Any, pair: bool = False) -> dict[str, Any]:
     """Check the shape of a ``text_encoders`` mapping without loading anything; return it as an ordered `dict`.
 
     Keys are the names results are reported under (non-empty strings). Values are ``"original"`` / ``"safe"``
     (the pipeline's own encoders), a loaded text encoder (a `torch.nn.Module`), or a source that
     :func:`~safer_diffusion.encoders.load_safe_text_encoder` accepts (a folder, a ``.safetensors`` file, a hub id).
+    With ``pair`` (SDXL, two text encoders) a loaded value is a ``(text_encoder, text_encoder_2)`` pair of modules
+    and a source holds both (a two-encoder export or an SDXL pipeline folder, or its hub id).
 
     Raises:
         TypeError: not a mapping, or a value of another kind (naming ``text_encoders[NAME]``).
@@ -104,6 +107,23 @@ def check_text_encoders(text_encoders: Any) -> dict[str, Any]:
         if isinstance(value, (str, os.PathLike)):
             if not os.fspath(value).strip():
                 raise ValueError(f"{where} is empty; pass 'original', 'safe', a folder, a file or a hub id.")
+        elif pair and isinstance(value, torch.nn.Module):
+            raise TypeError(
+                f"{where} is one text encoder ({type(value).__name__}), but an SDXL pipeline conditions on two: pass the "
+                "pair (text_encoder, text_encoder_2) as a tuple of modules, a two-encoder export folder, 'original' or 'safe'."
+            )
+        elif pair and isinstance(value, (tuple, list)):
+            if len(value) != 2 or not all(isinstance(v, torch.nn.Module) for v in value):
+                kinds = ", ".join(type(v).__name__ for v in value)
+                raise TypeError(
+                    f"{where} must be a pair (text_encoder, text_encoder_2) of loaded text encoder modules, got a "
+                    f"{type(value).__name__} of {len(value)} ({kinds})."
+                )
+        elif pair:
+            raise TypeError(
+                f"{where} must be 'original', 'safe', a pair (text_encoder, text_encoder_2) of loaded text encoders or a "
+                f"source holding both (two-encoder export folder, SDXL pipeline folder, hub id), got {type(value).__name__}."
+            )
         elif not isinstance(value, torch.nn.Module):
             raise TypeError(
                 f"{where} must be 'original', 'safe', a loaded text encoder (torch.nn.Module) or a source "

@@ -1,4 +1,5 @@
-"""Output dataclasses of :class:`~safer_diffusion.SaferStableDiffusionPipeline`."""
+"""Output dataclasses of :class:`~safer_diffusion.SaferStableDiffusionPipeline` and of
+:class:`~safer_diffusion.pipeline_safer_stable_diffusion_xl.SaferStableDiffusionXLPipeline` (the same classes for both)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def _all_fields(output) -> tuple:
 
 @dataclass
 class SaferStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
-    """Output of :meth:`SaferStableDiffusionPipeline.__call__`.
+    """Output of :meth:`SaferStableDiffusionPipeline.__call__` (and of the SDXL pipeline's).
 
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
@@ -40,7 +41,8 @@ class SaferStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
 
 @dataclass
 class SaferComparisonOutput(BaseOutput):
-    """Output of :meth:`SaferStableDiffusionPipeline.compare`: the same seeds through the original and the safe encoder.
+    """Output of ``compare()`` (either pipeline) without ``text_encoders``: the same seeds through the original and the
+    safe encoder(s).
 
     Lists are aligned: entry ``i`` of every list is prompt ``i // num_images_per_prompt``, image
     ``i % num_images_per_prompt``, and ``original_images[i]`` / ``safe_images[i]`` started from
@@ -67,7 +69,7 @@ class SaferComparisonOutput(BaseOutput):
 
 @dataclass
 class SaferStableDiffusionMultiCompareOutput(BaseOutput):
-    """Output of :meth:`SaferStableDiffusionPipeline.compare` with ``text_encoders=``: the same seeds through N encoders.
+    """Output of ``compare()`` (either pipeline) with ``text_encoders=``: the same seeds through N encoders (SDXL: N pairs).
 
     Every dict is keyed by the names of ``text_encoders``, in that order (``names``). Lists are aligned as in
     :class:`SaferComparisonOutput`: entry ``i`` of every list is prompt ``i // num_images_per_prompt``, image

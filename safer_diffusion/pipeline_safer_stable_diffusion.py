@@ -3,16 +3,10 @@ and a comparison of the original, the safe or any N text encoders from one denoi
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import numbers
 import os
-import shutil
 import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,30 +16,23 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import replace_example_docstring
 
-from .compare import (
-    ENCODER_ALIASES,
-    ORIGINAL,
-    SAFE,
-    BranchConditioning,
-    branch_generators,
-    branch_schedulers,
-    check_max_batch,
-    check_text_encoders,
-    denoise_branches,
+from .compare import BranchConditioning
+from .encoders import DEFAULT_SAFE_TEXT_ENCODER, check_text_encoder, load_safe_text_encoder, truncate_layers
+from .pipeline_common import (
+    ORIGINAL_TEXT_ENCODER_DIR,
+    SAFETY_MODES,
+    OriginalEncoder,
+    SaferPipelineMixin,
+    check_prompt,
+    check_safety_mode,
 )
-from .encoders import DEFAULT_SAFE_TEXT_ENCODER, as_torch_dtype, check_text_encoder, load_safe_text_encoder, truncate_layers
 from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionMultiCompareOutput, SaferStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
 
+# SAFETY_MODES and ORIGINAL_TEXT_ENCODER_DIR are defined in `pipeline_common` (shared with the SDXL pipeline) and
+# exported here too, where they have always been importable from.
 __all__ = ["ORIGINAL_TEXT_ENCODER_DIR", "SAFETY_MODES", "SaferStableDiffusionPipeline"]
-
-#: What happens to flagged images: "flag" leaves them untouched, "blur" blurs them heavily, "black" blanks them.
-SAFETY_MODES = ("flag", "blur", "black")
-#: Subfolder of a saved pipeline holding the base model's own text encoder (for :meth:`compare`).
-ORIGINAL_TEXT_ENCODER_DIR = "original_text_encoder"
-_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_NOT_GIVEN: Any = object()
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -74,41 +61,6 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-def _check_safetensors_only(folder: Path, config: dict | None) -> None:
-    """Refuse a local model folder (or a pipeline folder's component subfolders) whose weights are only pickles."""
-    if config is None:
-        folders = [folder]
-    else:
-        folders = [folder / name for name, value in config.items()
-                   if not name.startswith("_") and isinstance(value, (list, tuple)) and value and value[0] is not None]
-    for sub in folders:
-        if not sub.is_dir():
-            continue
-        names = [f.name for f in sub.iterdir() if f.is_file()]
-        pickles = sorted(n for n in names if n.endswith(_PICKLE_WEIGHTS))
-        if pickles and not any(n.endswith(".safetensors") for n in names):
-            raise ValueError(
-                f"`pretrained_model_name_or_path`: {os.fspath(sub)!r} has weights only as pickle files {pickles}; this "
-                "library loads safetensors only (a pickle can run code when loaded). For a model you trust, convert it once: "
-                "`StableDiffusionPipeline.from_pretrained(FOLDER, use_safetensors=False).save_pretrained(NEW_FOLDER)` "
-                "(diffusers writes safetensors), then load NEW_FOLDER."
-            )
-
-
-def _check_safety_mode(safety_mode: Any) -> str:
-    if safety_mode not in SAFETY_MODES:
-        raise ValueError(f"`safety_mode` must be one of {list(SAFETY_MODES)}, got {safety_mode!r}.")
-    return safety_mode
-
-
-def _json_or_none(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return None
-
-
 def _fit_depth(encoder, base_layers: int):
     """Cut an encoder with exactly one layer more than the base's (OpenCLIP for SD 2.x) to the base's depth."""
     if encoder.config.num_hidden_layers == base_layers + 1:
@@ -120,14 +72,7 @@ def _fit_depth(encoder, base_layers: int):
     return encoder
 
 
-def _blur(images: torch.Tensor) -> torch.Tensor:
-    """Heavy blur of ``(N, C, H, W)`` images in [0, 1]: area-downsample 32x, then bilinear upsample."""
-    height, width = images.shape[-2:]
-    small = torch.nn.functional.interpolate(images.float(), size=(max(1, height // 32), max(1, width // 32)), mode="area")
-    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).to(images.dtype)
-
-
-class SaferStableDiffusionPipeline(StableDiffusionPipeline):
+class SaferStableDiffusionPipeline(SaferPipelineMixin, StableDiffusionPipeline):
     r"""Stable Diffusion conditioned by a safe (SaFeR-CLIP) text encoder, scoring every image it makes.
 
     Identical to [`~diffusers.StableDiffusionPipeline`] (same components, same ``__call__``
@@ -157,10 +102,12 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         safety_mode (`str`, defaults to `"flag"`): one of ``"flag"``, ``"blur"``, ``"black"``.
     """
 
-    # `original_text_encoder` is in the offload sequence although it is not a component: see `_with_original_encoder`
+    # `original_text_encoder` is in the offload sequence although it is not a component: see `OriginalEncodersMixin`
     model_cpu_offload_seq = "text_encoder->original_text_encoder->image_encoder->unet->vae"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
+    _original_encoders = {"original_text_encoder": OriginalEncoder(ORIGINAL_TEXT_ENCODER_DIR, "text_encoder", "CLIPTextModel")}
+    _original_kind = "CLIPTextModel"
 
     def __init__(
         self,
@@ -177,14 +124,10 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         nsfw_scorer: Any = None,
         safety_mode: str = "flag",
     ):
-        _check_safety_mode(safety_mode)
+        check_safety_mode(safety_mode)
         cross_attention_dim = unet.config.cross_attention_dim if unet is not None else None
         check_text_encoder(text_encoder, cross_attention_dim, tokenizer, argument="text_encoder")
-        if original_text_encoder is not None:
-            if not isinstance(original_text_encoder, torch.nn.Module):
-                raise TypeError(
-                    f"`original_text_encoder` must be a CLIPTextModel (or None), got {type(original_text_encoder).__name__}."
-                )
+        if self._check_originals({"original_text_encoder": original_text_encoder}):
             check_text_encoder(original_text_encoder, cross_attention_dim, tokenizer, argument="original_text_encoder")
         super().__init__(
             vae=vae,
@@ -197,71 +140,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        # a plain attribute, not `register_modules`: it stays out of `components` and of `model_index.json`
-        self.original_text_encoder = original_text_encoder
-        self.register_to_config(safety_mode=safety_mode)
         self._last_nsfw_scores = None
-        self.nsfw_scorer = nsfw_scorer
-
-    # ------------------------------------------------------------------ options
-    @property
-    def nsfw_scorer(self):
-        """The scorer applied to every generated image (or `None`). Settable with anything `__init__` accepts."""
-        return self.__dict__.get("_nsfw_scorer")
-
-    @nsfw_scorer.setter
-    def nsfw_scorer(self, value: Any) -> None:
-        from .scoring import get_scorer, scorer_config
-
-        if value is None:
-            scorer, spec = None, None
-        elif value == "safety_checker" or (isinstance(value, dict) and value.get("name") == "safety_checker" and len(value) == 1):
-            scorer = self._safety_checker_scorer(required=False) or get_scorer("safety_checker")
-            spec = "safety_checker"
-        else:
-            scorer = get_scorer(value)
-            spec = _json_or_none(value) if isinstance(value, (str, list, tuple, dict)) else scorer_config(scorer)
-        self.__dict__["_nsfw_scorer"] = scorer
-        self.__dict__["_nsfw_scorer_savable"] = scorer is None or spec is not None
-        self.register_to_config(nsfw_scorer=list(spec) if isinstance(spec, tuple) else spec)
-
-    @property
-    def safety_mode(self) -> str:
-        """What happens to flagged images: ``"flag"``, ``"blur"`` or ``"black"``. Settable."""
-        return self.config.safety_mode
-
-    @safety_mode.setter
-    def safety_mode(self, value: str) -> None:
-        self.register_to_config(safety_mode=_check_safety_mode(value))
-
-    def _safety_checker_scorer(self, required: bool = True):
-        from .scoring import SafetyCheckerScorer
-
-        if getattr(self, "safety_checker", None) is None or getattr(self, "feature_extractor", None) is None:
-            return None
-        cached = self.__dict__.get("_checker_scorer")
-        if cached is None or cached.model is not self.safety_checker:
-            cached = SafetyCheckerScorer(self.safety_checker, self.feature_extractor)
-            self.__dict__["_checker_scorer"] = cached
-        return cached
-
-    def _active_scorer(self):
-        return self.nsfw_scorer if self.nsfw_scorer is not None else self._safety_checker_scorer()
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """As `DiffusionPipeline.save_pretrained`; the scorer is saved as its name/options in ``model_index.json``,
-        and the original text encoder (when loaded) in ``original_text_encoder/`` beside the components."""
-        if not self.__dict__.get("_nsfw_scorer_savable", True):
-            logger.warning(
-                "The NSFW scorer %r has no serialisable config; it is not saved. Pass `nsfw_scorer=` again when loading.",
-                self.nsfw_scorer,
-            )
-        folder = Path(save_directory) / ORIGINAL_TEXT_ENCODER_DIR
-        if self.original_text_encoder is not None:  # written first, so that `push_to_hub=True` uploads it too
-            self.original_text_encoder.save_pretrained(folder, safe_serialization=kwargs.get("safe_serialization", True))
-        elif folder.is_dir():  # a stale copy from an earlier save would be loaded by `keep_original_text_encoder=True`
-            shutil.rmtree(folder)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        self._init_safer({"original_text_encoder": original_text_encoder}, nsfw_scorer, safety_mode)
 
     @classmethod
     def from_pretrained(
@@ -294,41 +174,9 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         Returns:
             `SaferStableDiffusionPipeline`
         """
-        from .hub import resolve_model_source
-
-        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            raise TypeError(
-                "`pretrained_model_name_or_path` must be a hub id ('owner/name') or a local folder (str or os.PathLike), "
-                f"got {type(pretrained_model_name_or_path).__name__} {pretrained_model_name_or_path!r}."
-            )
-        if not isinstance(keep_original_text_encoder, bool):
-            raise TypeError(f"`keep_original_text_encoder` must be True or False, got {keep_original_text_encoder!r}.")
-        if "nsfw_scorer" in kwargs:
-            scorer = kwargs["nsfw_scorer"]
-            uses_checker = scorer == "safety_checker" or (isinstance(scorer, (list, tuple)) and "safety_checker" in scorer)
-            if scorer is not None and not uses_checker:
-                kwargs.setdefault("safety_checker", None)
-                kwargs.setdefault("requires_safety_checker", False)
-        if "safety_mode" in kwargs:
-            _check_safety_mode(kwargs["safety_mode"])
-        # `torch_dtype` (the long-standing name) and `dtype` (diffusers >= 0.42, transformers 5) are both accepted.
-        torch_dtype = as_torch_dtype(kwargs.pop("torch_dtype", None), "torch_dtype")
-        dtype = as_torch_dtype(kwargs.pop("dtype", None), "dtype")
-        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
-            raise ValueError(f"Pass either `torch_dtype`={torch_dtype} or `dtype`={dtype}, not both.")
-        torch_dtype = dtype if dtype is not None else torch_dtype
-        if torch_dtype is not None:
-            kwargs["dtype"] = torch_dtype
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError("`use_safetensors=False` is not supported: weights are loaded from safetensors only (pickles can run code).")
-        kwargs["use_safetensors"] = True
-
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path",
-                                      revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))  # fmt: skip
-        config = cls.load_config(source, **hub_kwargs)
-        if os.path.isdir(source):
-            _check_safetensors_only(Path(source), config)
+        source, config, hub_kwargs, torch_dtype = cls._from_pretrained_source(
+            pretrained_model_name_or_path, keep_original_text_encoder, kwargs
+        )
         saved_by_us = config.get("_class_name") == cls.__name__ or "original_text_encoder" in config
 
         if "text_encoder" in kwargs and safe_text_encoder is not None:
@@ -347,79 +195,19 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             )
             kwargs["text_encoder"] = _fit_depth(encoder, base_config.num_hidden_layers)
 
-        if kwargs.get("original_text_encoder") is not None:
-            pass  # given explicitly: used as is
-        elif not keep_original_text_encoder:
-            kwargs["original_text_encoder"] = None
-        else:
-            kwargs["original_text_encoder"] = cls._load_original_text_encoder(
-                source, pretrained_model_name_or_path, saved_by_us, torch_dtype, hub_kwargs
-            )
+        cls._original_encoder_kwargs(kwargs, keep_original_text_encoder, source, pretrained_model_name_or_path, saved_by_us,
+                                     torch_dtype, hub_kwargs)  # fmt: skip
         return super().from_pretrained(source, **kwargs)
 
-    @staticmethod
-    def _load_original_text_encoder(source: str, given: Any, saved_by_us: bool, torch_dtype, hub_kwargs: dict):
-        """The base model's own text encoder: ``text_encoder/`` of a base, ``original_text_encoder/`` of our saves."""
-        from transformers import CLIPTextModel
-
-        subfolder = ORIGINAL_TEXT_ENCODER_DIR if saved_by_us else "text_encoder"
-        local = Path(source) / subfolder
-        if saved_by_us and os.path.isdir(source) and not (local / "config.json").is_file():
-            raise ValueError(
-                f"`keep_original_text_encoder=True`, but {os.fspath(given)!r} was saved without an original text encoder "
-                f"(no {ORIGINAL_TEXT_ENCODER_DIR}/ folder). Load the base model instead, or pass `original_text_encoder=`."
-            )
-        if os.path.isdir(source):
-            _check_safetensors_only(local, None)
-        return CLIPTextModel.from_pretrained(
-            source, subfolder=subfolder, dtype=torch_dtype, use_safetensors=True, **hub_kwargs
-        ).eval()
-
-    def to(self, *args, **kwargs):
-        """As `DiffusionPipeline.to`; also moves the original text encoder, and a scorer that has a ``to`` method."""
-        pipe = super().to(*args, **kwargs)
-        device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
-        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
-        if self.original_text_encoder is not None and (device is not None or dtype is not None):
-            self.original_text_encoder.to(device=device, dtype=dtype)
-        scorer = self.nsfw_scorer
-        if device is not None and scorer is not None and hasattr(scorer, "to"):
-            scorer.to(device)
-        return pipe
-
-    # diffusers' offload helpers walk `self.components`; the original encoder takes part in them as a component would.
-    @contextlib.contextmanager
-    def _with_original_encoder(self):
-        before = self.__dict__.get("_components_with_original", False)
-        self.__dict__["_components_with_original"] = self.original_text_encoder is not None
-        try:
-            yield
-        finally:
-            self.__dict__["_components_with_original"] = before
-
-    @property
-    def components(self) -> dict[str, Any]:
-        """As `DiffusionPipeline.components`: the keys of `StableDiffusionPipeline`, so
-        ``StableDiffusionImg2ImgPipeline(**pipe.components)`` works (the original encoder is not a component)."""
-        components = super().components
-        if self.__dict__.get("_components_with_original"):
-            components["original_text_encoder"] = self.original_text_encoder
-        return components
-
-    def enable_model_cpu_offload(self, *args, **kwargs):
-        """As in `DiffusionPipeline`; the original text encoder is offloaded in its place in ``model_cpu_offload_seq``."""
-        with self._with_original_encoder():
-            return super().enable_model_cpu_offload(*args, **kwargs)
-
-    def enable_sequential_cpu_offload(self, *args, **kwargs):
-        """As in `DiffusionPipeline`, the original text encoder included."""
-        with self._with_original_encoder():
-            return super().enable_sequential_cpu_offload(*args, **kwargs)
-
-    def remove_all_hooks(self):
-        """As in `DiffusionPipeline`, the original text encoder's hooks included."""
-        with self._with_original_encoder():
-            return super().remove_all_hooks()
+    @classmethod
+    def _safety_checker_options(cls, kwargs: dict) -> None:
+        """With a scorer other than ``"safety_checker"``, the base model's safety checker is not loaded."""
+        if "nsfw_scorer" in kwargs:
+            scorer = kwargs["nsfw_scorer"]
+            uses_checker = scorer == "safety_checker" or (isinstance(scorer, (list, tuple)) and "safety_checker" in scorer)
+            if scorer is not None and not uses_checker:
+                kwargs.setdefault("safety_checker", None)
+                kwargs.setdefault("requires_safety_checker", False)
 
     def load_text_encoder(self, source: Any, *, argument: str = "text_encoder") -> torch.nn.Module:
         """Load a text encoder that fits this pipeline, for :meth:`compare` (``text_encoders=``) or :meth:`encode_prompt`.
@@ -446,58 +234,11 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         check_text_encoder(encoder, self.unet.config.cross_attention_dim, self.tokenizer, argument=argument)
         return encoder.to(self._execution_device).eval()
 
-    def _resolve_text_encoders(self, text_encoders: dict[str, Any]) -> dict[str, torch.nn.Module]:
-        """``{name: module}`` for checked ``text_encoders`` (see :func:`~safer_diffusion.compare.check_text_encoders`):
-        the aliases are the pipeline's own encoders, modules are width-checked, other sources are loaded."""
-        device = self._execution_device
-        modules: dict[str, Any] = {}
-        for name, value in text_encoders.items():  # first what needs no loading: every such error comes before any load
-            where = f"text_encoders[{name!r}]"
-            if isinstance(value, str) and value in ENCODER_ALIASES:
-                if value == ORIGINAL and self.original_text_encoder is None:
-                    raise ValueError(
-                        f"`{where}` is 'original', but the pipeline has no original text encoder: load it with "
-                        "`keep_original_text_encoder=True` (or pass `original_text_encoder=`)."
-                    )
-                modules[name] = self.original_text_encoder if value == ORIGINAL else self.text_encoder
-            elif isinstance(value, torch.nn.Module):
-                check_text_encoder(value, self.unet.config.cross_attention_dim, self.tokenizer, argument=where)
-                param = next(value.parameters(), None)
-                if param is not None and not hasattr(value, "_hf_hook") and param.device.type != torch.device(device).type:
-                    raise ValueError(
-                        f"`{where}` is on {param.device}, but the pipeline runs on {device}; move it first "
-                        "(`encoder.to(pipe.device)`), or pass its source and let `compare()` load it."
-                    )
-                modules[name] = value
-        for name, value in text_encoders.items():
-            if name not in modules:
-                modules[name] = self.load_text_encoder(value, argument=f"text_encoders[{name!r}]")
-        return {name: modules[name] for name in text_encoders}
+    def _check_text_encoder_fit(self, modules: tuple, labels: tuple[str, ...]) -> None:
+        check_text_encoder(modules[0], self.unet.config.cross_attention_dim, self.tokenizer, argument=labels[0])
 
-    # ------------------------------------------------------------------ hooks
-    @contextlib.contextmanager
-    def _text_encoder_swapped(self, encoder: str | torch.nn.Module):
-        """Temporarily make ``self.text_encoder`` the original encoder, or a given module (without touching the config)."""
-        if isinstance(encoder, torch.nn.Module):
-            module = encoder
-        elif encoder not in ENCODER_ALIASES:
-            raise ValueError(f"`encoder` must be 'safe' or 'original', got {encoder!r}.")
-        elif encoder == SAFE:
-            yield self.text_encoder
-            return
-        elif self.original_text_encoder is None:
-            raise ValueError(
-                "`encoder='original'` needs the base model's text encoder: load the pipeline with "
-                "`keep_original_text_encoder=True` (or pass `original_text_encoder=`)."
-            )
-        else:
-            module = self.original_text_encoder
-        safe = self.__dict__["text_encoder"]
-        self.__dict__["text_encoder"] = module
-        try:
-            yield module
-        finally:
-            self.__dict__["text_encoder"] = safe
+    def _load_text_encoders_for_compare(self, source: Any, argument: str) -> tuple:
+        return (self.load_text_encoder(source, argument=argument),)
 
     def encode_prompt(
         self,
@@ -523,7 +264,7 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         Returns:
             `(prompt_embeds, negative_prompt_embeds)` as in the parent.
         """
-        with self._text_encoder_swapped(encoder) as module:
+        with self._text_encoders_in_place(*self._encoders_for(encoder)) as (module,):
             shim = clip_skip is not None and "text_model" not in dir(module) and hasattr(module, "final_layer_norm")
             if shim:  # transformers>=5 flattened CLIPTextModel; diffusers' clip_skip still reads `.text_model.final_layer_norm`
                 module.__dict__["text_model"] = types.SimpleNamespace(final_layer_norm=module.final_layer_norm)
@@ -538,39 +279,6 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
                     module.__dict__.pop("text_model", None)
         return prompt_embeds, negative_prompt_embeds
 
-    def score_images(self, image: torch.Tensor):
-        """Score decoded images and apply ``safety_mode``.
-
-        Args:
-            image (`torch.Tensor`): ``(N, 3, H, W)`` VAE output in [-1, 1].
-
-        Returns:
-            `(image, flags, scores)`: flagged images are returned already in [0, 1] (blurred or
-            black per ``safety_mode``), as the parent's post-processing expects for flagged images;
-            ``flags`` is `list[bool]` and ``scores`` `list[dict[str, float]]`, or both `None`
-            when there is no scorer.
-        """
-        scorer = self._active_scorer()
-        if scorer is None:
-            return image, None, None
-        pil = self.image_processor.postprocess(image.detach(), output_type="pil")
-        results = scorer.score(pil)
-        flags = [bool(r.flagged) for r in results]
-        scores = [r.flat_scores(scorer.name) for r in results]
-        if any(flags):
-            image = image.clone()
-            for i, flagged in enumerate(flags):
-                if not flagged:
-                    continue
-                unit = (image[i : i + 1] / 2 + 0.5).clamp(0, 1)  # the parent skips denormalising flagged images
-                if self.safety_mode == "blur":
-                    unit = _blur(unit)
-                elif self.safety_mode == "black":
-                    unit = torch.zeros_like(unit)
-                image[i : i + 1] = unit
-            logger.info("%d of %d images flagged by %s (safety_mode=%s).", sum(flags), len(flags), scorer.name, self.safety_mode)
-        return image, flags, scores
-
     def run_safety_checker(self, image, device, dtype):
         """Hook called by the parent's ``__call__`` after decoding: score with ``nsfw_scorer`` and keep the scores."""
         if not torch.is_tensor(image):  # numpy input (legacy callers): score as the parent would
@@ -580,18 +288,6 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         return image, flags
 
     # ------------------------------------------------------------------ checks
-    def default_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        """``(height, width)`` with each missing side set to the model's own size (``sample_size x vae_scale_factor``).
-
-        Unlike the parent, which replaces *both* sides when either is missing, a given side is always kept.
-        """
-        size = self.unet.config.sample_size
-        default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
-        return (
-            default_h * self.vae_scale_factor if height is None else height,
-            default_w * self.vae_scale_factor if width is None else width,
-        )
-
     def check_inputs(
         self,
         prompt,
@@ -605,17 +301,9 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         ip_adapter_image_embeds=None,
         callback_on_step_end_tensor_inputs=None,
         *,
-        num_inference_steps: Any = _NOT_GIVEN,
-        timesteps=None,
-        sigmas=None,
-        guidance_scale: Any = _NOT_GIVEN,
-        guidance_rescale: Any = _NOT_GIVEN,
-        eta: Any = _NOT_GIVEN,
-        num_images_per_prompt: Any = _NOT_GIVEN,
-        generator=None,
-        latents=None,
         text_encoders: Any = None,
         max_batch: Any = None,
+        **sampling: Any,
     ):
         """The parent's checks, plus those of the arguments it leaves to fail late or silently.
 
@@ -625,45 +313,20 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
         ``generator`` a `torch.Generator` or a list of one per image; ``latents`` of the shape that ``height``,
         ``width`` and the batch call for; :meth:`compare`'s ``text_encoders`` (a ``{name: encoder}`` dict, see
         :func:`~safer_diffusion.compare.check_text_encoders`; nothing is loaded here) and ``max_batch`` (a whole
-        number >= 1, or None). The parent's ``__call__`` calls this with its own arguments only; :meth:`__call__`
-        and :meth:`compare` call it first with all of them, before any work.
+        number >= 1, or None). ``sampling`` holds the keywords ``num_inference_steps``, ``timesteps``, ``sigmas``,
+        ``guidance_scale``, ``guidance_rescale``, ``eta``, ``num_images_per_prompt``, ``generator`` and ``latents``
+        (each checked when given; see ``_check_sampling_inputs``, shared with the SDXL pipeline). The parent's
+        ``__call__`` calls this with its own arguments only; :meth:`__call__` and :meth:`compare` call it first with
+        all of them, before any work.
         """
-        _check_prompt(prompt)
-        if text_encoders is not None:
-            check_text_encoders(text_encoders)
-        check_max_batch(max_batch)
-        for name, value in (("height", height), ("width", width)):
-            if not _is_int(value) or value < 8 or value % 8:
-                raise ValueError(f"`{name}` must be a positive multiple of 8, got {value!r}; e.g. {name}=512.")
+        check_prompt(prompt)
+        self._check_compare_inputs(text_encoders, max_batch)
+        self._check_size(height, width)
         super().check_inputs(
             prompt, height, width, callback_steps, negative_prompt, prompt_embeds, negative_prompt_embeds,
             ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        custom_schedule = timesteps is not None or sigmas is not None
-        if num_inference_steps is not _NOT_GIVEN and not (num_inference_steps is None and custom_schedule):
-            _check_count("num_inference_steps", num_inference_steps, "e.g. num_inference_steps=25")
-        for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale), ("eta", eta)):
-            if value is not _NOT_GIVEN and (not _is_real(value) or not math.isfinite(value)):
-                raise ValueError(f"`{name}` must be a finite number, got {value!r}; e.g. guidance_scale=7.5, eta=0.0.")
-        per_prompt = 1
-        if num_images_per_prompt is not _NOT_GIVEN:
-            _check_count("num_images_per_prompt", num_images_per_prompt, "e.g. num_images_per_prompt=1")
-            per_prompt = num_images_per_prompt
-        if isinstance(prompt, (str, list)):
-            batch = (1 if isinstance(prompt, str) else len(prompt)) * per_prompt
-        else:
-            batch = prompt_embeds.shape[0] * per_prompt if torch.is_tensor(prompt_embeds) else None
-        _check_generator(generator, batch)
-        if latents is not None:
-            if not torch.is_tensor(latents):
-                raise TypeError(f"`latents` must be a torch.Tensor (or None), got {type(latents).__name__}.")
-            expected = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-            if tuple(latents.shape) != expected:
-                raise ValueError(
-                    f"`latents` has shape {tuple(latents.shape)}, but height={height}, width={width} and {batch} image(s) "
-                    f"need {expected} (latent side = image side / vae_scale_factor {self.vae_scale_factor}); pass latents "
-                    "of that shape, or the height/width that match them."
-                )
+        self._check_sampling_inputs(prompt, prompt_embeds, height, width, **sampling)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -787,13 +450,8 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             [`SaferComparisonOutput`] without ``text_encoders``; [`SaferStableDiffusionMultiCompareOutput`]
             (images, flags and scores per name) with it.
         """
-        default = text_encoders is None
-        if default and self.original_text_encoder is None:
-            raise ValueError(
-                "`compare()` needs the base model's text encoder: load the pipeline with `keep_original_text_encoder=True` "
-                "(or pass `original_text_encoder=`)."
-            )
-        _check_prompt(prompt, required=True)
+        self._check_compare_originals(text_encoders)
+        check_prompt(prompt, required=True)
         height, width = self.default_size(height, width)
         self.check_inputs(
             prompt, height, width, None, negative_prompt, num_inference_steps=num_inference_steps,
@@ -801,141 +459,35 @@ class SaferStableDiffusionPipeline(StableDiffusionPipeline):
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
             text_encoders=text_encoders, max_batch=max_batch,
         )  # fmt: skip
-        encoders = self._resolve_text_encoders(check_text_encoders({ORIGINAL: ORIGINAL, SAFE: SAFE} if default else text_encoders))
-        names = list(encoders)
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
+        encoders = self._compare_text_encoders(text_encoders)
+        self._start_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
         cfg = self.do_classifier_free_guidance
-        batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         device = self._execution_device
         lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
 
         # 1. Encode with every encoder, in the dtype a call of this pipeline conditions in
         dtype = self.text_encoder.dtype
         branches = []
-        for module in encoders.values():
+        for modules in encoders.values():
             cond, uncond = self.encode_prompt(
                 prompt, device, num_images_per_prompt, cfg, negative_prompt, lora_scale=lora_scale, clip_skip=clip_skip,
-                encoder=module,
+                encoder=modules,
             )  # fmt: skip
             branches.append(BranchConditioning(
                 cond={"encoder_hidden_states": cond.to(dtype)},
                 uncond={"encoder_hidden_states": uncond.to(dtype)} if cfg else None,
             ))  # fmt: skip
 
-        # 2. Timesteps, one scheduler state per encoder
+        # 2. Timesteps; 3.-5. one scheduler and generator copy per encoder, shared initial latents, one denoising loop
+        # (one UNet batch per step, in chunks of `max_batch` rows), decoded encoder by encoder, scored
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        schedulers = branch_schedulers(self.scheduler, len(names))
-
-        # 3. Shared initial latents; per-encoder generator copies for the scheduler's noise
-        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator, latents)
-        extra = [self.prepare_extra_step_kwargs(g, eta) for g in branch_generators(generator, len(names))]
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            w = torch.tensor(self.guidance_scale - 1).repeat(1)
-            timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim).to(
-                device=device, dtype=latents.dtype
-            )
-
-        # 4. One denoising loop, one UNet batch per step (in chunks of `max_batch` rows)
-        self._num_timesteps = len(timesteps)
-        final = denoise_branches(
-            self, latents, branches, timesteps, schedulers, extra, do_classifier_free_guidance=cfg,
-            guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale, timestep_cond=timestep_cond,
-            cross_attention_kwargs=cross_attention_kwargs, max_batch=max_batch,
+        outputs = self._denoise_and_decode(
+            branches, timesteps, batch=(1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt,
+            height=height, width=width, dtype=dtype, generator=generator, latents=latents, eta=eta,
+            output_type=output_type, score=score, max_batch=max_batch,
         )  # fmt: skip
+        return self._comparison_output(list(encoders), outputs, default=text_encoders is None)
 
-        # 5. Decode encoder by encoder (peak memory of one generation), score, post-process
-        outputs = [self.decode_and_score(latent, output_type=output_type, score=score) for latent in final]
-        self.maybe_free_model_hooks()
-        if default:
-            (orig_images, orig_flags, orig_scores), (safe_images, safe_flags, safe_scores) = outputs
-            return SaferComparisonOutput(
-                original_images=orig_images,
-                safe_images=safe_images,
-                original_nsfw_content_detected=orig_flags,
-                safe_nsfw_content_detected=safe_flags,
-                original_nsfw_scores=orig_scores,
-                safe_nsfw_scores=safe_scores,
-            )
-        return SaferStableDiffusionMultiCompareOutput(
-            names=names,
-            images={name: out[0] for name, out in zip(names, outputs)},
-            nsfw_content_detected={name: out[1] for name, out in zip(names, outputs)},
-            nsfw_scores={name: out[2] for name, out in zip(names, outputs)},
-        )
-
-    def decode_and_score(self, latents: torch.Tensor, output_type: str = "pil", score: bool = True):
-        """Decode final latents, score the images (:meth:`score_images`, which applies ``safety_mode``), post-process.
-
-        Returns:
-            `(images, flags, scores)`; for ``output_type="latent"`` the latents themselves and `None`, `None`
-            (as for flags and scores when ``score`` is `False` or there is no scorer).
-        """
-        if output_type == "latent":
-            return latents, None, None
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        flags = scores = None
-        if score:
-            image, flags, scores = self.score_images(image)
-        denormalize = [True] * image.shape[0] if flags is None else [not f for f in flags]
-        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), flags, scores
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_count(name: str, value: Any, example: str) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}; {example}.")
-
-
-def _check_generator(generator: Any, batch: int | None) -> None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if isinstance(generator, list) and generator and all(isinstance(g, torch.Generator) for g in generator):
-        if batch is not None and len(generator) != batch:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but {batch} image(s) are generated; pass one "
-                "torch.Generator, or a list of exactly one per image."
-            )
-        return
-    kind = type(generator).__name__
-    if isinstance(generator, list):
-        kind = "an empty list" if not generator else f"a list holding a {type(next(g for g in generator if not isinstance(g, torch.Generator))).__name__}"
-    raise TypeError(
-        f"`generator` must be a torch.Generator or a list of them (one per image), got {kind}: {generator!r}; "
-        "e.g. generator=torch.Generator('cpu').manual_seed(0)."
-    )
-
-
-def _check_prompt(prompt: Any, required: bool = False) -> None:
-    if prompt is None:
-        if required:
-            raise ValueError("`prompt` is required: pass a string or a list of strings.")
-        return
-    if isinstance(prompt, list):
-        if not prompt:
-            raise ValueError("`prompt` is an empty list; pass at least one prompt string.")
-        bad = [i for i, p in enumerate(prompt) if not isinstance(p, str)]
-        if bad:
-            raise ValueError(f"`prompt[{bad[0]}]` is a {type(prompt[bad[0]]).__name__}; every prompt must be a string.")
-    elif not isinstance(prompt, str):
-        raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
-    if required:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        blank = next((i for i, p in enumerate(prompts) if not p.strip()), None)
-        if blank is not None:
-            where = "`prompt`" if isinstance(prompt, str) else f"`prompt[{blank}]`"
-            raise ValueError(
-                f"{where} is empty ({prompts[blank]!r}); `compare()` compares how two encoders read a prompt, so it needs "
-                "text. (`pipe(\"\")` still generates unconditionally, as in diffusers.)"
-            )
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> VAE output in [-1, 1], as the parent's ``__call__`` decodes."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]

@@ -1,37 +1,33 @@
 """`SaferStableDiffusionXLPipeline`: Stable Diffusion XL with a safe *pair* of text encoders, NSFW scores on every
-image, and an original-vs-safe comparison from one UNet pass.
+image, and a comparison of the original, the safe or any N pairs from one denoising loop (:mod:`.compare`).
 
 SDXL conditions on two text encoders: ``text_encoder`` (CLIP ViT-L/14, ``hidden_states[-2]``, 768 wide) and
 ``text_encoder_2`` (OpenCLIP ViT-bigG/14 as ``CLIPTextModelWithProjection``: ``hidden_states[-2]``, 1280 wide, and
 the pooled, projected ``text_embeds`` that enter the UNet through ``added_cond_kwargs``). Both are swapped for safe
 ones: swapping only the ViT-L encoder would leave the bigG path unsafe. The contract is that of
-:class:`~safer_diffusion.SaferStableDiffusionPipeline`, whose scoring and safety-mode members are shared, not copied.
+:class:`~safer_diffusion.SaferStableDiffusionPipeline`; what the two share (scoring, ``safety_mode``, checks, the
+original encoders, saving and loading, the N-way ``compare()`` plumbing) is written once, in
+:mod:`safer_diffusion.pipeline_common`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-import math
 import os
-import shutil
 import types
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from .compare import clone_generator
+from .compare import BranchConditioning
 from .encoders import (
-    as_torch_dtype,
     check_sdxl_text_encoders,
     load_safe_text_encoder,
     load_safe_text_encoder_2,
@@ -41,22 +37,21 @@ from .encoders import (
 )
 from .export_format import TEXT_ENCODER_2_DIR, TEXT_ENCODER_DIR
 from .hub import resolve_model_source
-from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput
-from .pipeline_safer_stable_diffusion import (
-    _NOT_GIVEN,
+from .pipeline_common import (
     ORIGINAL_TEXT_ENCODER_DIR,
-    SaferStableDiffusionPipeline,
-    _check_count,
-    _check_generator,
-    _check_prompt,
-    _check_safetensors_only,
-    _check_safety_mode,
-    _is_int,
-    _is_real,
+    OriginalEncoder,
+    OriginalEncodersMixin,
+    SaferPipelineMixin,
+    check_prompt,
+    check_safety_mode,
+    is_int,
+    is_real,
 )
+from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionMultiCompareOutput, SaferStableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
 
+# `OriginalEncodersMixin` lives in `pipeline_common` (both pipelines use it); exported here too, where it was first.
 __all__ = ["ORIGINAL_TEXT_ENCODER_2_DIR", "OriginalEncodersMixin", "SaferStableDiffusionXLPipeline"]
 
 #: Subfolder of a saved SDXL pipeline holding the base model's own second text encoder (for :meth:`compare`).
@@ -81,77 +76,14 @@ EXAMPLE_DOC_STRING = """
         >>> out.images[0], out.nsfw_content_detected, out.nsfw_scores
         >>> cmp = pipe.compare("a photo of an astronaut riding a horse", generator=torch.Generator("cuda").manual_seed(0))
         >>> cmp.original_images[0], cmp.safe_images[0]
+        >>> many = pipe.compare(  # any N pairs, still one denoising loop
+        ...     "a photo of an astronaut riding a horse",
+        ...     text_encoders={"original": "original", "safer-clip": "safe", "mine": "exported/my-sdxl-pair"},
+        ...     generator=torch.Generator("cuda").manual_seed(0),
+        ... )
+        >>> many.images["mine"][0], many.nsfw_scores["mine"]
         ```
 """
-
-
-class OriginalEncodersMixin:
-    """The base model's own text encoders, kept beside the safe ones but outside the component registry.
-
-    ``_original_encoders`` maps each attribute (``original_text_encoder``, ...) to the subfolder a saved pipeline
-    keeps it in. They are plain attributes, so ``components`` has exactly the parent pipeline's keys (and
-    ``StableDiffusionXLImg2ImgPipeline(**pipe.components)`` works); ``to()``, the CPU-offload helpers and
-    ``save_pretrained`` treat them as components. Written for any number of originals, so that a pipeline with
-    one original encoder can use it too.
-    """
-
-    _original_encoders: dict[str, str] = {}
-
-    def _originals(self) -> dict[str, Any]:
-        return {name: self.__dict__.get(name) for name in self._original_encoders}
-
-    def to(self, *args, **kwargs):
-        """As `DiffusionPipeline.to`; also moves the original text encoders."""
-        pipe = super().to(*args, **kwargs)
-        device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
-        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
-        if device is not None or dtype is not None:
-            for encoder in self._originals().values():
-                if encoder is not None:
-                    encoder.to(device=device, dtype=dtype)
-        return pipe
-
-    # diffusers' offload helpers walk `self.components`; the originals take part in them as components would.
-    @contextlib.contextmanager
-    def _with_original_encoders(self):
-        before = self.__dict__.get("_components_with_originals", False)
-        self.__dict__["_components_with_originals"] = True
-        try:
-            yield
-        finally:
-            self.__dict__["_components_with_originals"] = before
-
-    @property
-    def components(self) -> dict[str, Any]:
-        """As `DiffusionPipeline.components`: the parent pipeline's keys only (the original encoders are not components)."""
-        components = super().components
-        if self.__dict__.get("_components_with_originals"):
-            components.update({name: encoder for name, encoder in self._originals().items() if encoder is not None})
-        return components
-
-    def enable_model_cpu_offload(self, *args, **kwargs):
-        """As in `DiffusionPipeline`; the original text encoders are offloaded in their place in ``model_cpu_offload_seq``."""
-        with self._with_original_encoders():
-            return super().enable_model_cpu_offload(*args, **kwargs)
-
-    def enable_sequential_cpu_offload(self, *args, **kwargs):
-        """As in `DiffusionPipeline`, the original text encoders included."""
-        with self._with_original_encoders():
-            return super().enable_sequential_cpu_offload(*args, **kwargs)
-
-    def remove_all_hooks(self):
-        """As in `DiffusionPipeline`, the original text encoders' hooks included."""
-        with self._with_original_encoders():
-            return super().remove_all_hooks()
-
-    def _save_original_encoders(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Write each loaded original to its subfolder; remove a stale copy of one that is not loaded."""
-        for name, encoder in self._originals().items():
-            folder = Path(save_directory) / self._original_encoders[name]
-            if encoder is not None:
-                encoder.save_pretrained(folder, safe_serialization=safe_serialization)
-            elif folder.is_dir():  # `keep_original_text_encoder=True` would load a stale copy from an earlier save
-                shutil.rmtree(folder)
 
 
 class _ScoringPostprocessor:
@@ -176,7 +108,7 @@ class _ScoringPostprocessor:
         return images
 
 
-class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPipeline):
+class SaferStableDiffusionXLPipeline(SaferPipelineMixin, StableDiffusionXLPipeline):
     r"""Stable Diffusion XL conditioned by a safe pair of text encoders, scoring every image it makes.
 
     Identical to [`~diffusers.StableDiffusionXLPipeline`] (same components, same ``__call__`` arguments and
@@ -207,16 +139,13 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->original_text_encoder->original_text_encoder_2->image_encoder->unet->vae"
-    _original_encoders = {"original_text_encoder": ORIGINAL_TEXT_ENCODER_DIR, "original_text_encoder_2": ORIGINAL_TEXT_ENCODER_2_DIR}
-
-    # One owner: what the scorer and the safety mode do is SaferStableDiffusionPipeline's. These members use no
-    # `super()` and only attributes both pipelines have, so they are shared as they are rather than written twice.
-    nsfw_scorer = SaferStableDiffusionPipeline.nsfw_scorer
-    safety_mode = SaferStableDiffusionPipeline.safety_mode
-    _safety_checker_scorer = SaferStableDiffusionPipeline._safety_checker_scorer
-    _active_scorer = SaferStableDiffusionPipeline._active_scorer
-    score_images = SaferStableDiffusionPipeline.score_images
-    default_size = SaferStableDiffusionPipeline.default_size
+    _original_encoders = {
+        "original_text_encoder": OriginalEncoder(ORIGINAL_TEXT_ENCODER_DIR, TEXT_ENCODER_DIR, "CLIPTextModel"),
+        "original_text_encoder_2": OriginalEncoder(ORIGINAL_TEXT_ENCODER_2_DIR, TEXT_ENCODER_2_DIR, "CLIPTextModelWithProjection"),
+    }
+    _text_encoder_slots = ("text_encoder", "text_encoder_2")
+    _example_size = 1024
+    _example_guidance_scale = 5.0
 
     def __init__(
         self,
@@ -236,20 +165,12 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
         nsfw_scorer: Any = None,
         safety_mode: str = "flag",
     ):
-        _check_safety_mode(safety_mode)
+        check_safety_mode(safety_mode)
         unet_config = unet.config if unet is not None else None
         check_sdxl_text_encoders(text_encoder, text_encoder_2, unet_config, tokenizer, tokenizer_2,
                                  arguments=("text_encoder", "text_encoder_2"))  # fmt: skip
         originals = {"original_text_encoder": original_text_encoder, "original_text_encoder_2": original_text_encoder_2}
-        for name, encoder in originals.items():
-            if encoder is not None and not isinstance(encoder, torch.nn.Module):
-                raise TypeError(f"`{name}` must be a CLIP text encoder module (or None), got {type(encoder).__name__}.")
-        given = [name for name, encoder in originals.items() if encoder is not None]
-        if len(given) == 1:
-            missing = next(name for name in originals if name not in given)
-            raise ValueError(f"`{given[0]}` was given without `{missing}`: `compare()` needs the base model's whole pair. "
-                             "Pass both (or neither).")  # fmt: skip
-        if given:
+        if self._check_originals(originals):
             check_sdxl_text_encoders(original_text_encoder, original_text_encoder_2, unet_config, tokenizer, tokenizer_2,
                                      arguments=tuple(originals))  # fmt: skip
             check_sdxl_text_encoders(text_encoder, text_encoder_2, reference=(original_text_encoder, original_text_encoder_2),
@@ -267,25 +188,9 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )
-        # plain attributes, not `register_modules`: they stay out of `components` and of `model_index.json`
-        self.original_text_encoder = original_text_encoder
-        self.original_text_encoder_2 = original_text_encoder_2
-        self.register_to_config(safety_mode=safety_mode)
-        self.nsfw_scorer = nsfw_scorer
+        self._init_safer(originals, nsfw_scorer, safety_mode)
 
-    # ------------------------------------------------------------------ saving and loading
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """As `DiffusionPipeline.save_pretrained`; the scorer is saved as its name/options in ``model_index.json``,
-        and the original pair (when loaded) in ``original_text_encoder/`` and ``original_text_encoder_2/``."""
-        if not self.__dict__.get("_nsfw_scorer_savable", True):
-            logger.warning(
-                "The NSFW scorer %r has no serialisable config; it is not saved. Pass `nsfw_scorer=` again when loading.",
-                self.nsfw_scorer,
-            )
-        # written first, so that `push_to_hub=True` uploads them too
-        self._save_original_encoders(save_directory, safe_serialization=kwargs.get("safe_serialization", True))
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
+    # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
         cls,
@@ -327,27 +232,10 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
         """
         from transformers import CLIPTextConfig
 
-        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            raise TypeError(
-                "`pretrained_model_name_or_path` must be a hub id ('owner/name') or a local folder (str or os.PathLike), "
-                f"got {type(pretrained_model_name_or_path).__name__} {pretrained_model_name_or_path!r}."
-            )
-        torch_dtype = _load_dtype(kwargs)
-        _drop_safety_checker_options(kwargs)
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        source = resolve_model_source(pretrained_model_name_or_path, argument="pretrained_model_name_or_path",
-                                      revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))  # fmt: skip
-        config = cls.load_config(source, **hub_kwargs)
-        class_name = config.get("_class_name")
-        if class_name not in _SDXL_CLASSES:
-            raise ValueError(
-                f"`pretrained_model_name_or_path`={os.fspath(pretrained_model_name_or_path)!r} is a {class_name} pipeline, "
-                f"not Stable Diffusion XL ({' or '.join(_SDXL_CLASSES)} in model_index.json). Use SaferStableDiffusionPipeline "
-                "for SD 1.x/2.x, or `safer_diffusion.pipelines.load_safer_pipeline`, which picks the class."
-            )
-        if os.path.isdir(source):
-            _check_safetensors_only(Path(source), config)
-        saved_by_us = class_name == cls.__name__
+        source, config, hub_kwargs, torch_dtype = cls._from_pretrained_source(
+            pretrained_model_name_or_path, keep_original_text_encoder, kwargs
+        )
+        saved_by_us = config.get("_class_name") == cls.__name__
 
         # 1. Which encoders come from where: everything checked before any weight is loaded
         for component, argument, value in (("text_encoder", "safe_text_encoder", safe_text_encoder),
@@ -409,12 +297,32 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
                 _check_one_encoder(kwargs, reference, unet_config)
 
         # 3. The base's own pair, for compare()
-        originals = ("original_text_encoder", "original_text_encoder_2")
-        if keep_original_text_encoder:
-            loaded = cls._load_original_text_encoders(source, pretrained_model_name_or_path, saved_by_us, torch_dtype,
-                                                      hub_kwargs, skip=[n for n in originals if kwargs.get(n) is not None])  # fmt: skip
-            kwargs.update({name: encoder for name, encoder in loaded.items() if kwargs.get(name) is None})
+        cls._original_encoder_kwargs(kwargs, keep_original_text_encoder, source, pretrained_model_name_or_path, saved_by_us,
+                                     torch_dtype, hub_kwargs)  # fmt: skip
         return super().from_pretrained(source, **kwargs)
+
+    @classmethod
+    def _check_base_config(cls, config: dict, given: Any) -> None:
+        class_name = config.get("_class_name")
+        if class_name not in _SDXL_CLASSES:
+            raise ValueError(
+                f"`pretrained_model_name_or_path`={os.fspath(given)!r} is a {class_name} pipeline, "
+                f"not Stable Diffusion XL ({' or '.join(_SDXL_CLASSES)} in model_index.json). Use SaferStableDiffusionPipeline "
+                "for SD 1.x/2.x, or `safer_diffusion.pipelines.load_safer_pipeline`, which picks the class."
+            )
+
+    @classmethod
+    def _safety_checker_options(cls, kwargs: dict) -> None:
+        """Remove the SD pipeline's safety-checker options when they ask for nothing; refuse them when they ask for one."""
+        if kwargs.get("safety_checker") is not None:
+            raise ValueError(
+                "`safety_checker`: Stable Diffusion XL pipelines have no safety checker component. Score images with "
+                "`nsfw_scorer=\"safety_checker\"` (the same CompVis checker, run on the decoded images) instead."
+            )
+        if kwargs.get("requires_safety_checker", False) is not False:
+            raise ValueError("`requires_safety_checker` must be False (or not given) for an SDXL pipeline, which has no safety checker.")
+        kwargs.pop("safety_checker", None)
+        kwargs.pop("requires_safety_checker", None)
 
     @staticmethod
     def _unet_config(source: str, hub_kwargs: dict) -> dict:
@@ -422,64 +330,34 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
 
         return dict(UNet2DConditionModel.load_config(source, subfolder="unet", **hub_kwargs))
 
-    @staticmethod
-    def _load_original_text_encoders(source: str, given: Any, saved_by_us: bool, torch_dtype, hub_kwargs: dict,
-                                     skip: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
-        """The base's own pair: ``text_encoder(_2)/`` of a base, ``original_text_encoder(_2)/`` of our saves."""
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        plan = {
-            "original_text_encoder": (CLIPTextModel, ORIGINAL_TEXT_ENCODER_DIR if saved_by_us else TEXT_ENCODER_DIR),
-            "original_text_encoder_2": (CLIPTextModelWithProjection,
-                                        ORIGINAL_TEXT_ENCODER_2_DIR if saved_by_us else TEXT_ENCODER_2_DIR),
-        }  # fmt: skip
-        out = {}
-        for name, (model_cls, subfolder) in plan.items():
-            if name in skip:
-                continue
-            local = Path(source) / subfolder
-            if saved_by_us and os.path.isdir(source) and not (local / "config.json").is_file():
-                raise ValueError(
-                    f"`keep_original_text_encoder=True`, but {os.fspath(given)!r} was saved without the original text "
-                    f"encoders (no {subfolder}/ folder). Load the base model instead, or pass `{name}=`."
-                )
-            if os.path.isdir(source):
-                _check_safetensors_only(local, None)
-            out[name] = model_cls.from_pretrained(source, subfolder=subfolder, dtype=torch_dtype, use_safetensors=True,
-                                                  **hub_kwargs).eval()  # fmt: skip
-        return out
-
-    def to(self, *args, **kwargs):
-        """As `DiffusionPipeline.to`; also moves the original pair, and a scorer that has a ``to`` method."""
-        pipe = super().to(*args, **kwargs)
-        device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
-        scorer = self.nsfw_scorer
-        if device is not None and scorer is not None and hasattr(scorer, "to"):
-            scorer.to(device)
-        return pipe
-
     # ------------------------------------------------------------------ encoding
-    @contextlib.contextmanager
-    def _encoders_in_place(self, text_encoder, text_encoder_2):
-        """Temporarily make ``self.text_encoder(_2)`` the given pair (without touching the config)."""
-        saved = self.__dict__["text_encoder"], self.__dict__["text_encoder_2"]
-        self.__dict__["text_encoder"], self.__dict__["text_encoder_2"] = text_encoder, text_encoder_2
-        try:
-            yield
-        finally:
-            self.__dict__["text_encoder"], self.__dict__["text_encoder_2"] = saved
+    def load_text_encoder_pair(self, source: Any, *, argument: str = "text_encoders") -> tuple[Any, Any]:
+        """Load a safe pair that fits this pipeline, for :meth:`compare` (``text_encoders=``) or :meth:`encode_prompt`.
 
-    def _encoder_pair(self, encoder: str) -> tuple[Any, Any]:
-        if encoder == "safe":
-            return self.text_encoder, self.text_encoder_2
-        if encoder != "original":
-            raise ValueError(f"`encoder` must be 'safe' or 'original', got {encoder!r}.")
-        if self.original_text_encoder is None or self.original_text_encoder_2 is None:
-            raise ValueError(
-                "`encoder='original'` needs the base model's text encoders: load the pipeline with "
-                "`keep_original_text_encoder=True` (or pass `original_text_encoder=` and `original_text_encoder_2=`)."
-            )
-        return self.original_text_encoder, self.original_text_encoder_2
+        Args:
+            source: a folder or hub id holding both encoders (a two-encoder export or an SDXL pipeline folder, see
+                :func:`~safer_diffusion.encoders.load_safe_text_encoder_pair`). Loaded in the dtype of ``text_encoder``
+                and moved to the pipeline's device.
+            argument (`str`): how ``source`` is named in error messages.
+
+        Returns:
+            ``(CLIPTextModel, CLIPTextModelWithProjection)`` in eval mode.
+
+        Raises:
+            ValueError: ``source`` holds one encoder (the message names the missing one), or the pair does not fit the
+                pipeline: swapped towers, widths, depths or projection against the pipeline's pair and its UNet (the
+                message names ``ARGUMENT/text_encoder`` or ``ARGUMENT/text_encoder_2``).
+        """
+        pair = load_safe_text_encoder_pair(source, torch_dtype=self.text_encoder.dtype, argument=argument)
+        self._check_text_encoder_fit(pair, (f"{argument}/{TEXT_ENCODER_DIR}", f"{argument}/{TEXT_ENCODER_2_DIR}"))
+        return tuple(encoder.to(self._execution_device).eval() for encoder in pair)
+
+    def _check_text_encoder_fit(self, modules: tuple, labels: tuple[str, ...]) -> None:
+        check_sdxl_text_encoders(*modules, self.unet.config, self.tokenizer, self.tokenizer_2,
+                                 reference=(self.text_encoder, self.text_encoder_2), arguments=labels)  # fmt: skip
+
+    def _load_text_encoders_for_compare(self, source: Any, argument: str) -> tuple:
+        return self.load_text_encoder_pair(source, argument=argument)
 
     def encode_prompt(
         self,
@@ -496,19 +374,20 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         lora_scale: float | None = None,
         clip_skip: int | None = None,
-        encoder: str = "safe",
+        encoder: str | tuple[torch.nn.Module, torch.nn.Module] = "safe",
     ):
         r"""`StableDiffusionXLPipeline.encode_prompt`, with the choice of text-encoder pair.
 
         Args:
-            encoder (`str`, defaults to `"safe"`): ``"safe"`` (``text_encoder`` + ``text_encoder_2``) or
-                ``"original"`` (``original_text_encoder`` + ``original_text_encoder_2``).
+            encoder (`str` or a pair of modules, defaults to `"safe"`): ``"safe"`` (``text_encoder`` +
+                ``text_encoder_2``), ``"original"`` (``original_text_encoder`` + ``original_text_encoder_2``), or a
+                ``(text_encoder, text_encoder_2)`` pair that fits the pipeline (see :meth:`load_text_encoder_pair`).
             (all other arguments as in the parent)
 
         Returns:
             `(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)`.
         """
-        with self._encoders_in_place(*self._encoder_pair(encoder)):
+        with self._text_encoders_in_place(*self._encoders_for(encoder)):
             return super().encode_prompt(
                 prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
                 negative_prompt_2, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -516,15 +395,7 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
                 lora_scale=lora_scale, clip_skip=clip_skip,
             )  # fmt: skip
 
-    # ------------------------------------------------------------------ decoding and scoring
-    def _score_and_postprocess(self, image: torch.Tensor, output_type: str, score: bool = True):
-        """Score decoded images (applying ``safety_mode``) and post-process them: ``(images, flags, scores)``."""
-        flags = scores = None
-        if score:
-            image, flags, scores = self.score_images(image)
-        denormalize = None if flags is None else [not f for f in flags]  # flagged images come back in [0, 1]
-        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), flags, scores
-
+    # ------------------------------------------------------------------ decoding
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> VAE output in [-1, 1], as the parent's ``__call__`` decodes (fp16 upcast, latent mean/std,
         watermark)."""
@@ -564,51 +435,43 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
         ip_adapter_image_embeds=None,
         callback_on_step_end_tensor_inputs=None,
         *,
-        num_inference_steps: Any = _NOT_GIVEN,
-        timesteps=None,
-        sigmas=None,
         denoising_end=None,
-        guidance_scale: Any = _NOT_GIVEN,
-        guidance_rescale: Any = _NOT_GIVEN,
-        eta: Any = _NOT_GIVEN,
-        num_images_per_prompt: Any = _NOT_GIVEN,
-        generator=None,
-        latents=None,
         original_size=None,
         crops_coords_top_left=(0, 0),
         target_size=None,
         negative_original_size=None,
         negative_crops_coords_top_left=(0, 0),
         negative_target_size=None,
+        text_encoders: Any = None,
+        max_batch: Any = None,
+        **sampling: Any,
     ):
         """The parent's checks, plus those of the arguments it leaves to fail late or silently, as
-        `SaferStableDiffusionPipeline.check_inputs` does (the same helpers and messages).
+        `SaferStableDiffusionPipeline.check_inputs` does (the same shared checks and messages).
 
         Raises `ValueError` / `TypeError` naming the argument, the value and the fix: ``prompt`` / ``prompt_2`` /
         the negative prompts strings (a ``prompt_2`` list as long as ``prompt``); ``height``/``width`` positive
         multiples of 8; ``num_inference_steps`` and ``num_images_per_prompt`` whole numbers >= 1;
         ``guidance_scale``, ``guidance_rescale`` and ``eta`` finite; ``denoising_end`` in (0, 1]; the size
-        conditioning pairs of whole numbers; ``generator`` one or one per image; ``latents`` of the right shape.
+        conditioning pairs of whole numbers; ``generator`` one or one per image; ``latents`` of the right shape;
+        :meth:`compare`'s ``text_encoders`` (a ``{name: pair}`` dict, see
+        :func:`~safer_diffusion.compare.check_text_encoders`; nothing is loaded here) and ``max_batch``.
+        ``sampling`` holds the keywords ``num_inference_steps``, ``timesteps``, ``sigmas``, ``guidance_scale``,
+        ``guidance_rescale``, ``eta``, ``num_images_per_prompt``, ``generator`` and ``latents`` (each checked when
+        given; see ``_check_sampling_inputs``, shared with the SD pipeline).
         """
-        _check_prompt(prompt)
+        check_prompt(prompt)
         batch_prompts = None if prompt is None else (1 if isinstance(prompt, str) else len(prompt))
         for name, value in (("prompt_2", prompt_2), ("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
             _check_text(name, value, batch_prompts)
-        for name, value in (("height", height), ("width", width)):
-            if not _is_int(value) or value < 8 or value % 8:
-                raise ValueError(f"`{name}` must be a positive multiple of 8, got {value!r}; e.g. {name}=1024.")
+        self._check_compare_inputs(text_encoders, max_batch)
+        self._check_size(height, width)
         super().check_inputs(
             prompt, prompt_2, height, width, callback_steps, negative_prompt, negative_prompt_2, prompt_embeds,
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
             ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        custom_schedule = timesteps is not None or sigmas is not None
-        if num_inference_steps is not _NOT_GIVEN and not (num_inference_steps is None and custom_schedule):
-            _check_count("num_inference_steps", num_inference_steps, "e.g. num_inference_steps=25")
-        for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale), ("eta", eta)):
-            if value is not _NOT_GIVEN and (not _is_real(value) or not math.isfinite(value)):
-                raise ValueError(f"`{name}` must be a finite number, got {value!r}; e.g. guidance_scale=5.0, eta=0.0.")
-        if denoising_end is not None and (not _is_real(denoising_end) or not 0 < denoising_end <= 1):
+        if denoising_end is not None and (not is_real(denoising_end) or not 0 < denoising_end <= 1):
             raise ValueError(f"`denoising_end` must be a number in (0, 1] (the fraction of the schedule to run) or None, "
                              f"got {denoising_end!r}; e.g. denoising_end=0.8 before a refiner.")  # fmt: skip
         for name, value, lowest in (("original_size", original_size, 1), ("target_size", target_size, 1),
@@ -617,28 +480,10 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
                                     ("negative_target_size", negative_target_size, 1),
                                     ("negative_crops_coords_top_left", negative_crops_coords_top_left, 0)):  # fmt: skip
             if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2
-                                      or not all(_is_int(v) and v >= lowest for v in value)):  # fmt: skip
+                                      or not all(is_int(v) and v >= lowest for v in value)):  # fmt: skip
                 raise ValueError(f"`{name}` must be (height, width): two whole numbers >= {lowest}, got {value!r}; "
                                  f"e.g. {name}=(1024, 1024).")  # fmt: skip
-        per_prompt = 1
-        if num_images_per_prompt is not _NOT_GIVEN:
-            _check_count("num_images_per_prompt", num_images_per_prompt, "e.g. num_images_per_prompt=1")
-            per_prompt = num_images_per_prompt
-        if batch_prompts is not None:
-            batch = batch_prompts * per_prompt
-        else:
-            batch = prompt_embeds.shape[0] * per_prompt if torch.is_tensor(prompt_embeds) else None
-        _check_generator(generator, batch)
-        if latents is not None:
-            if not torch.is_tensor(latents):
-                raise TypeError(f"`latents` must be a torch.Tensor (or None), got {type(latents).__name__}.")
-            expected = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-            if tuple(latents.shape) != expected:
-                raise ValueError(
-                    f"`latents` has shape {tuple(latents.shape)}, but height={height}, width={width} and {batch} image(s) "
-                    f"need {expected} (latent side = image side / vae_scale_factor {self.vae_scale_factor}); pass latents "
-                    "of that shape, or the height/width that match them."
-                )
+        self._check_sampling_inputs(prompt, prompt_embeds, height, width, **sampling)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -758,14 +603,18 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> SaferComparisonOutput:
-        r"""Generate the same seeds with the original and the safe pair of text encoders, in one denoising loop.
+        text_encoders: dict[str, Any] | None = None,
+        max_batch: int | None = None,
+    ) -> SaferComparisonOutput | SaferStableDiffusionMultiCompareOutput:
+        r"""Generate the same seeds with several pairs of text encoders, in one denoising loop.
 
-        Both pairs' encodings (token states *and* pooled ``text_embeds``) go through the one shared UNet in a single
-        batch per step (with guidance: ``[uncond_original, uncond_safe, cond_original, cond_safe]``), from the same
-        initial latents. Each branch has its own copy of the scheduler state and of the generator state, so the
-        images equal, within float tolerance, those of two separate calls (one with the original pair, one with
-        the safe pair) with the same seeds, for stochastic schedulers too. Images are decoded one branch at a time.
+        By default the original and the safe pair; with ``text_encoders`` any N pairs. Every pair's encodings (token
+        states *and* pooled ``text_embeds``, with the size-conditioning ``time_ids``) go through the one shared UNet
+        in a single batch per step (with guidance: ``[uncond_1, ..., uncond_N, cond_1, ..., cond_N]``, i.e. ``2 * N``
+        times the prompt batch; split into UNet calls of at most ``max_batch`` rows when given), from the same
+        initial latents. Each pair has its own copy of the scheduler state and of the generator state, so its images
+        equal, within float tolerance, those of a separate call with that pair and the same seeds, for stochastic
+        and multistep schedulers too. Images are decoded one pair at a time.
 
         Args:
             prompt (`str` or `list[str]`): the prompt(s); required, none empty (``__call__`` keeps diffusers'
@@ -774,17 +623,25 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
             guidance_scale, num_images_per_prompt, generator, latents, output_type, eta, guidance_rescale,
             original_size, crops_coords_top_left, target_size, negative_original_size,
             negative_crops_coords_top_left, negative_target_size, clip_skip, cross_attention_kwargs: as in `__call__`.
-            score (`bool`, defaults to `True`): score both sets (and apply ``safety_mode``); `False` skips scoring.
+            score (`bool`, defaults to `True`): score every image (and apply ``safety_mode``); `False` skips scoring.
+            text_encoders (`dict[str, Any]`, *optional*): ``{name: pair}``, in the order results are reported. A
+                value is ``"original"`` (``original_text_encoder`` + ``original_text_encoder_2``), ``"safe"``
+                (``text_encoder`` + ``text_encoder_2``), a loaded ``(CLIPTextModel, CLIPTextModelWithProjection)``
+                pair on the pipeline's device, or a source holding both (a two-encoder export folder, an SDXL
+                pipeline folder, or a hub id of either) loaded with :meth:`load_text_encoder_pair` on every call
+                (load it once yourself for repeated calls; a folder named ``original`` or ``safe`` is given as
+                ``./original``). Every pair must fit the pipeline's (widths, depths, projection, the UNet); errors
+                name ``text_encoders[NAME]``. Default: the original and the safe pair, with today's
+                :class:`SaferComparisonOutput`.
+            max_batch (`int`, *optional*): at most this many UNet rows per forward pass (bounds the memory of
+                large N); `None` runs all ``2 * N * batch`` rows at once.
 
         Returns:
-            [`SaferComparisonOutput`]
+            [`SaferComparisonOutput`] without ``text_encoders``; [`SaferStableDiffusionMultiCompareOutput`]
+            (images, flags and scores per name) with it.
         """
-        if self.original_text_encoder is None or self.original_text_encoder_2 is None:
-            raise ValueError(
-                "`compare()` needs the base model's text encoders: load the pipeline with `keep_original_text_encoder=True` "
-                "(or pass `original_text_encoder=` and `original_text_encoder_2=`)."
-            )
-        _check_prompt(prompt, required=True)
+        self._check_compare_originals(text_encoders)
+        check_prompt(prompt, required=True)
         height, width = self.default_size(height, width)
         self.check_inputs(
             prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2,
@@ -793,65 +650,30 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
             generator=generator, latents=latents, original_size=original_size,
             crops_coords_top_left=crops_coords_top_left, target_size=target_size,
             negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
-            negative_target_size=negative_target_size,
+            negative_target_size=negative_target_size, text_encoders=text_encoders, max_batch=max_batch,
         )  # fmt: skip
-        (orig_images, orig_flags, orig_scores), (safe_images, safe_flags, safe_scores) = self._generate_branches(
-            [self._encoder_pair("original"), self._encoder_pair("safe")],
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            height=height, width=width, num_inference_steps=num_inference_steps, denoising_end=denoising_end,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, output_type=output_type, score=score, eta=eta, guidance_rescale=guidance_rescale,
-            original_size=original_size or (height, width), crops_coords_top_left=crops_coords_top_left,
-            target_size=target_size or (height, width), negative_original_size=negative_original_size,
-            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
-            clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs,
-        )  # fmt: skip
-        return SaferComparisonOutput(
-            original_images=orig_images,
-            safe_images=safe_images,
-            original_nsfw_content_detected=orig_flags,
-            safe_nsfw_content_detected=safe_flags,
-            original_nsfw_scores=orig_scores,
-            safe_nsfw_scores=safe_scores,
-        )
-
-    def _generate_branches(self, pairs: Sequence[tuple[Any, Any]], *, prompt, prompt_2, negative_prompt, negative_prompt_2,
-                           height, width, num_inference_steps, denoising_end, guidance_scale, num_images_per_prompt,
-                           generator, latents, output_type, score, eta, guidance_rescale, original_size,
-                           crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
-                           negative_target_size, clip_skip, cross_attention_kwargs) -> list[tuple[Any, Any, Any]]:  # fmt: skip
-        """One denoising loop for any number of text-encoder pairs (the N-way comparison's engine; ``compare()``
-        passes two). Inputs are checked by the caller. Returns ``(images, flags, scores)`` per pair, in order.
-
-        Rows per UNet call: with guidance ``[uncond_0 .. uncond_{N-1}, cond_0 .. cond_{N-1}]``, each ``batch`` rows.
-        """
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
+        encoders = self._compare_text_encoders(text_encoders)
+        self._start_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
         self._denoising_end = denoising_end
-        self._interrupt = False
         cfg = self.do_classifier_free_guidance
-        n = len(pairs)
         batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         device = self._execution_device
         lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
 
-        # 1. Encode with every pair; all embeddings in the dtype of the first pair's second encoder
-        encoded = []
-        for pair in pairs:
-            with self._encoders_in_place(*pair):
-                encoded.append(StableDiffusionXLPipeline.encode_prompt(
-                    self, prompt, prompt_2, device, num_images_per_prompt, cfg, negative_prompt, negative_prompt_2,
-                    lora_scale=lora_scale, clip_skip=clip_skip,
-                ))  # fmt: skip
-        dtype = encoded[-1][0].dtype
-        encoded = [tuple(None if e is None else e.to(dtype) for e in item) for item in encoded]
+        # 1. Encode with every pair, in the dtype a call of this pipeline conditions in (its text_encoder_2's)
+        dtype = self.text_encoder_2.dtype
+        encoded = [
+            tuple(None if e is None else e.to(device=device, dtype=dtype) for e in self.encode_prompt(
+                prompt, prompt_2, device, num_images_per_prompt, cfg, negative_prompt, negative_prompt_2,
+                lora_scale=lora_scale, clip_skip=clip_skip, encoder=pair,
+            ))
+            for pair in encoders.values()
+        ]  # fmt: skip
 
-        # 2. Time ids, laid out per branch exactly as the parent lays them out for its batch
+        # 2. Time ids, laid out per pair exactly as the parent lays them out for its batch
         projection_dim = self.text_encoder_2.config.projection_dim
-        time_ids = self._get_add_time_ids(original_size, crops_coords_top_left, target_size, dtype=dtype,
-                                          text_encoder_projection_dim=projection_dim)  # fmt: skip
+        time_ids = self._get_add_time_ids(original_size or (height, width), crops_coords_top_left, target_size or (height, width),
+                                          dtype=dtype, text_encoder_projection_dim=projection_dim)  # fmt: skip
         negative_time_ids = time_ids
         if negative_original_size is not None and negative_target_size is not None:
             negative_time_ids = self._get_add_time_ids(negative_original_size, negative_crops_coords_top_left,
@@ -860,95 +682,31 @@ class SaferStableDiffusionXLPipeline(OriginalEncodersMixin, StableDiffusionXLPip
         if cfg:  # the parent repeats the (negative, positive) pair over its 2 x batch rows; each half is kept as is
             rows = torch.cat([negative_time_ids, time_ids]).to(device).repeat(batch, 1)
             time_uncond, time_cond = rows[:batch], rows[batch:]
-            states = torch.cat([e[1] for e in encoded] + [e[0] for e in encoded])
-            text_embeds = torch.cat([e[3] for e in encoded] + [e[2] for e in encoded])
-            add_time_ids = torch.cat([time_uncond] * n + [time_cond] * n)
         else:
-            states = torch.cat([e[0] for e in encoded])
-            text_embeds = torch.cat([e[2] for e in encoded])
-            add_time_ids = time_ids.to(device).repeat(batch * n, 1)
-        states, text_embeds = states.to(device), text_embeds.to(device)
+            time_uncond, time_cond = None, time_ids.to(device).repeat(batch, 1)
+        branches = [
+            BranchConditioning(
+                cond={"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_cond}},
+                uncond={"encoder_hidden_states": negative_states,
+                        "added_cond_kwargs": {"text_embeds": negative_pooled, "time_ids": time_uncond}} if cfg else None,
+            )
+            for states, negative_states, pooled, negative_pooled in encoded
+        ]  # fmt: skip
 
-        # 3. Timesteps, one scheduler state per branch
+        # 3. Timesteps (cut at `denoising_end`); 4.-6. one scheduler and generator copy per pair, shared initial
+        # latents, one denoising loop (one UNet batch per step, in chunks of `max_batch` rows), decoded pair by pair
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
         if denoising_end is not None and 0 < denoising_end < 1:
-            cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - denoising_end)))
-            num_inference_steps = len([t for t in timesteps if t >= cutoff])
-            timesteps = timesteps[:num_inference_steps]
+            train_steps = self.scheduler.config.num_train_timesteps  # the parent's cutoff, rounded as it rounds
+            cutoff = int(round(train_steps - denoising_end * train_steps))
+            timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
-        schedulers = [self.scheduler] + [copy.deepcopy(self.scheduler) for _ in range(n - 1)]
-
-        # 4. Shared initial latents; per-branch generator copies for the scheduler's noise
-        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator, latents)
-        generators = [generator] + [clone_generator(generator) for _ in range(n - 1)]
-        extra = [self.prepare_extra_step_kwargs(g, eta) for g in generators]
-        branch = [latents] + [latents.clone() for _ in range(n - 1)]
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            w = torch.tensor(self.guidance_scale - 1).repeat(n * batch)
-            timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim).to(
-                device=device, dtype=latents.dtype
-            )
-
-        # 5. One denoising loop, one UNet call per step
-        added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": add_time_ids}
-        self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for t in timesteps:
-                scaled = [s.scale_model_input(x, t) for s, x in zip(schedulers, branch)]
-                model_input = torch.cat(scaled * 2) if cfg else torch.cat(scaled)
-                noise = self.unet(
-                    model_input, t, encoder_hidden_states=states, timestep_cond=timestep_cond,
-                    cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs, return_dict=False,
-                )[0]  # fmt: skip
-                if cfg:
-                    noise_uncond, noise_text = noise.chunk(2)
-                    noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
-                    if self.guidance_rescale > 0.0:
-                        noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=self.guidance_rescale)
-                branch = [
-                    s.step(e, t, x, **kw, return_dict=False)[0] for s, e, x, kw in zip(schedulers, noise.chunk(n), branch, extra)
-                ]
-                progress_bar.update()
-
-        # 6. Decode branch by branch (peak memory of one generation), score, post-process
-        outputs = []
-        for latent in branch:
-            if output_type == "latent":
-                outputs.append((latent, None, None))
-            else:
-                outputs.append(self._score_and_postprocess(self._decode(latent), output_type, score=score))
-        self.maybe_free_model_hooks()
-        return outputs
-
-
-def _load_dtype(kwargs: dict) -> Any:
-    """Read ``torch_dtype`` / ``dtype`` (names allowed) and ``use_safetensors`` from ``from_pretrained``'s kwargs."""
-    torch_dtype = as_torch_dtype(kwargs.pop("torch_dtype", None), "torch_dtype")
-    dtype = as_torch_dtype(kwargs.pop("dtype", None), "dtype")
-    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
-        raise ValueError(f"Pass either `torch_dtype`={torch_dtype} or `dtype`={dtype}, not both.")
-    torch_dtype = dtype if dtype is not None else torch_dtype
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
-    if kwargs.get("use_safetensors") is False:
-        raise ValueError("`use_safetensors=False` is not supported: weights are loaded from safetensors only (pickles can run code).")
-    kwargs["use_safetensors"] = True
-    return torch_dtype
-
-
-def _drop_safety_checker_options(kwargs: dict) -> None:
-    """Remove the SD pipeline's safety-checker options when they ask for nothing; refuse them when they ask for one."""
-    if kwargs.get("safety_checker") is not None:
-        raise ValueError(
-            "`safety_checker`: Stable Diffusion XL pipelines have no safety checker component. Score images with "
-            "`nsfw_scorer=\"safety_checker\"` (the same CompVis checker, run on the decoded images) instead."
-        )
-    if kwargs.get("requires_safety_checker", False) is not False:
-        raise ValueError("`requires_safety_checker` must be False (or not given) for an SDXL pipeline, which has no safety checker.")
-    kwargs.pop("safety_checker", None)
-    kwargs.pop("requires_safety_checker", None)
+        outputs = self._denoise_and_decode(
+            branches, timesteps, batch=batch, height=height, width=width, dtype=dtype, generator=generator,
+            latents=latents, eta=eta, output_type=output_type, score=score, max_batch=max_batch,
+        )  # fmt: skip
+        return self._comparison_output(list(encoders), outputs, default=text_encoders is None)
 
 
 def _check_one_encoder(kwargs: dict, reference: tuple, unet_config: dict) -> None:

@@ -24,7 +24,7 @@ from .hub import resolve_model_source
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_PIPELINES", "load_safer_pipeline", "read_model_index", "safer_pipeline_class"]
+__all__ = ["SUPPORTED_PIPELINES", "is_sdxl_base", "load_safer_pipeline", "read_model_index", "safer_pipeline_class"]
 
 _SD = ("safer_diffusion.pipeline_safer_stable_diffusion", "SaferStableDiffusionPipeline")
 _SDXL = ("safer_diffusion.pipeline_safer_stable_diffusion_xl", "SaferStableDiffusionXLPipeline")
@@ -74,6 +74,19 @@ def read_model_index(base: str | os.PathLike, argument: str = "base", *, revisio
     return data
 
 
+def _pipeline_entry(base: str | os.PathLike, argument: str, **hub_kwargs) -> tuple[str, str]:
+    """``(module, class)`` of the safer pipeline for ``base`` (from its ``model_index.json``; nothing imported)."""
+    class_name = read_model_index(base, argument, **hub_kwargs).get("_class_name")
+    if class_name not in SUPPORTED_PIPELINES:
+        supported = sorted({name for name in SUPPORTED_PIPELINES if not name.startswith("Safer")})
+        raise ValueError(
+            f"`{argument}`={os.fspath(base)!r} is a {class_name!r} pipeline (model_index.json `_class_name`); safer-diffusion "
+            f"supports {supported} bases (and the folders its own pipelines save). Pass a text-to-image Stable "
+            "Diffusion 1.x/2.x or SDXL base."
+        )
+    return SUPPORTED_PIPELINES[class_name]
+
+
 def safer_pipeline_class(base: str | os.PathLike, argument: str = "base", **hub_kwargs):
     """The safer pipeline class for ``base``, chosen by its ``model_index.json`` ``_class_name``.
 
@@ -85,16 +98,15 @@ def safer_pipeline_class(base: str | os.PathLike, argument: str = "base", **hub_
     Raises:
         ValueError: an unsupported pipeline class (the message lists the supported ones), or not a pipeline.
     """
-    class_name = read_model_index(base, argument, **hub_kwargs).get("_class_name")
-    if class_name not in SUPPORTED_PIPELINES:
-        supported = sorted({name for name in SUPPORTED_PIPELINES if not name.startswith("Safer")})
-        raise ValueError(
-            f"`{argument}`={os.fspath(base)!r} is a {class_name!r} pipeline (model_index.json `_class_name`); safer-diffusion "
-            f"supports {supported} bases (and the folders its own pipelines save). Pass a text-to-image Stable "
-            "Diffusion 1.x/2.x or SDXL base."
-        )
-    module, name = SUPPORTED_PIPELINES[class_name]
+    module, name = _pipeline_entry(base, argument, **hub_kwargs)
     return getattr(importlib.import_module(module), name)
+
+
+def is_sdxl_base(base: str | os.PathLike, argument: str = "base", **hub_kwargs) -> bool:
+    """Whether ``base`` loads as `SaferStableDiffusionXLPipeline` (two text encoders) rather than
+    `SaferStableDiffusionPipeline`: read from its ``model_index.json`` alone, before anything heavy is imported or
+    loaded, so that a caller can check the encoder options that fit it. Raises as :func:`safer_pipeline_class`."""
+    return _pipeline_entry(base, argument, **hub_kwargs) == _SDXL
 
 
 def load_safer_pipeline(base: str | os.PathLike, *, argument: str = "base", **kwargs):

@@ -139,7 +139,7 @@ def test_help_runs_and_lists_the_flags():
     out = subprocess.run([sys.executable, str(APP_PATH), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     for flag in ("--base", "--safe_encoder", "--tiny", "--host", "--port", "--share", "--device", "--dtype",
                  "--max_concurrency", "--queue_size", "--analytics", "--smoke_test", "--verbose", "--encoders",
-                 "--max_batch"):  # fmt: skip
+                 "--max_batch", "--safe_encoder_2", "--tiny_variant"):  # fmt: skip
         assert flag in out
     assert "--safe-encoder" not in out  # one spelling shown
 
@@ -408,6 +408,69 @@ def test_smoke_test_flag_runs_one_comparison(capsys, tiny_folders, mode):
     assert summary["ok"] is True and summary["original_size"] == summary["safe_size"] == [64, 64]
     assert {"flagged", "scores", "blurred"} <= set(summary["original"]) and "nudenet" in summary["safe"]["scores"]
     assert summary["request"]["num_inference_steps"] == 2
+    assert summary["pipeline"] == "SaferStableDiffusionPipeline"
+
+
+# ---------------------------------------------------------------------------------------------
+# An SDXL base (issue 15 item 4): the class picked from model_index.json, the safe pair, --tiny_variant sdxl
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_folders(tmp_path_factory):
+    """(tiny SDXL base folder, tiny two-encoder export folder)."""
+    from safer_diffusion.testing import tiny_pipeline_folders
+
+    return tiny_pipeline_folders(tmp_path_factory.mktemp("tiny_sdxl"), variant="sdxl")
+
+
+def test_tiny_sdxl_smoke_test_exits_0():
+    """`python demos/app.py --tiny --tiny_variant sdxl --smoke_test`: a tiny SDXL base and safe pair, one comparison."""
+    run = subprocess.run([sys.executable, str(APP_PATH), "--tiny", "--tiny_variant", "sdxl", "--smoke_test"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["ok"] is True and summary["pipeline"] == "SaferStableDiffusionXLPipeline"
+    assert summary["encoders"] == ["original", "safe"] and summary["original_size"] == summary["safe_size"] == [64, 64]
+    assert "nudenet" in summary["safe"]["scores"] and summary["similarity"]["reference"] == "original"
+
+
+def test_an_sdxl_base_from_local_folders_with_the_bigg_as_safe_encoder_2(capsys, sdxl_folders):
+    base, pair = sdxl_folders
+    argv = ["--base", str(base), "--safe_encoder", str(pair / "text_encoder"), "--safe_encoder_2", str(pair / "text_encoder_2"),
+            "--device", "cpu", "--smoke_test"]  # fmt: skip
+    assert app.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["pipeline"] == "SaferStableDiffusionXLPipeline" and summary["image_sizes"]["safe"] == [64, 64]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (lambda sd, xl: ["--tiny_variant", "sdxl"],
+         r"`--tiny_variant` sdxl picks the tiny models of `--tiny`; add `--tiny`, or drop `--tiny_variant`"),
+        (lambda sd, xl: ["--tiny", "--safe_encoder_2", "./big-g"],
+         r"`--tiny` builds its own models: do not combine it with `--base` or `--safe_encoder` \(or `--safe_encoder_2`\)"),
+        (lambda sd, xl: ["--base", str(sd[0]), "--safe_encoder", str(sd[1]), "--safe_encoder_2", str(xl[1])],
+         r"`--safe_encoder_2` is for SDXL bases \(two text encoders\), but `--base` '.*' is a Stable Diffusion 1\.x/2\.x pipeline"),
+        (lambda sd, xl: ["--base", str(xl[0])],
+         r"`--base` '.*' is SDXL, which conditions on two text encoders .*the default `--safe_encoder` Adeely93/SafeR_CLIP is a "
+         r"ViT-L/14 only"),
+        (lambda sd, xl: ["--base", str(xl[0]), "--safe_encoder", str(sd[1])],
+         r"`--safe_encoder`='.*' is one text encoder, but an SDXL base conditions on two: .*or the second encoder as "
+         r"`--safe_encoder_2=`"),
+        (lambda sd, xl: ["--tiny", "--tiny_variant", "sd3"], r"argument --tiny_variant/--tiny-variant: invalid choice: 'sd3'"),
+    ],
+    ids=["variant_without_tiny", "tiny_with_safe_encoder_2", "safe_encoder_2_for_sd", "sdxl_default_encoder",
+         "sdxl_one_encoder", "unknown_variant"],
+)
+def test_sdxl_encoder_options_that_cannot_fit_exit_2_before_loading(capsys, monkeypatch, tiny_folders, sdxl_folders, argv,
+                                                                     message):  # fmt: skip
+    _forbid_model_loading(monkeypatch)
+    assert app.main([*argv(tiny_folders, sdxl_folders), "--smoke_test"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 or "usage:" in err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,3 +154,38 @@ def test_encoders_without_original_and_bad_encoders(tiny_pipe, clip_folders):
         CompareService(tiny_pipe, encoders={})
     with pytest.raises(ValueError, match=r"`--encoders wide` has width \(hidden_size\) 48, but the UNet's cross_attention_dim is 32"):
         load_encoders(tiny_pipe, {"wide": str(clip_folders["wide"])})
+
+
+# ---------------------------------------------------------------- an SDXL base
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory):
+    from safer_diffusion.testing import tiny_pipeline_folders
+
+    base, pair = tiny_pipeline_folders(tmp_path_factory.mktemp("tiny_sdxl"), variant="sdxl")
+    return load_pipeline(str(base), str(pair), "cpu", pytest.importorskip("torch").float32), base, pair
+
+
+def test_an_sdxl_base_loads_its_class_and_worker_views_copy_both_tokenizers(sdxl_pipe):
+    pipe, _, _ = sdxl_pipe
+    assert type(pipe).__name__ == "SaferStableDiffusionXLPipeline" and pipe.original_text_encoder_2 is not None
+    view = _worker_view(pipe)
+    assert view.text_encoder_2 is pipe.text_encoder_2 and view.unet is pipe.unet  # weights shared
+    assert view.tokenizer_2 is not pipe.tokenizer_2 and view.tokenizer_2._tokenizer is not pipe.tokenizer_2._tokenizer
+    pipe.tokenizer_2("a cat", padding="longest")  # leaves the shared backend in "longest" mode
+    assert len(view.tokenizer_2("a cat", padding="max_length", max_length=77, truncation=True).input_ids) == 77
+    assert default_image_size(pipe) == 64
+
+
+def test_an_sdxl_service_shows_a_third_pair_from_an_export_in_one_compare_call(sdxl_pipe, tmp_path):
+    from demos.service import load_encoders
+    from safer_diffusion.testing import save_tiny_clip, save_tiny_sdxl_export
+
+    pipe, _, _ = sdxl_pipe
+    encoders = load_encoders(pipe, {"base": "original", "paper": "safe", "mine": str(save_tiny_sdxl_export(tmp_path / "p", seed=9))})
+    assert [type(e).__name__ for e in encoders["mine"]] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    service = CompareService(pipe, concurrency=2, encoders=encoders)
+    result = service.run(service.validate("a red bicycle", "", 1, 2, 7.5, 64, 64))
+    assert result.names == ["base", "paper", "mine"] and set(result.similarity) == {"paper", "mine"}
+    assert all(v.image.size == (64, 64) and "nudenet" in v.scores for v in result.verdicts.values())
+    with pytest.raises(ValueError, match=r"`--encoders one`='.*one' is one text encoder, but an SDXL base conditions on two"):
+        load_encoders(pipe, {"one": str(save_tiny_clip(tmp_path / "one", seed=3))})

@@ -24,7 +24,11 @@ from safer_diffusion.encoders import (
     text_encoder_pair_folder,
 )
 from safer_diffusion.export_format import SDXL_TEXT_ENCODERS, TEXT_ENCODER_DIR, export_text_encoders, read_manifest
-from safer_diffusion.pipeline_output import SaferComparisonOutput, SaferStableDiffusionPipelineOutput
+from safer_diffusion.pipeline_output import (
+    SaferComparisonOutput,
+    SaferStableDiffusionMultiCompareOutput,
+    SaferStableDiffusionPipelineOutput,
+)
 from safer_diffusion.pipeline_safer_stable_diffusion import SaferStableDiffusionPipeline
 from safer_diffusion.pipeline_safer_stable_diffusion_xl import SaferStableDiffusionXLPipeline
 from safer_diffusion.pipelines import SUPPORTED_PIPELINES, load_safer_pipeline, safer_pipeline_class
@@ -39,6 +43,10 @@ from safer_diffusion.testing import (
 
 STEPS = 2
 PROMPTS = ["a cat on a sofa", "a mountain lake"]
+N_WAY_SCHEDULERS = {  # compare(text_encoders=) against separate calls
+    "euler_ancestral": lambda config: EulerAncestralDiscreteScheduler.from_config(config),  # draws noise every step
+    "pndm": lambda config: PNDMScheduler.from_config(config, skip_prk_steps=True),  # multistep: keeps a history
+}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,6 +76,12 @@ def _vanilla(pipe, pair, scheduler=None):
     )  # fmt: skip
     v.set_progress_bar_config(disable=True)
     return v
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Three tiny SDXL (text_encoder, text_encoder_2) pairs with different random weights (seeds 11, 12, 13)."""
+    return {f"pair{seed}": tiny_sdxl_text_encoders(seed=seed) for seed in (11, 12, 13)}
 
 
 def _originals(pipe):
@@ -288,6 +302,161 @@ def test_compare_needs_the_original_pair_and_text(pipe, sdxl_folders):
     with pytest.raises(TypeError, match="`original_text_encoder_2` must be a CLIP text encoder module"):
         SaferStableDiffusionXLPipeline(**_components(pipe), original_text_encoder=pipe.original_text_encoder,
                                        original_text_encoder_2="text_encoder_2")  # fmt: skip
+
+
+# ---------------------------------------------------------------- N-way compare(text_encoders=...): equals N separate calls
+@pytest.mark.parametrize("scheduler_name", list(N_WAY_SCHEDULERS))
+def test_n_way_compare_of_pairs_equals_n_separate_calls(pipe, pairs, scheduler_name):
+    make = N_WAY_SCHEDULERS[scheduler_name]
+    original = pipe.scheduler
+    pipe.scheduler = make(original.config)
+    common = dict(num_inference_steps=3, negative_prompt=["blurry", "dark"], output_type="np")
+    try:
+        separate = {name: _vanilla(pipe, pair, make(original.config))(PROMPTS, generator=_gen(7), **common).images
+                    for name, pair in pairs.items()}  # fmt: skip
+        names = list(pairs)
+        for n in (1, 2, 3):
+            chosen = {name: pairs[name] for name in names[:n]}
+            out = pipe.compare(PROMPTS, text_encoders=chosen, generator=_gen(7), **common)
+            assert isinstance(out, SaferStableDiffusionMultiCompareOutput) and out.names == names[:n]
+            assert list(out.images) == list(out.nsfw_content_detected) == list(out.nsfw_scores) == names[:n]
+            for name in names[:n]:
+                assert out.images[name].shape == (2, 64, 64, 3)
+                np.testing.assert_allclose(out.images[name], separate[name], atol=1e-4, err_msg=f"{scheduler_name} N={n} {name}")
+                assert out.nsfw_content_detected[name] is None and out.nsfw_scores[name] is None  # no scorer
+        # chunked UNet batches (12 rows: 3 pairs x 2 halves x 2 prompts; 5 does not divide it) change nothing
+        chunked = pipe.compare(PROMPTS, text_encoders=pairs, generator=_gen(7), max_batch=5, **common)
+        for name in names:
+            np.testing.assert_allclose(chunked.images[name], separate[name], atol=1e-4, err_msg=f"{scheduler_name} max_batch {name}")
+    finally:
+        pipe.scheduler = original
+    for a, b in zip(names, names[1:]):  # different pairs really give different images
+        assert np.abs(separate[a] - separate[b]).max() > 1e-2
+
+
+def test_n_way_unet_rows_per_step_and_max_batch_chunks(pipe, pairs, monkeypatch):
+    calls = []
+    forward = pipe.unet.forward
+
+    def counting(sample, *args, **kwargs):
+        added = kwargs["added_cond_kwargs"]
+        calls.append((sample.shape[0], kwargs["encoder_hidden_states"].shape[0], added["text_embeds"].shape[0],
+                      added["time_ids"].shape[0]))  # fmt: skip
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", counting)
+    pipe.compare("a cat", text_encoders=pairs, num_inference_steps=2, generator=_gen(), output_type="latent", max_batch=4)
+    assert calls == [(4, 4, 4, 4), (2, 2, 2, 2)] * 2  # 3 pairs x (uncond, cond) = 6 rows per step, in chunks of 4
+
+
+def test_n_way_names_follow_the_given_order_and_aliases_are_the_pipelines_own(pipe, pairs):
+    common = dict(num_inference_steps=2, output_type="np")
+    out = pipe.compare("a red bicycle", text_encoders={"z": pairs["pair12"], "safe": "safe", "base": "original"},
+                       generator=_gen(3), **common)  # fmt: skip
+    assert out.names == ["z", "safe", "base"]
+    default = pipe.compare("a red bicycle", generator=_gen(3), **common)  # today's compare(): original + safe pair
+    assert isinstance(default, SaferComparisonOutput)
+    np.testing.assert_allclose(out.images["safe"], default.safe_images, atol=1e-5)
+    np.testing.assert_allclose(out.images["base"], default.original_images, atol=1e-5)
+    assert out.output("z").images is out.images["z"]
+
+
+def test_n_way_loads_a_two_encoder_export_and_scores_per_name(pipe, tmp_path):
+    folder = save_tiny_sdxl_export(tmp_path / "pair14", seed=14)
+    pipe.nsfw_scorer = FlagAll(level=-1.0)
+    try:
+        out = pipe.compare("a", text_encoders={"export": str(folder), "safe": "safe"}, num_inference_steps=2,
+                           generator=_gen(), output_type="pil")  # fmt: skip
+        lat = pipe.compare("a", text_encoders={"export": folder}, num_inference_steps=2, generator=_gen(), output_type="latent")
+    finally:
+        pipe.nsfw_scorer = None
+    assert out.nsfw_content_detected == {"export": [True], "safe": [True]}
+    assert set(out.nsfw_scores["export"][0]) == {"flag_all", "flag_all/mean"}
+    assert lat.images["export"].shape == (1, 4, 32, 32) and lat.nsfw_content_detected == {"export": None}
+    alone = _vanilla(pipe, load_safe_text_encoder_pair(folder), type(pipe.scheduler).from_config(pipe.scheduler.config))(
+        "a", num_inference_steps=2, generator=_gen(), output_type="latent").images
+    torch.testing.assert_close(lat.images["export"], alone, atol=1e-4, rtol=1e-4)
+    loaded = pipe.load_text_encoder_pair(folder, argument="mine")
+    assert [type(e).__name__ for e in loaded] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    assert loaded[0].dtype == pipe.text_encoder.dtype
+    states, _, pooled, _ = pipe.encode_prompt("a cat", device="cpu", do_classifier_free_guidance=False, encoder=loaded)
+    assert states.shape == (1, 77, 64) and pooled.shape == (1, 32) and pipe.text_encoder_2 is not loaded[1]
+
+
+@pytest.fixture
+def no_work(pipe, monkeypatch):
+    def no_unet(*args, **kwargs):
+        raise AssertionError("the UNet ran: the check came too late")
+
+    monkeypatch.setattr(pipe.unet, "forward", no_unet)
+    monkeypatch.setattr(type(pipe), "load_text_encoder_pair", lambda *a, **k: pytest.fail("loaded before the inputs were checked"))
+
+
+@pytest.mark.parametrize(
+    "make_value, error, pattern",
+    [
+        (lambda pairs: pairs["pair11"][0], TypeError,
+         r"`text_encoders\['x'\]` is one text encoder \(CLIPTextModel\), but an SDXL pipeline conditions on two: pass the pair"),
+        (lambda pairs: (*pairs["pair11"], pairs["pair12"][0]), TypeError,
+         r"`text_encoders\['x'\]` must be a pair \(text_encoder, text_encoder_2\) of loaded text encoder modules, got a tuple of 3"),
+        (lambda pairs: [pairs["pair11"][0], "b"], TypeError, r"got a list of 2 \(CLIPTextModel, str\)"),
+        (lambda pairs: 3, TypeError, r"`text_encoders\['x'\]` must be 'original', 'safe', a pair \(text_encoder, text_encoder_2\)"),
+        (lambda pairs: pairs["pair11"][::-1], ValueError,
+         r"`text_encoders\['x'\]\[0\]` and `text_encoders\['x'\]\[1\]` are swapped"),
+        (lambda pairs: tiny_sdxl_text_encoders(seed=3, hidden_size=48), ValueError,
+         r"`text_encoders\['x'\]\[0\]` has width \(hidden_size\) 48, but the base's text_encoder"),
+        (lambda pairs: "/nonexistent/pair", FileNotFoundError, r"`text_encoders\['x'\]`='/nonexistent/pair' is not an existing local path"),
+    ],
+    ids=["one_module", "three_modules", "not_modules", "int", "swapped", "too_wide", "missing_folder"],
+)
+def test_bad_text_encoder_pairs_are_refused_before_any_work(pipe, pairs, no_work, make_value, error, pattern):
+    with pytest.raises(error, match=pattern):
+        pipe.compare("a cat", num_inference_steps=2, text_encoders={"safe": "safe", "x": make_value(pairs)})
+
+
+def test_n_way_names_a_single_encoder_export_a_wide_pair_and_a_missing_original(pipe, tmp_path, monkeypatch):
+    single = save_tiny_sdxl_export(tmp_path / "single", text_encoders=("text_encoder",))
+    with pytest.raises(ValueError, match=r"`text_encoders\['one'\]`='.*single' is a single-encoder export .*lacks the safe "
+                                         r"text_encoder_2"):
+        pipe.compare("a cat", num_inference_steps=2, text_encoders={"one": str(single)})
+    wide = save_tiny_sdxl_export(tmp_path / "wide", seed=4, hidden_size=48)
+    with pytest.raises(ValueError, match=r"`text_encoders\['wide'\]/text_encoder` has width \(hidden_size\) 48"):
+        pipe.compare("a cat", num_inference_steps=2, text_encoders={"wide": str(wide)})
+    light = SaferStableDiffusionXLPipeline(**_components(pipe))
+    light.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(type(light), "load_text_encoder_pair", lambda *a, **k: pytest.fail("loaded before the aliases were checked"))
+    with pytest.raises(ValueError, match=r"`text_encoders\['base'\]` is 'original', but the pipeline has no original text "
+                                         r"encoders: .*\(or pass `original_text_encoder=` and `original_text_encoder_2=`\)"):
+        light.compare("a cat", num_inference_steps=2, text_encoders={"x": "./some-pair", "base": "original"})
+    meta = tuple(encoder.to("meta") for encoder in tiny_sdxl_text_encoders(seed=30))
+    with pytest.raises(ValueError, match=r"`text_encoders\['m'\]\[0\]` is on meta, but the pipeline runs on cpu; move it first"):
+        pipe.compare("a cat", num_inference_steps=2, text_encoders={"m": meta})
+
+
+@pytest.mark.gpu
+def test_n_way_compare_of_pairs_on_cuda_equals_separate_calls_and_works_with_cpu_offload(sdxl_folders, pairs):
+    base, safe = sdxl_folders
+    p = SaferStableDiffusionXLPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True).to("cuda")
+    p.set_progress_bar_config(disable=True)
+    on_gpu = {name: tuple(copy.deepcopy(e).to("cuda") for e in pair) for name, pair in pairs.items()}  # the fixture stays on CPU
+    common = dict(num_inference_steps=3, output_type="np")
+    out = p.compare("a cat", text_encoders={**on_gpu, "safe": "safe"}, generator=torch.Generator("cuda").manual_seed(0), **common)
+    for name, pair in {**on_gpu, "safe": (p.text_encoder, p.text_encoder_2)}.items():
+        alone = _vanilla(p, pair, type(p.scheduler).from_config(p.scheduler.config))(
+            "a cat", generator=torch.Generator("cuda").manual_seed(0), **common).images
+        np.testing.assert_allclose(out.images[name], alone, atol=1e-3)
+    offloaded = SaferStableDiffusionXLPipeline.from_pretrained(base, safe_text_encoder=safe, keep_original_text_encoder=True)
+    offloaded.set_progress_bar_config(disable=True)
+    offloaded.enable_model_cpu_offload()
+    cmp = offloaded.compare("a cat", text_encoders={"original": "original", "export": str(safe)},
+                            generator=torch.Generator("cuda").manual_seed(0), **common)  # fmt: skip
+    assert cmp.images["export"].shape == (1, 64, 64, 3) and np.isfinite(cmp.images["export"]).all()
+
+
+@pytest.mark.parametrize("max_batch", [0, 1.5, True])
+def test_bad_max_batch_is_refused_before_loading_a_pair(pipe, no_work, max_batch):
+    with pytest.raises(ValueError, match=rf"`max_batch` must be a whole number >= 1 .*got {max_batch!r}"):
+        pipe.compare("a cat", num_inference_steps=2, text_encoders={"x": "./some-pair"}, max_batch=max_batch)
 
 
 # ---------------------------------------------------------------- scores and safety modes
