@@ -83,7 +83,7 @@ from safer_diffusion.options import (  # noqa: E402
     resolve_device_and_dtype,
     run_main,
 )
-from safer_diffusion.tiny import _VARIANTS as TINY_VARIANTS  # noqa: E402 - the tiny model families, owned by tiny
+from safer_diffusion.tiny import TINY_VARIANTS, tiny_variant_option  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +136,7 @@ class DemoConfig:
     tiny: bool = option(False, "Use tiny random models built offline (images are noise; for trying the app without a GPU "
                                "or network). Cannot be combined with --base, --safe_encoder or --safe_encoder_2.",
                         group="models")  # fmt: skip
-    tiny_variant: str | None = option(None, f"With --tiny: the tiny model family, one of {', '.join(TINY_VARIANTS)} (default "
-                                            f"{TINY_VARIANTS[0]}; sdxl: a tiny SDXL base and a two-encoder safe export).",
-                                      choices=TINY_VARIANTS, group="models")  # fmt: skip
+    tiny_variant: str | None = tiny_variant_option(group="models")
     device: str = device_option(group="models")
     dtype: str = dtype_option(help="Weights dtype: auto = float16 on CUDA, float32 otherwise (float16 is refused on the CPU).",
                               group="models")  # fmt: skip

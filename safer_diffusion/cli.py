@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import tiny as tiny_models
-from .evaluation.config import TINY_VARIANTS
 from .evaluation.generate import base_kind, check_base_fits
 from .fileio import probe_writable_dir
 from .hub import resolve_model_source
@@ -63,6 +62,7 @@ from .pipeline_safer_stable_diffusion import SAFETY_MODES
 from .pipelines import load_safer_pipeline
 from .registry import ORIGINAL, SAFE
 from .scoring import NUDENET_LABELS, SCORERS
+from .tiny import TINY_VARIANTS, tiny_variant_option
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,7 @@ class GenerateConfig(_ScorerOptions):
     safe_encoder_2: str | None = option(None, "SDXL only: the safe text_encoder_2 (OpenCLIP ViT-bigG/14 with projection) on its own, "
                                               "beside a ViT-L/14 `--safe_encoder` (default Adeely93/SafeR_CLIP).")  # fmt: skip
     tiny: bool = option(False, "Use tiny random offline models instead of `--base`/`--safe_encoder`.")
-    tiny_variant: str | None = option(None, f"With --tiny: the tiny model family, one of {', '.join(TINY_VARIANTS)} (default "
-                                            f"{TINY_VARIANTS[0]}; sdxl: a tiny SDXL base and a two-encoder safe export).",
-                                      choices=TINY_VARIANTS)  # fmt: skip
+    tiny_variant: str | None = tiny_variant_option()
     negative_prompt: str | None = option(None, "Negative prompt (applied to every prompt).", group="generation")
     num_inference_steps: int = option(25, "Denoising steps.", bounds=(1, 1000), deprecated=("--steps",), group="generation")
     guidance_scale: float = option(7.5, "Classifier-free guidance scale.", bounds=(0.0, 100.0), group="generation")

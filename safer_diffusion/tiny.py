@@ -51,6 +51,8 @@ from .export_format import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TINY_VARIANTS",
+    "tiny_variant_option",
     "CLIP_VOCAB_SIZE",
     "TINY_HIDDEN_SIZE",
     "cache_dir",
@@ -76,7 +78,17 @@ TINY_HIDDEN_SIZE = 32
 #: ``tiny_pipeline_folders``'s variant name for Stable Diffusion XL.
 TINY_SDXL_VARIANT = "sdxl"
 #: ``tiny_pipeline_folders``'s variants.
-_VARIANTS = ("sd1", "sd2", TINY_SDXL_VARIANT)
+#: The tiny model families ``--tiny_variant`` chooses from (the first is the default).
+TINY_VARIANTS = ("sd1", "sd2", TINY_SDXL_VARIANT)
+
+
+def tiny_variant_option(**kwargs: Any) -> Any:
+    """The ``--tiny_variant`` field every entry point with ``--tiny`` shares (None = the first family)."""
+    from .options import option
+
+    return option(None, f"With --tiny: the tiny model family, one of {', '.join(TINY_VARIANTS)} (default "
+                        f"{TINY_VARIANTS[0]}; sdxl: a tiny SDXL base and a two-encoder safe export).",
+                  choices=TINY_VARIANTS, **kwargs)  # fmt: skip
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _N_MERGES = 49152 - 256 - 2  # the merges open_clip and OpenAI CLIP use from the BPE file
@@ -510,8 +522,8 @@ def tiny_pipeline_folders(root: str | os.PathLike | None = None, variant: Litera
     two-encoder export that fits it (:func:`save_tiny_sdxl_export`). All are random weights: images show
     noise-like patterns, never real content. Cached under ``root`` (default ``cache_dir() / "tiny"``).
     """
-    if variant not in _VARIANTS:
-        raise ValueError(f"`variant` must be one of {list(_VARIANTS)}, got {variant!r}.")
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"`variant` must be one of {list(TINY_VARIANTS)}, got {variant!r}.")
     root = Path(root) if root is not None else cache_dir() / "tiny"
     if variant == TINY_SDXL_VARIANT:
         base, safe = root / f"{variant}-base", root / f"{variant}-safe-export"

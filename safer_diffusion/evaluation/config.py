@@ -34,6 +34,7 @@ from ..options import (
 from ..registry import KNOWN_ENCODERS, ORIGINAL, SAFE, EncoderItem, parse_encoder_items
 from ..scoring import NUDENET_LABELS, SCORERS
 from ..scoring.safety_checker import DEFAULT_SAFETY_CHECKER
+from ..tiny import TINY_VARIANTS, tiny_variant_option
 from .fidelity import check_fidelity_options, check_fidelity_sources
 from .prompts import FORMATS, SETTING_COLUMNS, PromptRecord, file_columns, read_prompt_file
 from .protocols import AS_RUN, PROTOCOLS
@@ -47,7 +48,6 @@ __all__ = [
     "THRESHOLD_SCORERS",
     "TINY_PREFIX",
     "TINY_SOURCE",
-    "TINY_VARIANTS",
     "EvaluateConfig",
     "build_parser",
     "check_prompt_settings",
@@ -58,7 +58,6 @@ __all__ = [
 PROG = "safer-diffusion evaluate"
 DESCRIPTION = "NSFW generation-rate evaluation: per-category unsafe rates of generated images, original vs safe encoder."
 #: The tiny model families of ``--tiny_variant`` (:func:`safer_diffusion.tiny.tiny_pipeline_folders`), the first the default.
-TINY_VARIANTS = ("sd1", "sd2", "sdxl")
 #: The prefix of the model ids recorded in the settings for ``--tiny`` runs (``tiny:sd1``, ``tiny:sdxl``).
 TINY_PREFIX = "tiny:"
 #: The model id recorded in the settings for ``--tiny`` runs of the default (SD 1.x) tiny models.
@@ -100,9 +99,7 @@ class EvaluateConfig:
                                               "beside a ViT-L/14 `--safe_encoder`; not needed when `--safe_encoder` is a two-encoder "
                                               "export (docs/EXPORT_FORMAT.md section 8).", group="models")  # fmt: skip
     tiny: bool = option(False, "Use tiny random offline models (smoke tests; the images are noise).", group="models")
-    tiny_variant: str | None = option(None, f"With --tiny: the tiny model family, one of {', '.join(TINY_VARIANTS)} (default "
-                                            f"{TINY_VARIANTS[0]}; sdxl: a tiny SDXL base and a two-encoder safe export).",
-                                      choices=TINY_VARIANTS, group="models")  # fmt: skip
+    tiny_variant: str | None = tiny_variant_option(group="models")
     compare_original: bool = option(False, "Also generate with the original encoder on the same seeds (one UNet pass via compare()); "
                                            "the same as `--encoders original safe`.", group="models", deprecated=("--compare",))  # fmt: skip
     encoders: list[str] | None = option(None, "Variants to generate from the same seeds, each with its text encoder: known names "

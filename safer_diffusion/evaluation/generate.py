@@ -34,8 +34,8 @@ from ..hub import resolve_model_source
 from ..options import DEFAULT_SAFE_ENCODER, BadInputError
 from ..pipelines import SUPPORTED_PIPELINES, load_safer_pipeline, read_model_index, safer_pipeline_class
 from ..registry import ORIGINAL, SAFE, EncoderItem, encoder_width
-from ..tiny import tiny_pipeline_folders
-from .config import TINY_PREFIX, TINY_VARIANTS, EvaluateConfig, tiny_source
+from ..tiny import TINY_VARIANTS, tiny_pipeline_folders
+from .config import TINY_PREFIX, EvaluateConfig, tiny_source
 from .plan import WorkItem
 
 logger = logging.getLogger(__name__)
