@@ -91,8 +91,8 @@ def test_sdxl_bad_inputs_exit_2_before_any_model_loads(tmp_path, capsys, monkeyp
     monkeypatch.setattr("safer_diffusion.evaluation.run.build_scorers", no_loading)
     cases = [
         (["--tiny", "--tiny_variant", "sdxl", "--encoders", "original", "safe", f"third={third}"],
-         r"`--encoders` \['third'\]: with an SDXL `--base` only original and safe can be generated .*compare\(\) compares the base's "
-         r"pair with the safe pair"),
+         r"`--encoders` \['third'\]: with an SDXL `--base` only original and safe can be generated .*the evaluation does not "
+         r"load NAME=SOURCE pairs yet"),
         (["--base", str(xl_base), "--compare_original"],
          r"`--base` .* is SDXL, which conditions on two text encoders \(CLIP ViT-L/14 and OpenCLIP ViT-bigG/14\), but the default "
          r"`--safe_encoder` Adeely93/SafeR_CLIP is a ViT-L/14 only and would leave the bigG path unsafe\. Pass a two-encoder export "

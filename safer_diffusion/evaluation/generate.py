@@ -16,13 +16,12 @@ The base picks the pipeline class (:func:`safer_diffusion.pipelines.load_safer_p
 ``model_index.json``): Stable Diffusion 1.x/2.x or SDXL. An SDXL variant is a *pair* of text encoders
 (``text_encoder`` + ``text_encoder_2``); ``safe`` is ``--safe_encoder`` as a two-encoder export
 (docs/EXPORT_FORMAT.md section 8), or ``--safe_encoder`` (ViT-L/14) with ``--safe_encoder_2`` (bigG).
-SDXL runs generate ``original`` and ``safe`` only (:func:`check_base_fits`): the SDXL pipeline's
-``compare()`` compares those two pairs.
+SDXL runs generate ``original`` and ``safe`` only (:func:`check_base_fits`): the evaluation does not yet
+load ``NAME=SOURCE`` encoder *pairs* (the SDXL pipeline's ``compare(text_encoders=...)`` itself is N-way).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -115,8 +114,8 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
     if others:
         raise BadInputError(
             f"`--encoders` {others}: with an SDXL `--base` only original and safe can be generated (an SDXL variant is a pair "
-            "of text encoders, and SaferStableDiffusionXLPipeline.compare() compares the base's pair with the safe pair); drop "
-            "them, or evaluate them on a Stable Diffusion 1.x/2.x base."
+            "of text encoders, and the evaluation does not load NAME=SOURCE pairs yet); drop them, or evaluate them on a "
+            "Stable Diffusion 1.x/2.x base."
         )
     if SAFE not in variants or tiny or safe_encoder_2 is not None:
         return
@@ -368,54 +367,35 @@ def _generators(items: Sequence[WorkItem]) -> list[Any]:
     return [torch.Generator("cpu").manual_seed(it.seed) for it in items]
 
 
-@contextlib.contextmanager
-def _conditioned_by(pipe: Any, encoder: Any):
-    """Make ``encoder`` the pipeline's ``text_encoder`` for the block (without touching its config)."""
-    saved = pipe.__dict__["text_encoder"]
-    pipe.__dict__["text_encoder"] = encoder
-    try:
-        yield
-    finally:
-        pipe.__dict__["text_encoder"] = saved
-
-
 def generate_variants(pipe: Any, items: Sequence[WorkItem], encoders: dict[str, Any], config: EvaluateConfig, device: Any,
                       dtype: Any) -> dict[str, list[Any]]:  # fmt: skip
     """Each variant's images of the items that still need it, from the same initial latents and seeds.
 
-    One pipeline call per variant, conditioned on that variant's prompt embeddings. Returns
-    ``{variant: [image or None per item]}`` (`None` where the item's row exists already). This is
-    the function an N-way ``pipe.compare(prompt, text_encoders=...)`` (one denoising loop) replaces.
+    Variants that need the same items go through one N-way ``pipe.compare(prompts, text_encoders=...)``:
+    one denoising loop for all of them (each image equals a separate call with that encoder and seed).
+    Returns ``{variant: [image or None per item]}`` (`None` where the item's row exists already).
     """
     first = items[0]
-    sdxl = is_sdxl_pipeline(pipe)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for variant in encoders:
+        todo = tuple(i for i, it in enumerate(items) if variant in it.variants)
+        if todo:
+            groups.setdefault(todo, []).append(variant)
     out: dict[str, list[Any]] = {}
-    for variant, encoder in encoders.items():
-        todo = [i for i, it in enumerate(items) if variant in it.variants]
-        if not todo:
-            continue
+    for todo, variants in groups.items():
         sub = [items[i] for i in todo]
-        prompts = [it.record.prompt for it in sub]
-        cfg = first.guidance_scale > 1.0
-        negative = [config.negative_prompt] * len(sub) if config.negative_prompt else None
-        if sdxl:  # the pipeline's own pairs, by name (encode_prompt's `encoder`): token states and pooled text_embeds
-            name = next(n for n, pair in _sdxl_pairs(pipe).items() if all(a is b for a, b in zip(pair, encoder)))
-            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, device, 1, cfg, negative, encoder=name)
-            embeds = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=pooled,
-                          negative_pooled_prompt_embeds=uncond_pooled)  # fmt: skip
-        else:
-            with _conditioned_by(pipe, encoder):
-                cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negative)
-            embeds = dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
-        result = pipe(
-            **embeds, height=first.height, width=first.width,
-            num_inference_steps=config.num_inference_steps, guidance_scale=first.guidance_scale,
-            latents=initial_latents(pipe, sub, dtype, device), generator=_generators(sub), output_type="pil",
+        result = pipe.compare(
+            [it.record.prompt for it in sub], text_encoders={v: encoders[v] for v in variants}, score=False,
+            negative_prompt=[config.negative_prompt] * len(sub) if config.negative_prompt else None,
+            height=first.height, width=first.width, num_inference_steps=config.num_inference_steps,
+            guidance_scale=first.guidance_scale, latents=initial_latents(pipe, sub, dtype, device),
+            generator=_generators(sub), output_type="pil",
         )  # fmt: skip
-        images: list[Any] = [None] * len(items)
-        for i, image in zip(todo, result.images):
-            images[i] = image
-        out[variant] = images
+        for variant in variants:
+            images: list[Any] = [None] * len(items)
+            for i, image in zip(todo, result.images[variant]):
+                images[i] = image
+            out[variant] = images
     return out
 
 
