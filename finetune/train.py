@@ -86,7 +86,7 @@ from .modeling import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TRAIN_LOG", "TrainResult", "check_inputs", "main", "train"]
+__all__ = ["NonFiniteLossError", "TRAIN_LOG", "TrainResult", "check_inputs", "epoch_order", "epoch_plan", "main", "train"]
 
 #: Per-step loss log of the main process (JSON Lines, one ``{"step": ...}`` object per logged step).
 TRAIN_LOG = "train_log.jsonl"
@@ -133,7 +133,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- data plan
-def _epoch_plan(curriculum, num_epochs: int, global_batch: int) -> list[int]:
+def epoch_plan(curriculum, num_epochs: int, global_batch: int) -> list[int]:
     """Steps in each epoch (1-based epochs -> list index epoch-1): ceil(curriculum pairs / global batch)."""
     return [max(1, math.ceil(len(curriculum.indices_for_epoch(e)) / global_batch)) for e in range(1, num_epochs + 1)]
 
@@ -142,7 +142,7 @@ def _wrap(order: torch.Tensor, need: int) -> torch.Tensor:
     return order.repeat(math.ceil(need / len(order)))[:need] if need else order[:0]
 
 
-def _epoch_order(seed: int, epoch: int, pool: torch.Tensor, n_safe: int, steps: int, global_batch: int, n_extra: int = 0,
+def epoch_order(seed: int, epoch: int, pool: torch.Tensor, n_safe: int, steps: int, global_batch: int, n_extra: int = 0,
                  extra_rows: int = 0, batch: int | None = None):
     """Deterministic data order of one epoch: (unsafe pair indices, safe preservation indices), each steps*global_batch long.
 
@@ -462,7 +462,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
         params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
         weight_decay=config.adam_weight_decay,
     )
-    plan = _epoch_plan(curriculum, config.num_train_epochs, global_batch)
+    plan = epoch_plan(curriculum, config.num_train_epochs, global_batch)
     max_steps = sum(plan) if config.max_train_steps is None else min(sum(plan), config.max_train_steps)
     if config.max_train_steps is not None and config.max_train_steps > sum(plan):
         # more steps than the epochs give: extend with full-pool epochs
@@ -554,7 +554,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             if len(pool) < global_batch:
                 logger.warning("Epoch %d trains %d curriculum pairs, fewer than the global batch %d: pairs repeat within a batch.",
                                epoch, len(pool), global_batch)
-            order_u, order_s = _epoch_order(config.seed, epoch, pool, n, plan[epoch - 1], global_batch, n_extra=len(extras),
+            order_u, order_s = epoch_order(config.seed, epoch, pool, n, plan[epoch - 1], global_batch, n_extra=len(extras),
                                             extra_rows=config.extra_rows_per_batch, batch=B)  # fmt: skip
             for step_in_epoch in range(start, plan[epoch - 1]):
                 sl = slice(step_in_epoch * global_batch + rank * B, step_in_epoch * global_batch + (rank + 1) * B)

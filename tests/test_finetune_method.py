@@ -262,19 +262,19 @@ def test_extra_caption_anchors_are_cached_by_content(tmp_path, clip_tokenizer):
 
 
 def test_epoch_order_mixes_extra_rows_into_every_batch():
-    from finetune.train import _epoch_order
+    from finetune.train import epoch_order
 
     pool = torch.arange(10)
-    unsafe, safe = _epoch_order(1, 1, pool, 10, steps=3, global_batch=8)
+    unsafe, safe = epoch_order(1, 1, pool, 10, steps=3, global_batch=8)
     g = torch.Generator().manual_seed(1 * 1_000_003 + 1)  # the order without extra captions is unchanged
     expected_u = pool[torch.randperm(10, generator=g)].repeat(3)[:24]
     assert torch.equal(unsafe, expected_u) and torch.equal(safe, torch.randperm(10, generator=g).repeat(3)[:24])
-    unsafe2, mixed = _epoch_order(1, 1, pool, 10, steps=3, global_batch=8, n_extra=5, extra_rows=2, batch=4)  # 2 processes
+    unsafe2, mixed = epoch_order(1, 1, pool, 10, steps=3, global_batch=8, n_extra=5, extra_rows=2, batch=4)  # 2 processes
     assert torch.equal(unsafe2, unsafe)
     blocks = mixed.view(6, 4)
     assert bool((blocks[:, :2] < 10).all()) and bool((blocks[:, 2:] >= 10).all()) and bool((blocks[:, 2:] < 15).all())
     assert sorted(blocks[:, 2:].reshape(-1).tolist()[:5]) == [10, 11, 12, 13, 14]  # a permutation of the extra captions
-    assert torch.equal(mixed, _epoch_order(1, 1, pool, 10, 3, 8, n_extra=5, extra_rows=2, batch=4)[1])
+    assert torch.equal(mixed, epoch_order(1, 1, pool, 10, 3, 8, n_extra=5, extra_rows=2, batch=4)[1])
 
 
 # ----------------------------------------------------------------------------- whole runs (tiny CLIP)
