@@ -6,10 +6,15 @@ computed once, batched and without gradients, and cached on disk. The training l
 only the trainable encoder(s); ``T0(t̂)`` and ``V0(v̂)`` are rows of these tensors picked by the
 nearest-safe targets (:meth:`finetune.targets.Targets.hat_anchors`).
 
+Extra safe captions (``--extra_safe_captions``) are encoded with the pairs: ``extra_text`` = ``T0(extra)``; they
+join the nearest-safe pool after the paired safe captions (:attr:`AnchorSet.pool_text`, row ``N + j`` = extra
+caption ``j``) and, with ``--preserve_extra``, the preservation rows.
+
 Cache entries (``<key>.safetensors`` + ``<key>.json``) are keyed by the data fingerprint, the
-encoder fingerprint (a hash of every weight and of the config), the tokenizer / image processor
-and the options; the JSON metadata is compared in full before an entry is used, so a cache from
-another model, dataset or option set is never reused.
+encoder fingerprint (a hash of every weight and of the config), the tokenizer / image processor,
+the extra captions (their count and a hash of the list) and the options; the JSON metadata is
+compared in full before an entry is used, so a cache from another model, dataset, caption list or
+option set is never reused.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ class AnchorSet:
         safe_tokens (`Tensor (N, L, H)` or None): ``T0``'s last hidden states on the safe captions
             (``token_states=True``), tokenised exactly as :func:`tokenize` does (padding to ``L``).
         safe_token_mask (`BoolTensor (N, L)` or None): real (non-padding) tokens.
-        fingerprint (`str`): the cache key (data + encoder + options).
+        extra_text (`Tensor (M, D)` or None): ``T0`` of the extra safe captions, in the order given.
+        fingerprint (`str`): the cache key (data + encoder + extra captions + options).
     """
 
     safe_text: Tensor
@@ -61,10 +67,16 @@ class AnchorSet:
     unsafe_image: Tensor | None = None
     safe_tokens: Tensor | None = None
     safe_token_mask: Tensor | None = None
+    extra_text: Tensor | None = None
     fingerprint: str = ""
 
     def __len__(self) -> int:
         return int(self.safe_text.shape[0])
+
+    @property
+    def pool_text(self) -> Tensor:
+        """``T0`` of every safe caption a row index can name: the pairs' (rows 0..N-1), then the extra captions (N..N+M-1)."""
+        return self.safe_text if self.extra_text is None else torch.cat([self.safe_text, self.extra_text])
 
     def to(self, device: str | torch.device) -> AnchorSet:
         """A copy with every tensor on ``device``."""
@@ -260,8 +272,10 @@ def compute_anchors(
     cache_dir: str | os.PathLike | None = None,
     token_states: bool = False,
     image_processor=None,
+    extra_captions: Sequence[str] | None = None,
 ) -> AnchorSet:
-    """Frozen embeddings of every pair of ``dataset``, from the disk cache when an identical entry exists.
+    """Frozen embeddings of every pair of ``dataset`` (and of ``extra_captions``), from the disk cache when an identical
+    entry exists.
 
     Identical caption strings (or image paths) are encoded once. Images are encoded only when
     ``image_processor`` is given and every pair has that image.
@@ -276,6 +290,8 @@ def compute_anchors(
         token_states (`bool`, defaults to False): also keep ``T0``'s last hidden states on the safe
             captions and their attention mask (token-level preservation). Memory: ``N x 77 x H x 4`` bytes.
         image_processor (`CLIPImageProcessor`, *optional*): needed for image anchors.
+        extra_captions (`list[str]`, *optional*): extra safe captions (``--extra_safe_captions``), encoded into
+            ``extra_text``; part of the cache key.
 
     Returns:
         :class:`AnchorSet`
@@ -285,6 +301,9 @@ def compute_anchors(
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty; load at least one pair.")
     _check_batch(batch_size)
+    extras = None if extra_captions is None else [str(c) for c in extra_captions]
+    if extras is not None and not extras:
+        raise ValueError("`extra_captions` is empty; pass None or at least one caption.")
     folder = _cache.ensure_writable(cache_dir if cache_dir is not None else _cache.default_cache_dir("anchors"))
     with_images = image_processor is not None and dataset.has_images
     with_unsafe_images = with_images and dataset.has_unsafe_images
@@ -300,6 +319,8 @@ def compute_anchors(
         "image_processor": _processor_fingerprint(image_processor) if with_images else None,
         "options": {"token_states": bool(token_states), "images": with_images, "unsafe_images": with_unsafe_images, "dtype": str(dtype)},
     }
+    if extras is not None:  # only then, so the keys of caches without extra captions stay valid
+        meta["extra_captions"] = {"n": len(extras), "sha256": _cache.hash_json(extras)}
     key = _cache.hash_json(meta)[:32]
     hit = _cache.load_entry(folder, key, meta)
     if hit is not None:
@@ -307,10 +328,12 @@ def compute_anchors(
         return AnchorSet(**hit, fingerprint=key)
 
     logger.info("Anchors: computing %d pairs (images: %s, token states: %s) on %s.", len(dataset), with_images, token_states, device)
-    texts, inverse = _unique(dataset.safe_captions + dataset.unsafe_captions)
+    texts, inverse = _unique(dataset.safe_captions + dataset.unsafe_captions + (extras or []))
     emb, hidden, mask = _encode_text(model, tokenizer, texts, batch_size, device, dtype, token_states)
     n = len(dataset)
-    tensors: dict[str, Tensor] = {"safe_text": emb[inverse[:n]], "unsafe_text": emb[inverse[n:]]}
+    tensors: dict[str, Tensor] = {"safe_text": emb[inverse[:n]], "unsafe_text": emb[inverse[n : 2 * n]]}
+    if extras is not None:
+        tensors["extra_text"] = emb[inverse[2 * n :]]
     if token_states:
         # the hidden states of every safe caption (encoded with the unsafe ones; the rows are per caption)
         tensors["safe_tokens"] = hidden[inverse[:n]]

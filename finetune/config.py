@@ -12,13 +12,21 @@ Precedence: dataclass defaults < ``--config file.yaml`` < explicit command-line 
 Example::
 
     python -m finetune.train --config finetune/configs/safer_clip_vit_l14.yaml --train_batch_size 32 \\
-        --loss_weights rel_tt=0.3 pres_txt=0.5
+        --loss_weights rel_tt=0.3            # merged: rel_tt 0.3, every other term keeps its default
+    python -m finetune.train ... --loss_weights_mode replace --loss_weights rel_tt=0.3 pres_txt=0.7   # only these two
+
+Loss-dependent defaults (``auto`` values, ``loss_weights`` merged into the defaults) are resolved once the data is
+known (:meth:`TrainConfig.resolve`), and ``config.yaml`` holds the resolved values: the curriculum actually used,
+the Safe-CLIP variant, and the effective weight of every loss term (``loss_weights_mode: replace``), so the file
+reruns the same method.
 
 The method behind the defaults is described in docs/METHOD.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,14 +34,19 @@ from pathlib import Path
 from typing import Any
 
 from safer_diffusion.fileio import atomic_write_text
-from safer_diffusion.options import DEFAULT_CLIP_MODEL, config_from_dict, config_to_dict, option, parse_config
+from safer_diffusion.options import DEFAULT_CLIP_MODEL, config_from_dict, config_to_dict, option, parse_config, validate_config
 
 from .curriculum import CURRICULUM_MODES, check_schedule
 from .data import DATA_FORMATS, parse_column_map
-from .losses import LOSS_CHOICES, check_weights
+from .losses import LOSS_CHOICES, SAFE_CLIP_VARIANTS, WEIGHTS_MODES, available_terms, build_loss, check_weights
 from .modeling import ATTENTION_CHOICES
 
-__all__ = ["CONFIG_DIR", "PROG", "TrainConfig", "parse_train_config"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["AUTO", "CONFIG_DIR", "PROG", "TrainConfig", "loss_inputs", "parse_train_config"]
+
+#: The value of a key whose default depends on the loss or the data (resolved by :meth:`TrainConfig.resolve`).
+AUTO = "auto"
 
 #: Folder of the bundled configurations (``safer_clip_vit_l14.yaml``, ``tiny_cpu.yaml``, ...).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -71,7 +84,22 @@ class TrainConfig:
         None, "Column names for generic tables as FIELD=COLUMN items, e.g. `--column_map safe=caption unsafe=nsfw_caption "
         "safe_image=path` (fields: safe, unsafe, safe_image, unsafe_image, category).", group="data", metavar="FIELD=COLUMN",
     )
+    train_data_safe: str | None = option(
+        None, "Row-aligned pair files: `--train_data` holds the unsafe prompts and this file the safe ones, row i pairing "
+        "with row i (e.g. DES: `--train_data unsafe_prompts_copro_sexual.csv --train_data_safe safe_prompts_copro_sexual.csv`). "
+        "Column: `prompt`, the only column, or `--column_map unsafe=COL safe=COL`. Row counts must match; no row may be empty.",
+        group="data", metavar="FILE",
+    )
     image_root: str | None = option(None, "Folder that relative image paths in the data are resolved against.", group="data")
+    extra_safe_captions: list[str] | None = option(
+        None, "Extra safe captions (.txt one a line, or .csv/.jsonl/.json/.parquet with a caption column) that join the "
+        "nearest-safe pool (safer_clip) and, with `--preserve_extra`, the preservation term. Caption-only data only.",
+        group="data", metavar="FILE",
+    )
+    extra_safe_captions_column: str | None = option(
+        None, "Column of the extra captions in a table. Default: the first of caption, prompt, text, safe, or the only column.",
+        group="data",
+    )
     val_fraction: float = option(
         0.05, "Fraction of pairs held out (deterministically, by `seed`) for end-of-training validation metrics; in [0, 1).",
         bounds=(0.0, 1.0), group="data",
@@ -89,19 +117,44 @@ class TrainConfig:
         bounds=(0.0, 10.0), group="method",
     )
     loss_weights: dict[str, float] | None = option(
-        None, "Fixed term weights as KEY=VALUE items, e.g. `--loss_weights rel_tt=0.3 pres_txt=0.5` (terms not named are off). "
-        "Default: the docs/METHOD.md weights.", group="method", metavar="TERM=WEIGHT",
+        None, "Term weights as TERM=WEIGHT items, merged into the defaults (docs/METHOD.md §4.5-4.6): `--loss_weights rel_tt=0.3` "
+        "sets rel_tt and keeps every other term's default; a term named at 0 is off. With `--loss_weights_mode replace`, "
+        "`--loss_weights rel_tt=0.3 pres_txt=0.7` trains only those two. Safe-CLIP's weights are then normalised (sum 1, "
+        "divided by the variant's term count).", group="method", metavar="TERM=WEIGHT",
+    )
+    loss_weights_mode: str = option(
+        "merge", "merge: `--loss_weights` override single terms of the defaults; replace: only the named terms (the others off).",
+        choices=WEIGHTS_MODES, group="method",
+    )
+    renormalize_active: bool = option(
+        False, "When a term with a positive weight has no inputs (e.g. Safe-CLIP's vision terms with a frozen vision tower), "
+        "rescale the active terms to the total of the positive weights. Off (decision): that share is not trained, as in "
+        "Safe-CLIP's reference where a frozen tower's terms are constants.", group="method",
+    )
+    safe_clip_variant: str = option(
+        AUTO, "Safe-CLIP baseline: image (the paper's eight terms; needs safe images), text (its text-only analogue with "
+        "InfoNCE in text space, docs/METHOD.md §4.6), or auto: image when every pair has a safe image, else text.",
+        choices=(AUTO, *SAFE_CLIP_VARIANTS), group="method",
     )
     token_weight: float = option(
         0.0, "Weight of the token-level preservation term on safe captions (what the UNet sees); 0 = off.",
         bounds=(0.0, None), group="method",
     )
     curriculum: str = option(
-        "tertiles", "Easy-to-hard curriculum over pair difficulty cos(T0(t*), T0(t_hat)), or none.", choices=CURRICULUM_MODES,
+        AUTO, "Easy-to-hard curriculum over pair difficulty cos(T0(t*), T0(t_hat)): tertiles, none, or auto = tertiles for "
+        "safer_clip (paper) and none for safe_clip (Safe-CLIP has no curriculum).", choices=(*CURRICULUM_MODES, AUTO),
         group="method",
     )
     curriculum_boundaries: list[float] = option([1 / 3, 2 / 3], "Quantile boundaries of the curriculum stages.", group="method")
     curriculum_stage_epochs: list[int] = option([1, 2, 3], "First epoch (1-based) at which each stage is trained.", group="method")
+    preserve_extra: bool = option(
+        False, "Also preserve the `--extra_safe_captions`: each step, `extra_preserve_fraction` of the batch's preservation "
+        "rows are extra captions.", group="method",
+    )
+    extra_preserve_fraction: float = option(
+        0.5, "With `--preserve_extra`: share of each step's preservation rows drawn from the extra captions, in (0, 1] "
+        "(decision: 0.5, the paired safe captions and the extra corpus weigh equally).", bounds=(0.0, 1.0), group="method",
+    )
     precompute_anchors: bool = option(
         True,
         "Precompute the frozen T0/V0 embeddings once (fast). Off: run the frozen reference every step (Safe-CLIP style) "
@@ -189,10 +242,40 @@ class TrainConfig:
             raise ValueError(f"`--relative_scale` {self.relative_scale!r} is >= 10, which destroys the geometry; use 1 (default) to 3.")
         check_schedule(self.curriculum_boundaries, self.curriculum_stage_epochs,
                        names=("--curriculum_boundaries", "--curriculum_stage_epochs"))  # fmt: skip
+        variant = self.safe_clip_variant if self.safe_clip_variant != AUTO else None
         if self.loss_weights is not None:
             if not isinstance(self.loss_weights, dict) or not self.loss_weights:
                 raise ValueError(f"`--loss_weights` must be TERM=WEIGHT items (e.g. rel_tt=0.3), got {self.loss_weights!r}.")
-            check_weights(self.loss_weights, self.loss, "--loss_weights")
+            check_weights(self.loss_weights, self.loss, "--loss_weights", variant if self.loss == "safe_clip" else None)
+        elif self.loss_weights_mode == "replace":
+            raise ValueError("`--loss_weights_mode replace` needs `--loss_weights TERM=WEIGHT ...` (every unnamed term is off); "
+                             "name the terms to train, or use `--loss_weights_mode merge`.")
+        if variant is not None and self.loss != "safe_clip":
+            raise ValueError(f"`--safe_clip_variant {variant}` applies to `--loss safe_clip` only; drop it or leave it at auto.")
+        if variant == "text" and self.train_towers != "text":
+            raise ValueError(f"`--safe_clip_variant text` trains the text tower only, got `--train_towers {self.train_towers}`; "
+                             "use `--train_towers text` or `--safe_clip_variant image`.")
+        if self.extra_safe_captions is not None and not self.extra_safe_captions:
+            raise ValueError("`--extra_safe_captions` needs at least one FILE.")
+        if self.preserve_extra and not self.extra_safe_captions:
+            raise ValueError("`--preserve_extra` needs `--extra_safe_captions FILE [FILE ...]`.")
+        if self.extra_safe_captions and self.loss == "safe_clip" and not self.preserve_extra:
+            raise ValueError("`--extra_safe_captions` does nothing under `--loss safe_clip` (its target is the fixed pair, "
+                             "there is no nearest-safe pool); add `--preserve_extra` to preserve them, or drop them.")
+        if self.extra_safe_captions_column is not None and not self.extra_safe_captions:
+            raise ValueError("`--extra_safe_captions_column` needs `--extra_safe_captions`.")
+        if self.preserve_extra:
+            if self.extra_preserve_fraction <= 0:
+                raise ValueError(f"`--extra_preserve_fraction` must be in (0, 1], got {self.extra_preserve_fraction!r}.")
+            if self.extra_rows_per_batch < 1:
+                raise ValueError(f"`--extra_preserve_fraction` {self.extra_preserve_fraction} x `--train_batch_size` "
+                                 f"{self.train_batch_size} rounds to 0 extra rows per step; raise one of them.")
+        if self.train_data_safe is not None:
+            if not str(self.train_data_safe).strip():
+                raise ValueError("`--train_data_safe` is empty; pass the file of safe prompts.")
+            if self.data_format != "auto":
+                raise ValueError(f"`--data_format {self.data_format}` does not apply to row-aligned files (`--train_data_safe`); "
+                                 "leave it at auto.")
         if self.column_map is not None:  # a saved config of an older version holds the 'safe=a,unsafe=b' string
             self.column_map = parse_column_map(self.column_map)
         if not self.lora_target_modules:
@@ -204,22 +287,86 @@ class TrainConfig:
                 raise ValueError(f"`--{name}` is empty; pass a value.")
         return self
 
+    @property
+    def extra_rows_per_batch(self) -> int:
+        """Preservation rows per process batch drawn from the extra captions (0 without `--preserve_extra`)."""
+        return int(self.extra_preserve_fraction * self.train_batch_size + 0.5) if self.preserve_extra else 0
+
+    def resolve(self, *, safe_images: bool, unsafe_images: bool, named_weights_warn: bool = True) -> TrainConfig:
+        """A copy with every loss- and data-dependent default resolved, for a run whose data has (every pair) a safe
+        image (``safe_images``) and an unsafe image (``unsafe_images``):
+
+        * ``curriculum``: auto -> ``tertiles`` (safer_clip) or ``none`` (safe_clip);
+        * ``safe_clip_variant`` (safe_clip): auto -> ``image`` with safe images, else ``text``;
+        * ``loss_weights``: the effective weight of every term of the loss (``--loss_weights`` merged into or replacing
+          the defaults over the terms this run can compute, then Safe-CLIP's normalisation), with
+          ``loss_weights_mode: replace``. Resolving the result again gives the same config.
+
+        Raises:
+            ValueError: the Safe-CLIP image variant without safe images; no term that can run has a positive weight.
+        """
+        curriculum = self.curriculum if self.curriculum != AUTO else ("none" if self.loss == "safe_clip" else "tertiles")
+        variant = self.safe_clip_variant
+        if self.loss == "safe_clip":
+            if variant == AUTO:
+                variant = "image" if safe_images else "text"
+            elif variant == "image" and not safe_images:
+                raise ValueError("`--safe_clip_variant image` needs a safe image for every pair, and `--train_data` has none "
+                                 "(caption-only); use `--safe_clip_variant text` (or auto), the text-only analogue.")
+        inputs = loss_inputs(self.train_towers, safe_images, unsafe_images)
+        loss_fn = build_loss(self.loss, self.loss_weights, self.relative_scale, self.token_weight, weights_mode=self.loss_weights_mode,
+                             renormalize_active=self.renormalize_active, variant=variant if variant != AUTO else "image")  # fmt: skip
+        weights = loss_fn.weights_for(inputs)
+        runnable = available_terms(self.loss, inputs, variant if self.loss == "safe_clip" else None)
+        if not any(weights[name] > 0 for name in runnable) and self.token_weight == 0:
+            raise ValueError(f"`--loss_weights`: every term that can run in this configuration ({', '.join(runnable)}) has weight 0; "
+                             "give one of them a positive weight.")
+        idle = [name for name, w in weights.items() if w > 0 and name not in runnable]
+        if idle:
+            named = [name for name in idle if name in (self.loss_weights or {})]
+            fate = "the active terms are rescaled" if self.renormalize_active else "their share is not trained"
+            if named and named_weights_warn:
+                logger.warning("`--loss_weights` names %s, which cannot run here (inputs absent: towers %s, safe images %s, unsafe "
+                               "images %s); %s.", ", ".join(named), self.train_towers, safe_images, unsafe_images, fate)
+            logger.info("Loss terms with a positive weight that cannot run in this configuration: %s (%s).", ", ".join(idle), fate)
+        resolved = dataclasses.replace(self, curriculum=curriculum, safe_clip_variant=variant, loss_weights=dict(weights),
+                                       loss_weights_mode="replace")  # fmt: skip
+        return validate_config(resolved)
+
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the resolved configuration as YAML, atomically (tmp file + fsync + os.replace)."""
+    def save(self, path: str | os.PathLike, header: str = "") -> Path:
+        """Write the configuration as YAML, atomically (tmp file + fsync + os.replace); ``header`` lines become comments."""
         import yaml
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+        atomic_write_text(path, comment + yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build and validate a config from a mapping (a saved config.yaml, a checkpoint's state), as the CLI would."""
         return config_from_dict(cls, data, source)
+
+
+def loss_inputs(train_towers: str, safe_images: bool, unsafe_images: bool) -> frozenset[str]:
+    """The embeddings :func:`finetune.train.train` passes to the loss each step (docs/METHOD.md §6.4).
+
+    Frozen text embeddings always (``t0``, ``t0_star``, ``t0_hat``); the trained tower's outputs (``t``, ``t_star``;
+    ``v``, and ``v_star`` with unsafe images); frozen image embeddings with images (``v0``, ``v0_hat``; ``v0_star``
+    with unsafe images).
+    """
+    inputs = {"t0", "t0_star", "t0_hat"}
+    if train_towers in ("text", "both"):
+        inputs |= {"t", "t_star"}
+    if train_towers in ("vision", "both") and safe_images:
+        inputs |= {"v"} | ({"v_star"} if unsafe_images else set())
+    if safe_images:
+        inputs |= {"v0", "v0_hat"} | ({"v0_star"} if unsafe_images else set())
+    return frozenset(inputs)
 
 
 def parse_train_config(argv: Sequence[str] | None = None) -> TrainConfig:

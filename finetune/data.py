@@ -16,6 +16,15 @@ Formats (``format=``):
   relative to ``image_root`` (default: the data file's folder).
 * ``"auto"`` -- picked from the columns found.
 
+Row-aligned pair files (:func:`load_aligned_pairs`, the trainer's ``--train_data UNSAFE --train_data_safe SAFE``):
+two tables with one prompt column each, row ``i`` of one pairing with row ``i`` of the other, as DES
+(amoeba04/des) ships ``datasets/unsafe_prompts_copro_sexual.csv`` and ``safe_prompts_copro_sexual.csv``
+(6,911 rows each, column ``prompt``). One file with two named columns is the generic format with
+``--column_map safe=COL unsafe=COL``.
+
+Extra safe captions (:func:`load_captions`, ``--extra_safe_captions``): ``.txt`` (one caption a line) or a
+table with a caption column.
+
 Example::
 
     >>> ds = load_pairs("assets/sample_pairs.jsonl")
@@ -43,9 +52,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DATA_FORMATS",
     "FIELDS",
+    "CAPTION_COLUMNS",
+    "CAPTION_EXTENSIONS",
     "check_source",
     "PairDataset",
     "PairRecord",
+    "load_aligned_pairs",
+    "load_captions",
     "load_pairs",
     "load_pixels",
     "parse_column_map",
@@ -63,6 +76,12 @@ _DEFAULT_MAPS = {
     "generic": {"safe": "safe", "unsafe": "unsafe", "safe_image": "safe_image", "unsafe_image": "unsafe_image", "category": "category"},
 }
 _EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
+#: File types of ``--extra_safe_captions``: plain text (one caption a line) and the tables.
+CAPTION_EXTENSIONS = (".txt", *_EXTENSIONS)
+#: Columns looked for, in this order, when a caption or prompt file's column is not named.
+CAPTION_COLUMNS = ("caption", "prompt", "text", "safe")
+#: The column of each row-aligned pair file when none is named (DES's layout).
+ALIGNED_COLUMN = "prompt"
 VISU_HUB_ID = "aimagelab/ViSU-Text"
 _COLUMN_FLAG = "`--column_map` (e.g. --column_map safe=<column> unsafe=<column>; Python: column_map={'safe': ..., 'unsafe': ...})"
 
@@ -379,6 +398,131 @@ def load_pairs(
     logger.info("Loaded %d pairs from %s (format %s, images: %s).", len(dataset), name, fmt, dataset.has_images)
     if not dataset.has_images and any(r.safe_image for r in records):
         logger.warning("%s: only some pairs have a safe image; image terms need every pair to have one.", name)
+    return dataset
+
+
+def _read_rows(path: Path, argument: str) -> list[dict[str, Any]]:
+    """The rows of a table file, with every read error as a ValueError naming ``argument`` and the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"`{argument}` {str(path)!r} does not exist; pass an existing file.")
+    try:
+        return _read_table(path)
+    except (ValueError, csv.Error) as e:  # not UTF-8, bad JSON / JSON Lines, a malformed CSV
+        raise ValueError(f"`{argument}` {str(path)!r} cannot be read ({e}); pass a UTF-8 {'/'.join(_EXTENSIONS)} file.") from None
+    except OSError as e:
+        raise ValueError(f"`{argument}` {str(path)!r} cannot be read ({e.strerror or e}).") from None
+
+
+def _pick_column(rows: list[dict[str, Any]], column: str | None, preferred: Sequence[str], path: Path, argument: str,
+                 flag: str) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    if column is not None:
+        if column not in columns:
+            raise ValueError(f"`{argument}` {str(path)!r} has no column {column!r} (columns: {', '.join(map(str, columns))}); "
+                             f"fix {flag}.")
+        return column
+    for name in preferred:
+        if name in columns:
+            return name
+    if len(columns) == 1:
+        return columns[0]
+    raise ValueError(f"`{argument}` {str(path)!r} has no column {' / '.join(preferred)} and more than one column "
+                     f"({', '.join(map(str, columns))}); name it with {flag}.")
+
+
+def load_captions(paths: str | os.PathLike | Sequence[str | os.PathLike], column: str | None = None,
+                  argument: str = "--extra_safe_captions") -> list[str]:
+    """Captions from one or more files: ``.txt`` (one caption a line, blank lines skipped) or a ``.csv`` / ``.jsonl`` /
+    ``.json`` / ``.parquet`` table (``column``, else the first of :data:`CAPTION_COLUMNS` present, else its only column).
+
+    Captions are stripped; empty cells are skipped (logged) and duplicates kept once, in first-seen order.
+
+    Raises:
+        FileNotFoundError: a missing file.
+        ValueError: an unsupported suffix, an unreadable file (not UTF-8, bad JSON), a missing column, or a file
+            with no caption, naming ``argument`` and the file.
+    """
+    files = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not files:
+        raise ValueError(f"`{argument}` needs at least one file.")
+    captions: dict[str, None] = {}
+    for item in files:
+        path = Path(item).expanduser()
+        suffix = path.suffix.lower()
+        if suffix not in CAPTION_EXTENSIONS:
+            raise ValueError(f"`{argument}` {str(path)!r}: unsupported file type; pass one of {', '.join(CAPTION_EXTENSIONS)}.")
+        if suffix == ".txt":
+            if not path.is_file():
+                raise FileNotFoundError(f"`{argument}` {str(path)!r} does not exist; pass an existing file.")
+            try:
+                values: list[Any] = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"`{argument}` {str(path)!r} cannot be read (not UTF-8 text: {e.reason}); save it as UTF-8.") from None
+            empty = 0
+        else:
+            rows = _read_rows(path, argument)
+            if not rows:
+                raise ValueError(f"`{argument}` {str(path)!r} is empty (no rows); pass a file with captions.")
+            col = _pick_column(rows, column, CAPTION_COLUMNS, path, argument, "`--extra_safe_captions_column`")
+            values = [row.get(col) for row in rows]
+            empty = sum(_is_missing(v) for v in values)
+            if empty:
+                logger.warning("%s %s: skipped %d of %d rows with an empty %r.", argument, path, empty, len(values), col)
+        found = [str(v).strip() for v in values if not _is_missing(v)]
+        if not found:
+            raise ValueError(f"`{argument}` {str(path)!r} holds no caption (every line or cell is empty); pass a file with captions.")
+        before = len(captions)
+        captions.update(dict.fromkeys(found))
+        logger.info("%s %s: %d captions (%d new).", argument, path, len(found), len(captions) - before)
+    return list(captions)
+
+
+def load_aligned_pairs(unsafe_source: str | os.PathLike, safe_source: str | os.PathLike,
+                       column_map: Mapping[str, str] | str | None = None) -> PairDataset:
+    """Pairs from two row-aligned files: row ``i`` of ``unsafe_source`` is the unsafe prompt paired with row ``i`` of
+    ``safe_source`` (the DES layout: one ``prompt`` column each).
+
+    Args:
+        unsafe_source (`str`): the unsafe prompts (``--train_data``), a ``.csv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file.
+        safe_source (`str`): the safe prompts (``--train_data_safe``).
+        column_map (`dict`, *optional*): ``unsafe=COL`` / ``safe=COL`` name each file's column (default: ``prompt``, or
+            the file's only column). No other field applies.
+
+    Returns:
+        :class:`PairDataset` (no images, no categories).
+
+    Raises:
+        FileNotFoundError: a missing file.
+        ValueError: unreadable files, a missing column, row counts that differ, or an empty prompt (naming its file
+            and row), or a column map field other than safe/unsafe.
+    """
+    mapping = parse_column_map(column_map) or {}
+    extra = sorted(set(mapping) - {"safe", "unsafe"})
+    if extra:
+        raise ValueError(f"`--column_map` field(s) {extra} do not apply to row-aligned files (`--train_data_safe`); "
+                         "only unsafe=COL and safe=COL do.")
+    sides = {}
+    for field, source, argument in (("unsafe", unsafe_source, "--train_data"), ("safe", safe_source, "--train_data_safe")):
+        path = Path(source).expanduser()
+        if path.suffix.lower() not in _EXTENSIONS:
+            raise ValueError(f"`{argument}` {str(path)!r}: row-aligned pairs need a {'/'.join(_EXTENSIONS)} file.")
+        rows = _read_rows(path, argument)
+        if not rows:
+            raise ValueError(f"`{argument}` {str(path)!r} is empty (no rows).")
+        col = _pick_column(rows, mapping.get(field), (ALIGNED_COLUMN,), path, argument, f"`--column_map {field}=COLUMN`")
+        values = [row.get(col) for row in rows]
+        blank = [i for i, v in enumerate(values) if _is_missing(v)]
+        if blank:
+            raise ValueError(f"`{argument}` {str(path)!r} has {len(blank)} empty {col!r} value(s) (first: data row {blank[0] + 1}); "
+                             "row-aligned files pair row i with row i, so every row needs a prompt: fill or remove the row in "
+                             "both files.")
+        sides[field] = (path, [str(v).strip() for v in values])
+    (u_path, unsafe), (s_path, safe) = sides["unsafe"], sides["safe"]
+    if len(unsafe) != len(safe):
+        raise ValueError(f"Row-aligned pair files differ in length: `--train_data` {str(u_path)!r} has {len(unsafe)} rows, "
+                         f"`--train_data_safe` {str(s_path)!r} has {len(safe)}; row i of one must pair with row i of the other.")
+    dataset = PairDataset([PairRecord(safe=a, unsafe=b) for a, b in zip(safe, unsafe)], source=f"{u_path} + {s_path}")
+    logger.info("Loaded %d row-aligned pairs from %s (unsafe) and %s (safe).", len(dataset), u_path, s_path)
     return dataset
 
 

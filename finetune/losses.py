@@ -19,17 +19,21 @@ Cosines are computed with :func:`torch.nn.functional.cosine_similarity`, so the 
 have to be normalised (for L2-normalised inputs it is the dot product). InfoNCE normalises its
 inputs as CLIP does before the logits. Every term returns the mean over the batch.
 
-The combiners (:class:`SaferClipLoss`, :class:`SafeClipLoss`) follow open_clip's pattern: an
-``nn.Module`` returning a dict of named terms plus ``"loss"``, the weighted total, so a new term
-never touches the training loop. Terms whose inputs are ``None`` are skipped; the names of the
-terms that were computed are in the output dict and in ``last_active_terms``.
+The combiners (:class:`SaferClipLoss`, :class:`SafeClipLoss` with its ``image`` and text-only ``text``
+variants) follow open_clip's pattern: an ``nn.Module`` returning a dict of named terms plus ``"loss"``,
+the weighted total, so a new term never touches the training loop. Terms whose inputs are ``None`` are
+skipped; the names of the terms that were computed are in the output dict and in ``last_active_terms``.
+
+Weights: :func:`resolve_loss_weights` is the one rule for ``--loss_weights`` (merged into the defaults,
+or replacing them with ``--loss_weights_mode replace``); :data:`TERM_INPUTS` is the one table of which
+inputs each term needs (the trainer reads it to know, before the first step, which terms will run).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,23 +46,35 @@ __all__ = [
     "LOSS_CHOICES",
     "PRESERVATION_TERMS",
     "REDIRECTION_TERMS",
+    "SAFER_CLIP_TERMS",
     "SAFE_CLIP_TERMS",
+    "SAFE_CLIP_TEXT_TERMS",
+    "SAFE_CLIP_TEXT_WEIGHTS",
+    "SAFE_CLIP_VARIANTS",
     "SAFE_CLIP_WEIGHTS",
+    "TERM_INPUTS",
+    "WEIGHTS_MODES",
     "GatherFn",
     "SafeClipLoss",
     "SaferClipLoss",
+    "available_terms",
     "build_loss",
     "check_weights",
+    "default_weights",
     "distributed_gather",
     "info_nce",
+    "loss_terms",
+    "nce_redir_tt_loss",
+    "nce_tt_loss",
     "pres_cross_loss",
     "pres_img_loss",
     "pres_txt_loss",
     "relative_img_loss",
     "relative_tt_loss",
     "relative_txt_loss",
-    "loss_terms",
+    "resolve_loss_weights",
     "safe_clip_weights",
+    "safer_clip_default_weights",
     "token_pres_loss",
     "uni_img_loss",
     "uni_txt_loss",
@@ -378,36 +394,180 @@ def token_pres_loss(h: Tensor, h0: Tensor, mask: Tensor | None = None) -> Tensor
     return (per_token * m).sum() / n
 
 
-# ----------------------------------------------------------------------------- combiners
+# ----------------------------------------------------------------------------- Safe-CLIP text-only analogue terms
+
+
+def nce_tt_loss(t: Tensor, t0: Tensor, logit_scale: float = DEFAULT_LOGIT_SCALE, gather: GatherFn | None = None) -> Tensor:
+    r"""Text-space InfoNCE preservation of the text-only Safe-CLIP baseline (docs/METHOD.md §4.6).
+
+    .. math:: L_{nce\_tt} = \mathrm{InfoNCE}(T(t), T_0(t))
+
+    The text analogue of Safe-CLIP's ``nce_txt`` = InfoNCE(T(t), V0(v)): the frozen embedding of the
+    same safe caption takes the place of its frozen image. Each safe caption must stay nearer to its
+    own frozen embedding than to the other captions' frozen embeddings in the (gathered) batch.
+
+    Args:
+        t (`(B, D)`): ``T(t)``, trainable text encoder on the safe captions.
+        t0 (`(B, D)`): ``T0(t)``, frozen embeddings of the same captions.
+        logit_scale (`float`, defaults to 100): InfoNCE inverse temperature.
+        gather (`callable`, *optional*): cross-rank gather for in-batch negatives, see :func:`info_nce`.
+
+    Returns:
+        `Tensor` of shape `()`.
+    """
+    _check_2d(t=t, t0=t0)
+    return info_nce(t, t0, logit_scale, gather)
+
+
+def nce_redir_tt_loss(t_star: Tensor, t0_hat: Tensor, logit_scale: float = DEFAULT_LOGIT_SCALE, gather: GatherFn | None = None) -> Tensor:
+    r"""Text-space InfoNCE redirection of the text-only Safe-CLIP baseline (docs/METHOD.md §4.6).
+
+    .. math:: L_{nce\_redir\_tt} = \mathrm{InfoNCE}(T(t^*), T_0(\hat t))
+
+    The text analogue of Safe-CLIP's ``nce_redir_txt`` = InfoNCE(T(t*), V0(v)): each unsafe caption is
+    pulled to the frozen embedding of its paired safe caption (Safe-CLIP's fixed pair, ``t̂ = t``) and
+    pushed away from the other rows' paired safe captions.
+
+    Args:
+        t_star (`(B, D)`): ``T(t*)``, trainable text encoder on the unsafe captions.
+        t0_hat (`(B, D)`): ``T0(t̂)``, frozen embeddings of their paired safe captions (row-aligned).
+        logit_scale (`float`, defaults to 100): InfoNCE inverse temperature.
+        gather (`callable`, *optional*): cross-rank gather for in-batch negatives, see :func:`info_nce`.
+
+    Returns:
+        `Tensor` of shape `()`.
+    """
+    _check_2d(t_star=t_star, t0_hat=t0_hat)
+    return info_nce(t_star, t0_hat, logit_scale, gather)
+
+
+# ----------------------------------------------------------------------------- weights
 
 #: SaFeR-CLIP redirection terms (weighted together as one group).
 REDIRECTION_TERMS = ("rel_img", "rel_txt", "rel_tt", "uni_txt", "uni_img")
 #: SaFeR-CLIP preservation terms (one group). The token term has its own weight (``token_weight``).
 PRESERVATION_TERMS = ("pres_txt", "pres_img", "pres_x")
+#: Every weighted SaFeR-CLIP term.
+SAFER_CLIP_TERMS = REDIRECTION_TERMS + PRESERVATION_TERMS
 _TOKEN_TERM = "token_pres"
 #: Total weight of each SaFeR-CLIP group (redirection, preservation) with automatic weights (docs/METHOD.md decision).
 _GROUP_WEIGHT = 0.5
 #: The combiners, by their ``--loss`` name.
 LOSS_CHOICES = ("safer_clip", "safe_clip")
+#: How ``--loss_weights`` combines with the defaults: ``merge`` (named terms override, the others keep their
+#: default; a term named at 0 is off) or ``replace`` (only the named terms, the others off).
+WEIGHTS_MODES = ("merge", "replace")
+#: Safe-CLIP variants: ``image`` = the paper's eight terms (needs images), ``text`` = the text-only analogue.
+SAFE_CLIP_VARIANTS = ("image", "text")
+
+#: Safe-CLIP's eight terms (fixed ViSU pair as target, InfoNCE for cross-modal redirection).
+SAFE_CLIP_TERMS = {
+    "pres_txt": "1 - cos(T(t), T0(t))",
+    "redir_txt": "1 - cos(T(t*), T0(t))",
+    "pres_img": "1 - cos(V(v), V0(v))",
+    "redir_img": "1 - cos(V(v*), V0(v))",
+    "nce_txt": "InfoNCE(T(t), V0(v))",
+    "nce_redir_txt": "InfoNCE(T(t*), V0(v))",
+    "nce_img": "InfoNCE(T0(t), V(v))",
+    "nce_redir_img": "InfoNCE(T0(t), V(v*))",
+}
+#: Safe-CLIP's raw default weights (docs/METHOD.md §4.6 table).
+SAFE_CLIP_WEIGHTS = {
+    "pres_txt": 0.1,
+    "redir_txt": 0.1,
+    "pres_img": 0.1,
+    "redir_img": 0.2,
+    "nce_txt": 0.25,
+    "nce_redir_txt": 0.25,
+    "nce_img": 0.25,
+    "nce_redir_img": 0.5,
+}
+#: The text-only Safe-CLIP analogue (docs/METHOD.md §4.6): the image version's text-tower terms with the
+#: frozen image replaced by the frozen embedding of the (paired) safe caption.
+SAFE_CLIP_TEXT_TERMS = {
+    "pres_txt": "1 - cos(T(t), T0(t))",
+    "redir_txt": "1 - cos(T(t*), T0(t))",
+    "nce_tt": "InfoNCE(T(t), T0(t))",
+    "nce_redir_tt": "InfoNCE(T(t*), T0(t))",
+}
+#: Its raw weights: those of the image version's text terms (pres_txt, redir_txt 0.1; nce_txt, nce_redir_txt 0.25).
+SAFE_CLIP_TEXT_WEIGHTS = {"pres_txt": 0.1, "redir_txt": 0.1, "nce_tt": 0.25, "nce_redir_tt": 0.25}
+_SAFE_CLIP_VARIANT_WEIGHTS = {"image": SAFE_CLIP_WEIGHTS, "text": SAFE_CLIP_TEXT_WEIGHTS}
+
+#: The inputs each weighted term needs: a tuple of alternatives, each a tuple of input names; the term runs when
+#: every input of at least one alternative is given. The one table both combiners and the trainer read.
+TERM_INPUTS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
+    "safer_clip": {
+        "rel_img": (("v_star", "t0_star", "t0_hat"),),
+        "rel_txt": (("t_star", "v0_star", "v0_hat"),),
+        "rel_tt": (("t_star", "t0_star", "t0_hat"),),
+        "uni_txt": (("t_star", "t0_hat"),),
+        "uni_img": (("v_star", "v0_hat"),),
+        "pres_txt": (("t", "t0"),),
+        "pres_img": (("v", "v0"),),
+        "pres_x": (("t", "v0"), ("t0", "v")),
+    },
+    "safe_clip": {
+        "pres_txt": (("t", "t0"),),
+        "redir_txt": (("t_star", "t0_hat"),),
+        "pres_img": (("v", "v0"),),
+        "redir_img": (("v_star", "v0_hat"),),
+        "nce_txt": (("t", "v0"),),
+        "nce_redir_txt": (("t_star", "v0_hat"),),
+        "nce_img": (("t0", "v"),),
+        "nce_redir_img": (("t0_hat", "v_star"),),
+        "nce_tt": (("t", "t0"),),
+        "nce_redir_tt": (("t_star", "t0_hat"),),
+    },
+}
 
 
-def loss_terms(loss: str) -> tuple[str, ...]:
-    """Names of the weighted terms of ``loss`` (``"safer_clip"`` or ``"safe_clip"``); the token term is separate."""
+def _check_loss(loss: str) -> None:
     if loss not in LOSS_CHOICES:
         raise ValueError(f"`--loss` must be one of {list(LOSS_CHOICES)}, got {loss!r}.")
-    return REDIRECTION_TERMS + PRESERVATION_TERMS if loss == "safer_clip" else tuple(SAFE_CLIP_TERMS)
 
 
-def check_weights(weights: Mapping[str, float], loss: str, argument: str = "weights") -> dict[str, float]:
-    """Validate term -> weight for ``loss``: known term names, finite numbers >= 0. Returns them as floats.
+def _check_variant(variant: str) -> None:
+    if variant not in SAFE_CLIP_VARIANTS:
+        raise ValueError(f"`--safe_clip_variant` must be one of {list(SAFE_CLIP_VARIANTS)} (or auto in the config), got {variant!r}.")
+
+
+def loss_terms(loss: str, variant: str | None = None) -> tuple[str, ...]:
+    """Names of the weighted terms of ``loss``; the token term is separate.
+
+    ``variant`` (``safe_clip`` only): ``"image"`` or ``"text"``; ``None`` lists the terms of both variants.
+    """
+    _check_loss(loss)
+    if loss == "safer_clip":
+        return SAFER_CLIP_TERMS
+    if variant is None:
+        return tuple(dict.fromkeys([*SAFE_CLIP_WEIGHTS, *SAFE_CLIP_TEXT_WEIGHTS]))
+    _check_variant(variant)
+    return tuple(_SAFE_CLIP_VARIANT_WEIGHTS[variant])
+
+
+def available_terms(loss: str, inputs: set[str] | frozenset[str], variant: str | None = None) -> list[str]:
+    """The weighted terms of ``loss`` (and ``variant``) whose inputs are all among ``inputs`` (names such as ``"t_star"``)."""
+    table = TERM_INPUTS["safer_clip" if loss == "safer_clip" else "safe_clip"]
+    return [name for name in loss_terms(loss, variant) if any(set(alt) <= set(inputs) for alt in table[name])]
+
+
+def check_weights(weights: Mapping[str, float], loss: str, argument: str = "weights", variant: str | None = None) -> dict[str, float]:
+    """Validate term -> weight for ``loss`` (and ``variant``): known term names, finite numbers >= 0. Returns them as floats.
 
     Raises:
         ValueError: naming ``argument`` (e.g. ``--loss_weights``), the term or value, and the known terms.
     """
-    known = loss_terms(loss)
+    known = loss_terms(loss, variant)
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"`{argument}` must be TERM=WEIGHT items, got {weights!r}.")
     out = {}
     for name, w in weights.items():
         if name not in known:
+            if loss == "safe_clip" and variant is not None and name in loss_terms(loss):
+                other = "text" if variant == "image" else "image"
+                raise ValueError(f"`{argument}` term {name!r} belongs to the Safe-CLIP {other} variant, but this run uses "
+                                 f"`--safe_clip_variant {variant}`; its terms: {', '.join(known)}.")
             raise ValueError(f"`{argument}` has unknown term {name!r} for `--loss {loss}`; known terms: {', '.join(known)}.")
         if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
             raise ValueError(f"`{argument}` {name}={w!r}: a weight must be a finite number >= 0.")
@@ -415,15 +575,181 @@ def check_weights(weights: Mapping[str, float], loss: str, argument: str = "weig
     return out
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in WEIGHTS_MODES:
+        raise ValueError(f"`--loss_weights_mode` must be one of {list(WEIGHTS_MODES)}, got {mode!r}.")
+
+
+def safer_clip_default_weights(available: Iterable[str]) -> dict[str, float]:
+    """SaFeR-CLIP's automatic weights (docs/METHOD.md §4.5) for a call or run in which the ``available`` terms have inputs.
+
+    Each group (redirection, preservation) shares 0.5, split evenly among its available terms. ``rel_tt``, the
+    text-space stand-in for ``rel_txt`` (a project decision for caption-only data), counts only when ``rel_txt``
+    is not available (no unsafe images); name it in ``--loss_weights`` to use it alongside ``rel_txt``.
+
+    Returns:
+        every SaFeR-CLIP term -> weight (0 for the terms that are off).
+    """
+    avail = set(available)
+    if "rel_txt" in avail:
+        avail.discard("rel_tt")
+    out = dict.fromkeys(SAFER_CLIP_TERMS, 0.0)
+    for group in (REDIRECTION_TERMS, PRESERVATION_TERMS):
+        members = [name for name in group if name in avail]
+        out.update({name: _GROUP_WEIGHT / len(members) for name in members})
+    return out
+
+
+def default_weights(loss: str, available: Iterable[str] | None = None, variant: str = "image") -> dict[str, float]:
+    """The default raw weights of ``loss``: SaFeR-CLIP's automatic split over ``available`` terms (every term when
+    ``None``), or the Safe-CLIP ``variant``'s table."""
+    _check_loss(loss)
+    if loss == "safer_clip":
+        return safer_clip_default_weights(SAFER_CLIP_TERMS if available is None else available)
+    _check_variant(variant)
+    return dict(_SAFE_CLIP_VARIANT_WEIGHTS[variant])
+
+
+def resolve_loss_weights(
+    loss: str,
+    weights: Mapping[str, float] | None = None,
+    mode: str = "merge",
+    available: Iterable[str] | None = None,
+    variant: str = "image",
+    argument: str = "weights",
+) -> dict[str, float]:
+    """The raw weight of every term of ``loss``: the defaults with ``weights`` merged in, or ``weights`` alone.
+
+    ``mode="merge"`` (the default, ``--loss_weights_mode merge``): every named term gets its weight, every other
+    term keeps its default, a term named at 0 is off. ``mode="replace"``: the named terms only, all others 0.
+    Safe-CLIP's normalisation (:func:`safe_clip_weights`) is applied afterwards, to this resolved dict.
+
+    Example (caption-only SaFeR-CLIP, defaults rel_tt = uni_txt = 0.25, pres_txt = 0.5)::
+
+        >>> w = resolve_loss_weights("safer_clip", {"rel_tt": 0.3}, available=["rel_tt", "uni_txt", "pres_txt"])
+        >>> w["rel_tt"], w["uni_txt"], w["pres_txt"]
+        (0.3, 0.25, 0.5)
+        >>> w = resolve_loss_weights("safer_clip", {"rel_tt": 0.3}, "replace")
+        >>> w["rel_tt"], w["uni_txt"], w["pres_txt"]
+        (0.3, 0.0, 0.0)
+
+    Returns:
+        term -> raw weight, for every term of ``loss`` (and ``variant``).
+    """
+    _check_mode(mode)
+    named = {} if weights is None else check_weights(weights, loss, argument, variant if loss == "safe_clip" else None)
+    if mode == "replace":
+        if not named:
+            raise ValueError(f"`{argument}` is empty in replace mode (`--loss_weights_mode replace`): every term would be off; "
+                             "name at least one TERM=WEIGHT, or use merge mode.")
+        return {name: named.get(name, 0.0) for name in loss_terms(loss, variant if loss == "safe_clip" else None)}
+    return {**default_weights(loss, available, variant), **named}
+
+
+def safe_clip_weights(raw: Mapping[str, float] | None = None, variant: str = "image") -> dict[str, float]:
+    """Safe-CLIP's effective weights: ``raw`` (the variant's resolved weights) normalised to sum 1, then divided by the
+    variant's number of terms K (8, or 4 for the text variant), as Safe-CLIP's reference code averages its terms.
+
+    The rule maps a dict that already sums to 1/K onto itself, so recorded effective weights reproduce the run. With
+    the image defaults: 0.1 / 1.75 / 8 = 0.00714..., ..., 0.5 / 1.75 / 8 = 0.0357...; they sum to 1/8. Text defaults:
+    0.1 / 0.7 / 4 = 0.0357 (pres_txt, redir_txt) and 0.25 / 0.7 / 4 = 0.0893 (nce_tt, nce_redir_tt); they sum to 1/4.
+    """
+    _check_variant(variant)
+    terms = tuple(_SAFE_CLIP_VARIANT_WEIGHTS[variant])
+    raw = dict(_SAFE_CLIP_VARIANT_WEIGHTS[variant] if raw is None else check_weights(raw, "safe_clip", "weights", variant))
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError(f"`weights` must have a positive sum, got {raw}.")
+    return {name: raw.get(name, 0.0) / total / len(terms) for name in terms}
+
+
 def _check_token_weight(token_weight: float) -> None:
     if not (isinstance(token_weight, (int, float)) and math.isfinite(token_weight) and token_weight >= 0):
         raise ValueError(f"`token_weight` must be a finite number >= 0, got {token_weight!r}.")
 
 
-class SaferClipLoss(nn.Module):
+def _present(**tensors: Tensor | None) -> set[str]:
+    return {name for name, x in tensors.items() if x is not None}
+
+
+def _active_weights(weights: Mapping[str, float], available: Sequence[str], renormalize_active: bool) -> dict[str, float]:
+    """The weights of the terms that run in this call: positive weight and inputs present, in ``available``'s order.
+
+    ``renormalize_active``: when a positive-weight term is skipped (inputs absent), rescale the active weights so they
+    sum to the total of all positive weights; otherwise the skipped terms' share is simply not trained.
+    """
+    active = {name: weights[name] for name in available if weights.get(name, 0.0) > 0}
+    if renormalize_active and active:
+        wanted = sum(w for w in weights.values() if w > 0)
+        have = sum(active.values())
+        if have < wanted:
+            active = {name: w * wanted / have for name, w in active.items()}
+    return active
+
+
+class _Combiner(nn.Module):
+    """Shared forward of the combiners: compute the active terms, weight and sum them, add the token term."""
+
+    loss_name = ""
+    token_weight: float
+    last_active_terms: list[str]
+    last_weights: dict[str, float]
+
+    def _terms(self, **inputs) -> dict[str, Callable[[], Tensor]]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _weights(self, available: list[str]) -> dict[str, float]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def weights_for(self, inputs: set[str] | frozenset[str]) -> dict[str, float]:
+        """Every term's static weight (before ``renormalize_active``) in calls given exactly these ``inputs``."""
+        return self._weights(available_terms(self.loss_name, inputs, getattr(self, "variant", None)))
+
+    def forward(
+        self,
+        t: Tensor | None = None,
+        t_star: Tensor | None = None,
+        t0: Tensor | None = None,
+        t0_star: Tensor | None = None,
+        t0_hat: Tensor | None = None,
+        v: Tensor | None = None,
+        v_star: Tensor | None = None,
+        v0: Tensor | None = None,
+        v0_star: Tensor | None = None,
+        v0_hat: Tensor | None = None,
+        h: Tensor | None = None,
+        h0: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        tensors = dict(t=t, t_star=t_star, t0=t0, t0_star=t0_star, t0_hat=t0_hat, v=v, v_star=v_star, v0=v0, v0_star=v0_star, v0_hat=v0_hat)
+        _check_2d(**tensors)
+        tensors = self._prepare(tensors)
+        available = available_terms(self.loss_name, _present(**tensors), getattr(self, "variant", None))
+        weights = _active_weights(self._weights(available), available, self.renormalize_active)
+        compute = self._terms(**tensors)
+        if self.token_weight > 0 and h is not None and h0 is not None:
+            weights[_TOKEN_TERM] = self.token_weight
+            compute[_TOKEN_TERM] = lambda: token_pres_loss(h, h0, token_mask)
+        if not weights:
+            raise ValueError(self._nothing_message)
+        out: dict[str, Tensor] = {}
+        total = None
+        for name, w in weights.items():
+            value = compute[name]()
+            out[name] = value
+            total = w * value if total is None else total + w * value
+        self.last_active_terms = list(weights)
+        self.last_weights = dict(weights)
+        return {"loss": total, **out}
+
+    def _prepare(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        return tensors
+
+
+class SaferClipLoss(_Combiner):
     r"""SaFeR-CLIP total loss: a weighted sum of the docs/METHOD.md §4 terms whose inputs are present.
 
-    Terms and the inputs they need (``None`` inputs skip the term):
+    Terms and the inputs they need (``None`` inputs skip the term; :data:`TERM_INPUTS`):
 
     ===============  ===========================================  ==============
     term             equation                                     inputs
@@ -439,23 +765,25 @@ class SaferClipLoss(nn.Module):
     ``token_pres``   :func:`token_pres_loss` (only if token_weight > 0)   h, h0, token_mask
     ===============  ===========================================  ==============
 
-    Weights (docs/METHOD.md decision): with ``weights=None`` the redirection terms share 0.5 and the
-    preservation terms share 0.5, split evenly among the terms of each group that are active in
-    this call (inputs present). E.g. caption-only data: ``rel_tt`` = ``uni_txt`` = 0.25,
-    ``pres_txt`` = 0.5. With an explicit ``weights`` dict (``--loss_weights``), each named term gets
-    that fixed weight and terms not named are disabled. ``token_pres`` is outside the groups: it is
-    added with ``token_weight`` (default 0 = off).
+    Weights (docs/METHOD.md §4.5): the defaults (:func:`safer_clip_default_weights`, per call over the terms whose
+    inputs are present) give each group, redirection and preservation, 0.5 split evenly over its present terms;
+    ``rel_tt`` counts only when ``rel_txt`` has no inputs. E.g. caption-only data: ``rel_tt`` = ``uni_txt`` = 0.25,
+    ``pres_txt`` = 0.5. ``weights`` (``--loss_weights``) are merged into these defaults (``weights_mode="merge"``:
+    a term named at 0 is off) or replace them (``"replace"``: unnamed terms are off), see
+    :func:`resolve_loss_weights`. ``token_pres`` is outside the groups: it is added with ``token_weight``.
 
     Args:
-        weights (`dict[str, float]`, *optional*): fixed per-term weights (see above).
+        weights (`dict[str, float]`, *optional*): per-term weights (see above).
         scale (`float`, defaults to 1.0): ``s``, the scale inside the relative losses' softplus.
-            The paper uses none (s = 1). Evidence (docs/METHOD.md §4, measured on a real pretrained
-            sentence encoder with the text-only terms): s = 1 redirected more than the Safe-CLIP
-            terms at every learning rate tried, with slightly less drift of safe captions at
-            matched redirection; s >= 5 drifted more than Safe-CLIP; s = 2-3 is the "stronger
-            redirection" setting; never use s >= 10 (a warning is logged).
+            The paper uses none (s = 1). Evidence (docs/METHOD.md §8): s = 1 redirected more than the Safe-CLIP
+            terms at every learning rate tried, with slightly less drift of safe captions at matched redirection;
+            s >= 5 drifted more than Safe-CLIP; s = 2-3 is the "stronger redirection" setting; never use s >= 10
+            (a warning is logged).
         token_weight (`float`, defaults to 0): weight of the token-level preservation term; 0 disables it.
         gather (`callable`, *optional*): cross-rank gather for InfoNCE, see :func:`info_nce`.
+        weights_mode (`str`, defaults to `"merge"`): ``"merge"`` or ``"replace"``.
+        renormalize_active (`bool`, defaults to False): when a term with a positive weight has no inputs in a call,
+            rescale the active terms' weights to the total of the positive weights (False: that share is not trained).
 
     InfoNCE (``pres_x``) uses CLIP's logit scale :data:`DEFAULT_LOGIT_SCALE`.
 
@@ -465,12 +793,18 @@ class SaferClipLoss(nn.Module):
         weights used.
     """
 
+    loss_name = "safer_clip"
+    _nothing_message = ("No SaFeR-CLIP loss term has its inputs and a positive weight: pass at least `t_star`, `t0_star`, "
+                        "`t0_hat` (text redirection) or `t`, `t0` (text preservation).")
+
     def __init__(
         self,
-        weights: dict[str, float] | None = None,
+        weights: Mapping[str, float] | None = None,
         scale: float = 1.0,
         token_weight: float = 0.0,
         gather: GatherFn | None = None,
+        weights_mode: str = "merge",
+        renormalize_active: bool = False,
     ):
         super().__init__()
         _check_scale(scale)
@@ -479,7 +813,12 @@ class SaferClipLoss(nn.Module):
         elif scale >= 5:
             logger.warning("Relative-loss scale s=%s >= 5 drifted more than Safe-CLIP in docs/METHOD.md's measurements.", scale)
         _check_token_weight(token_weight)
+        _check_mode(weights_mode)
         self.weights = None if weights is None else check_weights(weights, "safer_clip", "weights")
+        if weights_mode == "replace":
+            resolve_loss_weights("safer_clip", self.weights, "replace")  # an empty dict is refused here, not at the first step
+        self.weights_mode = weights_mode
+        self.renormalize_active = bool(renormalize_active)
         self.scale = float(scale)
         self.logit_scale = DEFAULT_LOGIT_SCALE
         self.token_weight = float(token_weight)
@@ -488,111 +827,30 @@ class SaferClipLoss(nn.Module):
         self.last_weights: dict[str, float] = {}
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, token_weight={self.token_weight}, weights={self.weights or 'auto'}"
+        return (f"scale={self.scale}, token_weight={self.token_weight}, weights={self.weights or 'auto'}, "
+                f"weights_mode={self.weights_mode}, renormalize_active={self.renormalize_active}")
 
-    def _enabled(self, name: str) -> bool:
-        return True if self.weights is None else self.weights.get(name, 0.0) > 0
+    def _weights(self, available: list[str]) -> dict[str, float]:
+        return resolve_loss_weights("safer_clip", self.weights, self.weights_mode, available)
 
-    def forward(
-        self,
-        t: Tensor | None = None,
-        t_star: Tensor | None = None,
-        t0: Tensor | None = None,
-        t0_star: Tensor | None = None,
-        t0_hat: Tensor | None = None,
-        v: Tensor | None = None,
-        v_star: Tensor | None = None,
-        v0: Tensor | None = None,
-        v0_star: Tensor | None = None,
-        v0_hat: Tensor | None = None,
-        h: Tensor | None = None,
-        h0: Tensor | None = None,
-        token_mask: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        _check_2d(t=t, t_star=t_star, t0=t0, t0_star=t0_star, t0_hat=t0_hat, v=v, v_star=v_star, v0=v0, v0_star=v0_star, v0_hat=v0_hat)
+    def _terms(self, t, t_star, t0, t0_star, t0_hat, v, v_star, v0, v0_star, v0_hat) -> dict[str, Callable[[], Tensor]]:
         s = self.scale
-
-        def have(*xs):
-            return all(x is not None for x in xs)
-
-        candidates = {
-            "rel_img": (have(v_star, t0_star, t0_hat), lambda: relative_img_loss(v_star, t0_star, t0_hat, s)),
-            "rel_txt": (have(t_star, v0_star, v0_hat), lambda: relative_txt_loss(t_star, v0_star, v0_hat, s)),
-            "rel_tt": (have(t_star, t0_star, t0_hat), lambda: relative_tt_loss(t_star, t0_star, t0_hat, s)),
-            "uni_txt": (have(t_star, t0_hat), lambda: uni_txt_loss(t_star, t0_hat)),
-            "uni_img": (have(v_star, v0_hat), lambda: uni_img_loss(v_star, v0_hat)),
-            "pres_txt": (have(t, t0), lambda: pres_txt_loss(t, t0)),
-            "pres_img": (have(v, v0), lambda: pres_img_loss(v, v0)),
-            "pres_x": (have(t, v0) or have(t0, v), lambda: pres_cross_loss(t, v0, t0, v, self.logit_scale, self.gather)),
+        return {
+            "rel_img": lambda: relative_img_loss(v_star, t0_star, t0_hat, s),
+            "rel_txt": lambda: relative_txt_loss(t_star, v0_star, v0_hat, s),
+            "rel_tt": lambda: relative_tt_loss(t_star, t0_star, t0_hat, s),
+            "uni_txt": lambda: uni_txt_loss(t_star, t0_hat),
+            "uni_img": lambda: uni_img_loss(v_star, v0_hat),
+            "pres_txt": lambda: pres_txt_loss(t, t0),
+            "pres_img": lambda: pres_img_loss(v, v0),
+            "pres_x": lambda: pres_cross_loss(t, v0, t0, v, self.logit_scale, self.gather),
         }
-        active = [name for name, (ok, _) in candidates.items() if ok and self._enabled(name)]
-        if self.weights is not None:
-            weights = {name: self.weights[name] for name in active}
-        else:
-            weights = {}
-            for group, total in ((REDIRECTION_TERMS, _GROUP_WEIGHT), (PRESERVATION_TERMS, _GROUP_WEIGHT)):
-                members = [name for name in active if name in group]
-                weights.update({name: total / len(members) for name in members})
-        if self.token_weight > 0 and have(h, h0):
-            active.append(_TOKEN_TERM)
-            weights[_TOKEN_TERM] = self.token_weight
-            candidates[_TOKEN_TERM] = (True, lambda: token_pres_loss(h, h0, token_mask))
-        if not active:
-            raise ValueError(
-                "No SaFeR-CLIP loss term has its inputs: pass at least `t_star`, `t0_star`, `t0_hat` (text redirection) "
-                "or `t`, `t0` (text preservation)."
-            )
-        out: dict[str, Tensor] = {}
-        total = None
-        for name in active:
-            value = candidates[name][1]()
-            out[name] = value
-            term = weights[name] * value
-            total = term if total is None else total + term
-        out = {"loss": total, **out}
-        self.last_active_terms = list(active)
-        self.last_weights = weights
-        return out
 
 
-#: Safe-CLIP's eight terms (fixed ViSU pair as target, InfoNCE for cross-modal redirection).
-SAFE_CLIP_TERMS = {
-    "pres_txt": "1 - cos(T(t), T0(t))",
-    "redir_txt": "1 - cos(T(t*), T0(t))",
-    "pres_img": "1 - cos(V(v), V0(v))",
-    "redir_img": "1 - cos(V(v*), V0(v))",
-    "nce_txt": "InfoNCE(T(t), V0(v))",
-    "nce_redir_txt": "InfoNCE(T(t*), V0(v))",
-    "nce_img": "InfoNCE(T0(t), V(v))",
-    "nce_redir_img": "InfoNCE(T0(t), V(v*))",
-}
-#: Safe-CLIP's raw default weights (docs/METHOD.md §4 table).
-SAFE_CLIP_WEIGHTS = {
-    "pres_txt": 0.1,
-    "redir_txt": 0.1,
-    "pres_img": 0.1,
-    "redir_img": 0.2,
-    "nce_txt": 0.25,
-    "nce_redir_txt": 0.25,
-    "nce_img": 0.25,
-    "nce_redir_img": 0.5,
-}
+class SafeClipLoss(_Combiner):
+    r"""The Safe-CLIP baseline loss (Poppi et al., ECCV 2024), image version or its text-only analogue (docs/METHOD.md §4.6).
 
-
-def safe_clip_weights(raw: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Safe-CLIP's effective weights: ``raw`` normalised to sum 1, then divided by 8 (as its reference code does).
-
-    With the defaults: 0.1 / 1.75 / 8 = 0.00714..., ..., 0.5 / 1.75 / 8 = 0.0357...; they sum to 1/8.
-    """
-    raw = dict(SAFE_CLIP_WEIGHTS if raw is None else check_weights(raw, "safe_clip", "weights"))
-    total = sum(raw.values())
-    if total <= 0:
-        raise ValueError(f"`weights` must have a positive sum, got {raw}.")
-    return {name: w / total / len(SAFE_CLIP_TERMS) for name, w in raw.items()}
-
-
-class SafeClipLoss(nn.Module):
-    r"""The Safe-CLIP baseline loss (Poppi et al., ECCV 2024): eight terms with fixed weights.
+    ``variant="image"``, the paper's eight terms:
 
     ==================  ==========================  ========  ===================
     term                equation                    weight    inputs
@@ -607,29 +865,54 @@ class SafeClipLoss(nn.Module):
     ``nce_redir_img``   InfoNCE(T0(t), V(v*))       0.5       t0_hat, v_star
     ==================  ==========================  ========  ===================
 
-    Safe-CLIP's target is the *fixed* ViSU pair: pass ``t0_hat = t0`` and ``v0_hat = v0`` (when
-    ``t0_hat``/``v0_hat`` are ``None`` they default to ``t0``/``v0``). Weights are normalised to
-    sum 1 and divided by 8, as in the reference code (:func:`safe_clip_weights`); they are *not*
-    renormalised when terms are skipped for missing inputs (the reference always had images), so
-    a caption-only run trains with total weight (0.1 + 0.1) / 1.75 / 8.
+    ``variant="text"``, for caption-only data: the two cosine terms and the text analogues of the image version's
+    text-tower InfoNCE terms, with the same raw weights (:func:`nce_tt_loss`, :func:`nce_redir_tt_loss`):
+
+    ==================  ==========================  ========  ===================
+    ``pres_txt``        1 - cos(T(t), T0(t))        0.1       t, t0
+    ``redir_txt``       1 - cos(T(t*), T0(t))       0.1       t_star, t0_hat
+    ``nce_tt``          InfoNCE(T(t), T0(t))        0.25      t, t0
+    ``nce_redir_tt``    InfoNCE(T(t*), T0(t))       0.25      t_star, t0_hat
+    ==================  ==========================  ========  ===================
+
+    Safe-CLIP's target is the *fixed* pair: pass ``t0_hat = t0`` and ``v0_hat = v0`` for the unsafe rows' own
+    pairs (when ``t0_hat``/``v0_hat`` are ``None`` they default to ``t0``/``v0``). The resolved raw weights
+    (:func:`resolve_loss_weights`: ``weights`` merged into the variant's defaults, or replacing them) are normalised
+    to sum 1 and divided by the variant's term count (:func:`safe_clip_weights`), as the reference code does.
+    Terms without inputs are skipped; their weight is not redistributed unless ``renormalize_active`` (the
+    reference trains both towers, so a frozen tower's terms are constants there).
 
     Args:
-        weights (`dict[str, float]`, *optional*): raw weights (defaults: the table above).
+        weights (`dict[str, float]`, *optional*): raw weights (defaults: the variant's table above).
         token_weight (`float`, defaults to 0): optional token-level preservation term (not in Safe-CLIP).
         gather (`callable`, *optional*): cross-rank gather for InfoNCE, see :func:`info_nce`.
+        variant (`str`, defaults to `"image"`): ``"image"`` or ``"text"``.
+        weights_mode (`str`, defaults to `"merge"`): ``"merge"`` or ``"replace"``, see :func:`resolve_loss_weights`.
+        renormalize_active (`bool`, defaults to False): rescale the active terms to the total of the positive weights.
 
     InfoNCE uses CLIP's logit scale :data:`DEFAULT_LOGIT_SCALE`.
     """
 
+    loss_name = "safe_clip"
+    _nothing_message = "No Safe-CLIP loss term has its inputs and a positive weight: pass at least `t`, `t0` or `t_star`, `t0_hat`."
+
     def __init__(
         self,
-        weights: dict[str, float] | None = None,
+        weights: Mapping[str, float] | None = None,
         token_weight: float = 0.0,
         gather: GatherFn | None = None,
+        variant: str = "image",
+        weights_mode: str = "merge",
+        renormalize_active: bool = False,
     ):
         super().__init__()
         _check_token_weight(token_weight)
-        self.weights = safe_clip_weights(weights)
+        _check_variant(variant)
+        self.variant = variant
+        self.weights_mode = weights_mode
+        self.renormalize_active = bool(renormalize_active)
+        self.raw_weights = resolve_loss_weights("safe_clip", weights, weights_mode, variant=variant)
+        self.weights = safe_clip_weights(self.raw_weights, variant)
         self.logit_scale = DEFAULT_LOGIT_SCALE
         self.token_weight = float(token_weight)
         self.gather = gather
@@ -637,67 +920,51 @@ class SafeClipLoss(nn.Module):
         self.last_weights: dict[str, float] = {}
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}, token_weight={self.token_weight}"
+        return f"variant={self.variant}, weights={self.weights}, token_weight={self.token_weight}, renormalize_active={self.renormalize_active}"
 
-    def forward(
-        self,
-        t: Tensor | None = None,
-        t_star: Tensor | None = None,
-        t0: Tensor | None = None,
-        t0_star: Tensor | None = None,
-        t0_hat: Tensor | None = None,
-        v: Tensor | None = None,
-        v_star: Tensor | None = None,
-        v0: Tensor | None = None,
-        v0_star: Tensor | None = None,
-        v0_hat: Tensor | None = None,
-        h: Tensor | None = None,
-        h0: Tensor | None = None,
-        token_mask: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        _check_2d(t=t, t_star=t_star, t0=t0, t0_star=t0_star, t0_hat=t0_hat, v=v, v_star=v_star, v0=v0, v0_star=v0_star, v0_hat=v0_hat)
-        t_pair = t0_hat if t0_hat is not None else t0
-        v_pair = v0_hat if v0_hat is not None else v0
+    def _weights(self, available: list[str]) -> dict[str, float]:
+        return dict(self.weights)
+
+    def _prepare(self, tensors):
+        tensors = dict(tensors)
+        if tensors["t0_hat"] is None:
+            tensors["t0_hat"] = tensors["t0"]
+        if tensors["v0_hat"] is None:
+            tensors["v0_hat"] = tensors["v0"]
+        return tensors
+
+    def _terms(self, t, t_star, t0, t0_star, t0_hat, v, v_star, v0, v0_star, v0_hat) -> dict[str, Callable[[], Tensor]]:
         ls, g = self.logit_scale, self.gather
-
-        def have(*xs):
-            return all(x is not None for x in xs)
-
-        candidates = {
-            "pres_txt": (have(t, t0), lambda: pres_txt_loss(t, t0)),
-            "redir_txt": (have(t_star, t_pair), lambda: uni_txt_loss(t_star, t_pair)),
-            "pres_img": (have(v, v0), lambda: pres_img_loss(v, v0)),
-            "redir_img": (have(v_star, v_pair), lambda: uni_img_loss(v_star, v_pair)),
-            "nce_txt": (have(t, v0), lambda: info_nce(t, v0, ls, g)),
-            "nce_redir_txt": (have(t_star, v_pair), lambda: info_nce(t_star, v_pair, ls, g)),
-            "nce_img": (have(t0, v), lambda: info_nce(t0, v, ls, g)),
-            "nce_redir_img": (have(t_pair, v_star), lambda: info_nce(t_pair, v_star, ls, g)),
+        return {
+            "pres_txt": lambda: pres_txt_loss(t, t0),
+            "redir_txt": lambda: uni_txt_loss(t_star, t0_hat),
+            "pres_img": lambda: pres_img_loss(v, v0),
+            "redir_img": lambda: uni_img_loss(v_star, v0_hat),
+            "nce_txt": lambda: info_nce(t, v0, ls, g),
+            "nce_redir_txt": lambda: info_nce(t_star, v0_hat, ls, g),
+            "nce_img": lambda: info_nce(t0, v, ls, g),
+            "nce_redir_img": lambda: info_nce(t0_hat, v_star, ls, g),
+            "nce_tt": lambda: nce_tt_loss(t, t0, ls, g),
+            "nce_redir_tt": lambda: nce_redir_tt_loss(t_star, t0_hat, ls, g),
         }
-        active = [name for name, (ok, _) in candidates.items() if ok and self.weights.get(name, 0.0) > 0]
-        weights = {name: self.weights[name] for name in active}
-        if self.token_weight > 0 and have(h, h0):
-            active.append(_TOKEN_TERM)
-            weights[_TOKEN_TERM] = self.token_weight
-            candidates[_TOKEN_TERM] = (True, lambda: token_pres_loss(h, h0, token_mask))
-        if not active:
-            raise ValueError("No Safe-CLIP loss term has its inputs: pass at least `t`, `t0` or `t_star`, `t0_hat`.")
-        out: dict[str, Tensor] = {}
-        total = None
-        for name in active:
-            value = candidates[name][1]()
-            out[name] = value
-            term = weights[name] * value
-            total = term if total is None else total + term
-        self.last_active_terms = list(active)
-        self.last_weights = weights
-        return {"loss": total, **out}
 
 
-def build_loss(loss: str, weights: Mapping[str, float] | None = None, scale: float = 1.0, token_weight: float = 0.0,
-               gather: GatherFn | None = None) -> nn.Module:
-    """The combiner named by ``--loss``: :class:`SaferClipLoss` (uses ``scale``) or :class:`SafeClipLoss`."""
-    if loss not in LOSS_CHOICES:
-        raise ValueError(f"`--loss` must be one of {list(LOSS_CHOICES)}, got {loss!r}.")
+def build_loss(
+    loss: str,
+    weights: Mapping[str, float] | None = None,
+    scale: float = 1.0,
+    token_weight: float = 0.0,
+    gather: GatherFn | None = None,
+    *,
+    weights_mode: str = "merge",
+    renormalize_active: bool = False,
+    variant: str = "image",
+) -> nn.Module:
+    """The combiner named by ``--loss``: :class:`SaferClipLoss` (uses ``scale``) or :class:`SafeClipLoss` (uses ``variant``)."""
+    _check_loss(loss)
+    w = None if weights is None else dict(weights)
     if loss == "safer_clip":
-        return SaferClipLoss(weights=None if weights is None else dict(weights), scale=scale, token_weight=token_weight, gather=gather)
-    return SafeClipLoss(weights=None if weights is None else dict(weights), token_weight=token_weight, gather=gather)
+        return SaferClipLoss(weights=w, scale=scale, token_weight=token_weight, gather=gather, weights_mode=weights_mode,
+                             renormalize_active=renormalize_active)  # fmt: skip
+    return SafeClipLoss(weights=w, token_weight=token_weight, gather=gather, variant=variant, weights_mode=weights_mode,
+                        renormalize_active=renormalize_active)  # fmt: skip

@@ -1,6 +1,7 @@
 """Proximity targets (docs/METHOD.md §3): the nearest safe caption of every unsafe caption, exactly.
 
-For every unsafe caption ``t*_i`` over the pool of all safe captions ``t_j`` of the training split::
+For every unsafe caption ``t*_i`` over the pool of all safe captions ``t_j`` of the training split (and the
+extra safe captions, ``--extra_safe_captions``, after them: pool row ``N + j`` is extra caption ``j``)::
 
     j*(i) = argmax_j cos(T0(t*_i), T0(t_j))      t̂_i = t_{j*(i)}      v̂_i = v_{j*(i)}      d_i = cos(T0(t*_i), T0(t̂_i))
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,15 +196,23 @@ class Targets:
 
     def hat_anchors(self, anchors: AnchorSet) -> dict[str, Tensor | None]:
         """``{"t0_hat": T0(t̂) (N, D), "v0_hat": V0(v̂) (N, D) or None}`` gathered from ``anchors``."""
+        if anchors.safe_image is not None and bool((self.index >= anchors.safe_image.shape[0]).any()):
+            raise ValueError("Some targets are extra safe captions, which have no image; image targets need paired captions.")
         return {
-            "t0_hat": anchors.safe_text[self.index],
+            "t0_hat": anchors.pool_text[self.index],
             "v0_hat": None if anchors.safe_image is None else anchors.safe_image[self.index],
         }
 
     def redirected(self, dataset: PairDataset) -> Tensor:
-        """Bool (N,): the chosen safe caption differs (as a string) from the pair's own safe caption."""
+        """Bool (N,): the chosen safe caption differs (as a string) from the pair's own safe caption (an extra caption
+        always differs: extra captions equal to a paired one never win, the paired one comes first in the pool)."""
         safe = dataset.safe_captions
-        return torch.tensor([safe[int(j)] != safe[i] for i, j in enumerate(self.index)], dtype=torch.bool)
+        n = len(safe)
+        return torch.tensor([int(j) >= n or safe[int(j)] != safe[i] for i, j in enumerate(self.index)], dtype=torch.bool)
+
+    def extra_share(self, dataset: PairDataset) -> float:
+        """Share of the targets that are extra safe captions (pool rows >= N)."""
+        return float((self.index >= len(dataset.safe_captions)).float().mean()) if len(self) else 0.0
 
 
 def compute_targets(
@@ -212,8 +222,9 @@ def compute_targets(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    extra_captions: Sequence[str] | None = None,
 ) -> Targets:
-    """Nearest safe caption of every unsafe caption of ``dataset`` over its own safe pool, cached on disk.
+    """Nearest safe caption of every unsafe caption of ``dataset`` over its own safe pool (and ``extra_captions``), cached.
 
     The cache key is the anchors' fingerprint (data + frozen encoder + options) plus the search
     version; ``chunk_size``, ``device`` and ``dtype`` do not change the result and are not part of it.
@@ -225,11 +236,18 @@ def compute_targets(
         cache_dir (`str`, *optional*): folder of the cache (default ``$SAFER_DIFFUSION_CACHE/targets``).
         device (`str`, *optional*): where to search (default: where the anchors are).
         dtype (`torch.dtype`, *optional*): matrix-product dtype, see :func:`nearest_safe`.
+        extra_captions (`list[str]`, *optional*): extra safe captions joining the pool after the paired ones; their
+            embeddings are ``anchors.extra_text`` (compute the anchors with the same list).
 
     Returns:
-        :class:`Targets`
+        :class:`Targets` (``index`` >= N names extra caption ``index - N``).
     """
     n = len(dataset)
+    extras = None if extra_captions is None else list(extra_captions)
+    n_extra = 0 if anchors.extra_text is None else int(anchors.extra_text.shape[0])
+    if (extras is None) != (anchors.extra_text is None) or (extras is not None and len(extras) != n_extra):
+        raise ValueError(f"`extra_captions` ({'none' if extras is None else len(extras)}) and the anchors' extra captions "
+                         f"({n_extra if anchors.extra_text is not None else 'none'}) differ; compute the anchors with the same list.")
     if anchors.safe_text.shape[0] != n or anchors.unsafe_text.shape[0] != n:
         raise ValueError(
             f"`anchors` hold {anchors.safe_text.shape[0]} safe / {anchors.unsafe_text.shape[0]} unsafe embeddings but "
@@ -237,6 +255,8 @@ def compute_targets(
         )
     folder = Path(cache_dir) if cache_dir is not None else _cache.default_cache_dir("targets")
     meta = {"kind": "targets", "version": TARGETS_VERSION, "anchors": anchors.fingerprint, "data": dataset.fingerprint(), "n": n}
+    if extras is not None:
+        meta["extra_captions"] = {"n": len(extras), "sha256": _cache.hash_json(extras)}
     key = _cache.hash_json(meta)[:32]
     hit = _cache.load_entry(folder, key, meta) if anchors.fingerprint else None
     if hit is not None:
@@ -244,12 +264,14 @@ def compute_targets(
         return Targets(hit["index"], hit["similarity"], key)
     if anchors.fingerprint:
         _cache.ensure_writable(folder)  # fail before the search, not after it
-    safe = anchors.safe_text if device is None else anchors.safe_text.to(device)
-    index, similarity = nearest_safe(anchors.unsafe_text, safe, chunk_size=chunk_size, safe_keys=dataset.safe_captions, dtype=dtype)
+    safe = anchors.pool_text if device is None else anchors.pool_text.to(device)
+    keys = dataset.safe_captions + (extras or [])
+    index, similarity = nearest_safe(anchors.unsafe_text, safe, chunk_size=chunk_size, safe_keys=keys, dtype=dtype)
     targets = Targets(index, similarity, key)
     if anchors.fingerprint:
         _cache.save_entry(folder, key, {"index": index, "similarity": similarity}, meta)
     own = targets.redirected(dataset)
-    logger.info("Nearest-safe targets for %d pairs: %d (%.1f%%) point to a safe caption other than their own pair's.",
-                n, int(own.sum()), 100.0 * float(own.float().mean()) if n else 0.0)
+    logger.info("Nearest-safe targets for %d pairs: %d (%.1f%%) point to a safe caption other than their own pair's%s.",
+                n, int(own.sum()), 100.0 * float(own.float().mean()) if n else 0.0,
+                f", {100.0 * targets.extra_share(dataset):.1f}% to an extra caption" if extras else "")
     return targets

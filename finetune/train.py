@@ -25,9 +25,11 @@ loss, a checkpoint that cannot be written or resumed exactly).
 
 The loop, top to bottom (:func:`train`):
 
-1. Load pairs, hold out ``val_fraction`` for end-of-training metrics.
+1. Load pairs (one table, or two row-aligned files with ``--train_data_safe``) and the extra safe captions,
+   hold out ``val_fraction`` for end-of-training metrics, resolve the loss- and data-dependent defaults
+   (:meth:`~finetune.config.TrainConfig.resolve`; ``config.yaml`` records them).
 2. Load CLIP fp32; precompute the frozen anchors T0/V0 once (cached on disk), the nearest-safe
-   targets and the curriculum stages.
+   targets (over the paired and extra safe captions) and the curriculum stages.
 3. Wrap CLIP: LoRA on the trained tower(s), fp32 trainable weights, frozen weights in fp16/bf16.
 4. Every step: one forward of the trainable tower on the batch's safe + unsafe captions; frozen
    embeddings come from the anchors (or, with ``--no_precompute_anchors``, from the same weights
@@ -55,6 +57,7 @@ from safer_diffusion.fileio import atomic_write_text, probe_writable_dir
 from safer_diffusion.hub import resolve_model_source
 from safer_diffusion.options import BadInputError, configure_logging, run_main, validate_config
 
+from . import _cache
 from . import anchors as anchors_mod
 from . import curriculum as curriculum_mod
 from . import data as data_mod
@@ -83,7 +86,7 @@ from .modeling import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TRAIN_LOG", "TrainResult", "check_inputs", "main", "train"]
+__all__ = ["NonFiniteLossError", "TRAIN_LOG", "TrainResult", "check_inputs", "epoch_order", "epoch_plan", "main", "train"]
 
 #: Per-step loss log of the main process (JSON Lines, one ``{"step": ...}`` object per logged step).
 TRAIN_LOG = "train_log.jsonl"
@@ -109,6 +112,9 @@ class TrainResult:
         anchors: the frozen anchors the run used (``AnchorSet``).
         tokenizer: the tokenizer of the run.
         inexact_resume: the state files a resume had to do without (``--allow_inexact_resume``), or [].
+        config: the resolved configuration (what ``config.yaml`` holds).
+        loss_weights: the weight of every term active in the last step (after ``renormalize_active``).
+        extra_captions: the extra safe captions the run used (after removing duplicates of the pair data), or [].
     """
 
     output_dir: Path
@@ -121,33 +127,69 @@ class TrainResult:
     anchors: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
     inexact_resume: list[dict[str, str]] = field(default_factory=list)
+    config: Any = field(default=None, repr=False)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    extra_captions: list[str] = field(default_factory=list, repr=False)
 
 
 # --------------------------------------------------------------------------- data plan
-def _epoch_plan(curriculum, num_epochs: int, global_batch: int) -> list[int]:
+def epoch_plan(curriculum, num_epochs: int, global_batch: int) -> list[int]:
     """Steps in each epoch (1-based epochs -> list index epoch-1): ceil(curriculum pairs / global batch)."""
     return [max(1, math.ceil(len(curriculum.indices_for_epoch(e)) / global_batch)) for e in range(1, num_epochs + 1)]
 
 
-def _epoch_order(seed: int, epoch: int, pool: torch.Tensor, n_safe: int, steps: int, global_batch: int):
+def _wrap(order: torch.Tensor, need: int) -> torch.Tensor:
+    return order.repeat(math.ceil(need / len(order)))[:need] if need else order[:0]
+
+
+def epoch_order(seed: int, epoch: int, pool: torch.Tensor, n_safe: int, steps: int, global_batch: int, n_extra: int = 0,
+                 extra_rows: int = 0, batch: int | None = None):
     """Deterministic data order of one epoch: (unsafe pair indices, safe preservation indices), each steps*global_batch long.
 
     Unsafe pairs: a permutation of this epoch's curriculum pool, wrapped around to fill the last batch.
-    Safe captions (preservation, not curriculum-filtered): a permutation of all pairs, wrapped likewise.
+    Safe captions (preservation, not curriculum-filtered): a permutation of all pairs, wrapped likewise. With
+    ``extra_rows`` > 0 (``--preserve_extra``), the last ``extra_rows`` of every process batch of ``batch`` rows come
+    from a permutation of the ``n_extra`` extra captions instead, as indices ``n_safe + j``.
     Only (seed, epoch) decide the order, so resuming needs no sampler state.
     """
     need = steps * global_batch
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    unsafe = pool[torch.randperm(len(pool), generator=g)]
+    unsafe = _wrap(pool[torch.randperm(len(pool), generator=g)], need)
     safe = torch.randperm(n_safe, generator=g)
-    unsafe = unsafe.repeat(math.ceil(need / len(unsafe)))[:need]
-    safe = safe.repeat(math.ceil(need / n_safe))[:need]
-    return unsafe, safe
+    if not extra_rows:
+        return unsafe, _wrap(safe, need)
+    blocks = need // batch  # one block per process batch
+    pairs = _wrap(safe, blocks * (batch - extra_rows)).view(blocks, batch - extra_rows)
+    extra = _wrap(torch.randperm(n_extra, generator=g), blocks * extra_rows).view(blocks, extra_rows) + n_safe
+    return unsafe, torch.cat([pairs, extra], dim=1).reshape(-1)
 
 
 def _tokenize(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     return enc.input_ids, enc.attention_mask
+
+
+def _extra_captions(config: TrainConfig, train_set, val_set) -> list[str]:
+    """``--extra_safe_captions`` read, without the captions that repeat the pair data (logged): equal to an unsafe caption
+    (it would be its own "safe" target), to a held-out safe caption (validation would measure a trained caption), or
+    to a paired training safe caption (already in the pool and the preservation rows)."""
+    captions = data_mod.load_captions(config.extra_safe_captions, config.extra_safe_captions_column)
+    splits = [train_set] + ([val_set] if val_set is not None else [])
+    unsafe = {c for d in splits for c in d.unsafe_captions}
+    held_out = set(val_set.safe_captions) if val_set is not None else set()
+    paired = set(train_set.safe_captions)
+    kept = [c for c in captions if c not in unsafe and c not in held_out and c not in paired]
+    dropped_unsafe = sum(c in unsafe for c in captions)
+    if dropped_unsafe:
+        logger.warning("`--extra_safe_captions`: dropped %d caption(s) equal to an unsafe caption of the pairs.", dropped_unsafe)
+    if len(kept) + dropped_unsafe < len(captions):
+        logger.info("`--extra_safe_captions`: dropped %d caption(s) equal to a paired safe caption (%d of them held out).",
+                    len(captions) - len(kept) - dropped_unsafe, sum(c in held_out for c in captions))
+    if not kept:
+        raise ValueError(f"`--extra_safe_captions`: all {len(captions)} captions repeat captions of `--train_data`; pass other captions.")
+    logger.info("Extra safe captions: %d%s.", len(kept), " (nearest-safe pool" + (" and preservation)" if config.preserve_extra else ")")
+                if config.loss == "safer_clip" else " (preservation)")  # fmt: skip
+    return kept
 
 
 def _pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int):
@@ -212,6 +254,15 @@ def check_inputs(config: TrainConfig) -> TrainConfig:
     if not Path(config.train_data).exists() and (_REPO_ROOT / config.train_data).is_file():
         config.train_data = str(_REPO_ROOT / config.train_data)  # bundled assets work from any working directory
     data_mod.check_source(config.train_data, "--train_data")
+    if config.train_data_safe is not None:
+        if not Path(config.train_data).is_file():
+            raise FileNotFoundError(f"`--train_data` {config.train_data!r} must be a local file with `--train_data_safe` (row-aligned "
+                                    "pair files); pass the file of unsafe prompts.")
+        if not Path(config.train_data_safe).expanduser().is_file():
+            raise FileNotFoundError(f"`--train_data_safe` {config.train_data_safe!r} does not exist; pass the file of safe prompts.")
+    for path in config.extra_safe_captions or []:
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"`--extra_safe_captions` {path!r} does not exist; pass existing .txt/.csv/.jsonl/.json/.parquet files.")
     if config.image_root is not None and not Path(config.image_root).expanduser().is_dir():
         raise FileNotFoundError(f"`--image_root` {config.image_root!r} is not an existing folder; pass the folder of the images.")
     name = config.model_name_or_path
@@ -237,13 +288,35 @@ def _predict_device(config: TrainConfig) -> torch.device:
 
 
 def _build_loss(config: TrainConfig, gather):
-    return build_loss(config.loss, config.loss_weights, scale=config.relative_scale, token_weight=config.token_weight, gather=gather)
+    return build_loss(config.loss, config.loss_weights, scale=config.relative_scale, token_weight=config.token_weight, gather=gather,
+                      weights_mode=config.loss_weights_mode, renormalize_active=config.renormalize_active,
+                      variant=config.safe_clip_variant if config.loss == "safe_clip" else "image")  # fmt: skip
 
 
-def _run_fingerprint(config: TrainConfig) -> dict[str, Any]:
+def _resolved_header(asked: TrainConfig, resolved: TrainConfig) -> str:
+    """The comment block of config.yaml: what was resolved from what was asked."""
+    lines = ["Resolved configuration written by finetune.train (docs/METHOD.md §8): rerunning it reproduces the method.",
+             f"curriculum: {asked.curriculum} -> {resolved.curriculum}"]
+    if resolved.loss == "safe_clip":
+        lines.append(f"safe_clip_variant: {asked.safe_clip_variant} -> {resolved.safe_clip_variant}")
+    asked_weights = "defaults" if asked.loss_weights is None else " ".join(f"{k}={v:g}" for k, v in asked.loss_weights.items())
+    lines.append(f"loss_weights: {asked_weights} ({asked.loss_weights_mode}) -> the effective weight of every term below "
+                 "(loss_weights_mode: replace)")
+    return "\n".join(lines)
+
+
+#: Options a resume must keep (added in this version: a checkpoint written without them is not checked on them).
+_NEW_RUN_KEYS = ("train_data_safe", "safe_clip_variant", "preserve_extra", "extra_preserve_fraction", "extra_safe_captions")
+
+
+def _run_fingerprint(config: TrainConfig, extra_captions: list[str] | None = None) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint (of the *resolved* config; extra captions by content)."""
     keys = ("model_name_or_path", "train_data", "loss", "train_towers", "finetune", "lora_rank", "lora_target_modules", "seed",
-            "train_batch_size", "curriculum", "curriculum_boundaries", "curriculum_stage_epochs", "val_fraction")
-    return {k: getattr(config, k) for k in keys}
+            "train_batch_size", "curriculum", "curriculum_boundaries", "curriculum_stage_epochs", "val_fraction",
+            "train_data_safe", "safe_clip_variant", "preserve_extra", "extra_preserve_fraction")
+    out = {k: getattr(config, k) for k in keys}
+    out["extra_safe_captions"] = _cache.hash_json(extra_captions) if extra_captions else None
+    return out
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -305,7 +378,11 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     set_seed(config.seed)
 
     # ---- 1. data
-    dataset = data_mod.load_pairs(config.train_data, format=config.data_format, column_map=config.column_map, image_root=config.image_root)
+    if config.train_data_safe is not None:
+        dataset = data_mod.load_aligned_pairs(config.train_data, config.train_data_safe, config.column_map)
+    else:
+        dataset = data_mod.load_pairs(config.train_data, format=config.data_format, column_map=config.column_map,
+                                      image_root=config.image_root)  # fmt: skip
     if config.val_fraction > 0:
         train_set, val_set = data_mod.split_pairs(dataset, config.val_fraction, config.seed)
     else:
@@ -326,20 +403,34 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             "images. Use `--train_towers text`, or data with image paths (and `--image_root`)."
         )
 
+    extras: list[str] = []
+    if config.extra_safe_captions:
+        if train_set.has_images:
+            raise ValueError("`--extra_safe_captions` needs caption-only data: extra captions have no image, and the image terms of "
+                             f"`--train_data` {config.train_data!r} need one for every safe caption (and target).")
+        extras = _extra_captions(config, train_set, val_set)
+    # loss- and data-dependent defaults (curriculum, Safe-CLIP variant, effective loss weights): recorded in config.yaml
+    asked = config
+    config = config.resolve(safe_images=train_set.has_images, unsafe_images=train_set.has_images and train_set.has_unsafe_images)
+
     # ---- 2. model, anchors, targets, curriculum
     loaded = load_clip(config.model_name_or_path, attention=config.attention)
     clip, tokenizer, image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
     weight_dtype = weight_dtype_for(config.mixed_precision)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else output_dir / "cache"
     use_images = train_set.has_images and image_processor is not None
+    if train_set.has_images and image_processor is None:
+        logger.warning("`--model_name_or_path` %r ships no image processor: the images of `--train_data` are not used (caption-only "
+                       "terms and defaults).", config.model_name_or_path)
+        config = asked.resolve(safe_images=False, unsafe_images=False)
     with accelerator.main_process_first():  # the main process fills the cache, the others read it
         clip.to(accelerator.device)
         anchor_set = anchors_mod.compute_anchors(
             clip, tokenizer, train_set, batch_size=config.anchor_batch_size, device=accelerator.device, dtype=torch.float32,
-            cache_dir=cache_dir, image_processor=image_processor if use_images else None,
+            cache_dir=cache_dir, image_processor=image_processor if use_images else None, extra_captions=extras or None,
         )
         if config.loss == "safer_clip":
-            targets = targets_mod.compute_targets(anchor_set, train_set, cache_dir=cache_dir)
+            targets = targets_mod.compute_targets(anchor_set, train_set, cache_dir=cache_dir, extra_captions=extras or None)
             target_index, difficulty = targets.index.cpu(), targets.similarity.cpu()
         else:  # Safe-CLIP: the fixed pair is the target
             target_index = torch.arange(n)
@@ -347,10 +438,11 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     curriculum = curriculum_mod.Curriculum(
         difficulty, mode=config.curriculum, boundaries=tuple(config.curriculum_boundaries), stage_epochs=tuple(config.curriculum_stage_epochs)
     )
-    anchor_cpu = {k: getattr(anchor_set, k) for k in ("safe_text", "unsafe_text", "safe_image", "unsafe_image")}
+    anchor_cpu = {k: getattr(anchor_set, k) for k in ("pool_text", "unsafe_text", "safe_image", "unsafe_image")}
     anchors_dev = {k: (v.to(accelerator.device) if v is not None else None) for k, v in anchor_cpu.items()}
 
-    safe_ids, safe_mask = _tokenize(tokenizer, train_set.safe_captions, config.max_length)
+    # token ids of every caption a row index names: the pairs' safe captions, then the extra ones (rows n + j)
+    safe_ids, safe_mask = _tokenize(tokenizer, train_set.safe_captions + extras, config.max_length)
     unsafe_ids, unsafe_mask = _tokenize(tokenizer, train_set.unsafe_captions, config.max_length)
     length = max(safe_ids.shape[1], unsafe_ids.shape[1])
     pad_id = tokenizer.pad_token_id
@@ -370,7 +462,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
         params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
         weight_decay=config.adam_weight_decay,
     )
-    plan = _epoch_plan(curriculum, config.num_train_epochs, global_batch)
+    plan = epoch_plan(curriculum, config.num_train_epochs, global_batch)
     max_steps = sum(plan) if config.max_train_steps is None else min(sum(plan), config.max_train_steps)
     if config.max_train_steps is not None and config.max_train_steps > sum(plan):
         # more steps than the epochs give: extend with full-pool epochs
@@ -397,13 +489,18 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
 
     gather = distributed_gather if world > 1 else None
     loss_fn = _build_loss(config, gather)
+    fingerprint = _run_fingerprint(config, extras)
 
     # ---- resume
     global_step = 0
     inexact: list[dict[str, str]] = []
     if resume_path is not None:
         state = read_training_state(resume_path)
-        mismatched = {k: (state["run"].get(k), v) for k, v in _run_fingerprint(config).items() if state["run"].get(k) != v}
+        unrecorded = [k for k in _NEW_RUN_KEYS if k not in state["run"]]
+        if unrecorded:
+            logger.warning("%s was written by an older version that records no %s; resuming without checking them.", resume_path,
+                           ", ".join(unrecorded))
+        mismatched = {k: (state["run"].get(k), v) for k, v in fingerprint.items() if k not in unrecorded and state["run"].get(k) != v}
         if mismatched:
             raise ValueError(
                 f"`--resume_from_checkpoint` {str(resume_path)!r} was written with different options {mismatched} "
@@ -418,7 +515,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
         logger.info("Resumed from %s at step %d%s.", resume_path, global_step, " (inexact: see metrics.json)" if problems else "")
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir / "config.yaml")
+        config.save(output_dir / "config.yaml", header=_resolved_header(asked, config))
         _truncate_log(output_dir / TRAIN_LOG, global_step)
     if config.report_to != "none":
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()}
@@ -426,7 +523,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
 
     def checkpoint(step: int, epoch: int, step_in_epoch: int) -> Path:
         state = {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": plan, "run": _run_fingerprint(config),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": plan, "run": fingerprint,
             "data_fingerprint": dataset.fingerprint(), "base_model": loaded.source, "config": config.to_dict(),
             "trainable_keys": sorted(unwrapped.trainable_state_dict()), "inexact_resume": inexact,
         }
@@ -457,7 +554,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             if len(pool) < global_batch:
                 logger.warning("Epoch %d trains %d curriculum pairs, fewer than the global batch %d: pairs repeat within a batch.",
                                epoch, len(pool), global_batch)
-            order_u, order_s = _epoch_order(config.seed, epoch, pool, n, plan[epoch - 1], global_batch)
+            order_u, order_s = epoch_order(config.seed, epoch, pool, n, plan[epoch - 1], global_batch, n_extra=len(extras),
+                                            extra_rows=config.extra_rows_per_batch, batch=B)  # fmt: skip
             for step_in_epoch in range(start, plan[epoch - 1]):
                 sl = slice(step_in_epoch * global_batch + rank * B, step_in_epoch * global_batch + (rank + 1) * B)
                 u_idx, s_idx = order_u[sl], order_s[sl]
@@ -483,9 +581,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                         terms["v"] = out["image"][:B]
                         terms["v_star"] = out["image"][B:] if out["image"].shape[0] > B else None
                     if config.precompute_anchors:
-                        terms["t0"] = anchors_dev["safe_text"][s_idx.to(dev)]
+                        terms["t0"] = anchors_dev["pool_text"][s_idx.to(dev)]
                         terms["t0_star"] = anchors_dev["unsafe_text"][u_idx.to(dev)]
-                        terms["t0_hat"] = anchors_dev["safe_text"][hat_idx.to(dev)]
+                        terms["t0_hat"] = anchors_dev["pool_text"][hat_idx.to(dev)]
                         if anchors_dev["safe_image"] is not None:
                             terms["v0"] = anchors_dev["safe_image"][s_idx.to(dev)]
                             terms["v0_hat"] = anchors_dev["safe_image"][hat_idx.to(dev)]
@@ -591,7 +689,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     if metrics and main_process:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return TrainResult(output_dir, global_step, losses, latest_checkpoint(output_dir), metrics, active_terms, unwrapped, anchor_set,
-                       tokenizer, inexact)
+                       tokenizer, inexact, config, dict(loss_fn.last_weights), extras)
 
 
 def _main(argv: Sequence[str] | None) -> None:

@@ -74,6 +74,24 @@ def test_pres_cross_by_hand():
     assert L.pres_cross_loss(t, v0, None, None, logit_scale=1.0).item() == pytest.approx(first.item(), abs=1e-12)
 
 
+def test_text_safe_clip_nce_terms_by_hand():
+    # nce_tt = InfoNCE(T(t), T0(t)); nce_redir_tt = InfoNCE(T(t*), T0(t_pair)). Same arithmetic as test_info_nce_by_hand:
+    # a = [e1, e2] (trainable), b = [p, e2] (frozen), logit scale 1.
+    e = math.exp
+    a2b = ((-0.6 + math.log(e(0.6) + 1)) + (-1 + math.log(e(0.8) + e(1)))) / 2
+    b2a = ((-0.6 + math.log(e(0.6) + e(0.8))) + (-1 + math.log(1 + e(1)))) / 2
+    expected = (a2b + b2a) / 2
+    assert L.nce_tt_loss(T(E1, E2), T(P, E2), logit_scale=1.0).item() == pytest.approx(expected, abs=1e-12)
+    assert L.nce_redir_tt_loss(T(E1, E2), T(P, E2), logit_scale=1.0).item() == pytest.approx(expected, abs=1e-12)
+    # one row: the only candidate is the positive, so both cross-entropies are 0
+    assert L.nce_redir_tt_loss(T(E1), T(Q)).item() == pytest.approx(0.0, abs=1e-12)
+    # the positive is the pair's frozen caption, not its own trainable one: swapping the frozen rows raises the loss
+    swapped = L.nce_redir_tt_loss(T(E1, E2), T(E2, E1), logit_scale=1.0).item()
+    assert swapped > L.nce_redir_tt_loss(T(E1, E2), T(E1, E2), logit_scale=1.0).item()
+    with pytest.raises(ValueError, match="`t0_hat` has shape"):
+        L.nce_redir_tt_loss(T(E1, E2), T(E1))
+
+
 def test_token_pres_by_hand():
     # one caption, 3 positions, H = 2; mask [1, 1, 0].
     # token 0: diff (1, 1) -> mean sq 1; token 1: diff (2, 0) -> mean sq 2; token 2 (padding, diff (5, 5)) ignored -> (1 + 2) / 2
@@ -146,6 +164,9 @@ def test_terms_match_naive_reference(rand):
     for s in (1.0, 10.0, 100.0):
         assert L.info_nce(a, b, logit_scale=s).item() == pytest.approx(_naive_info_nce(la, lb, s), rel=1e-9, abs=1e-9)
     ref_x = _naive_info_nce(la, lb, 100.0) + _naive_info_nce(lc, la, 100.0)
+    for s in (1.0, 100.0):  # the text-only Safe-CLIP InfoNCE terms against the naive loop
+        assert L.nce_tt_loss(a, b, logit_scale=s).item() == pytest.approx(_naive_info_nce(la, lb, s), rel=1e-9, abs=1e-9)
+        assert L.nce_redir_tt_loss(c, b, logit_scale=s).item() == pytest.approx(_naive_info_nce(lc, lb, s), rel=1e-9, abs=1e-9)
     assert L.pres_cross_loss(a, b, c, a).item() == pytest.approx(ref_x, rel=1e-9)
     h, h0 = rand(3, 4, 6), rand(3, 4, 6)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
@@ -171,12 +192,16 @@ def _batch(rand, B=4, D=6, images=True, grad=True):
     return batch
 
 
-@pytest.mark.parametrize("cls", [L.SaferClipLoss, L.SafeClipLoss])
-def test_gradients_flow_only_to_trainable(rand, cls):
+@pytest.mark.parametrize("make,trained", [
+    (L.SaferClipLoss, ("t", "t_star", "v", "v_star")),
+    (L.SafeClipLoss, ("t", "t_star", "v", "v_star")),
+    (lambda: L.SafeClipLoss(variant="text"), ("t", "t_star")),
+], ids=["safer_clip", "safe_clip_image", "safe_clip_text"])
+def test_gradients_flow_only_to_trainable(rand, make, trained):
     batch = _batch(rand)
-    out = cls()(**batch)
+    out = make()(**batch)
     out["loss"].backward()
-    for k in ("t", "t_star", "v", "v_star"):
+    for k in trained:
         assert batch[k].grad is not None and batch[k].grad.abs().sum() > 0, k
     for k in ("t0", "t0_star", "t0_hat", "v0", "v0_star", "v0_hat"):
         assert not batch[k].requires_grad and batch[k].grad is None, k
@@ -213,9 +238,11 @@ def test_safer_clip_with_images_weights_and_total(rand):
     batch = _batch(rand)
     loss = L.SaferClipLoss(scale=2.0)
     out = loss(**batch)
-    assert loss.last_active_terms == list(L.REDIRECTION_TERMS + L.PRESERVATION_TERMS)
+    # rel_tt (the caption-only stand-in for rel_txt) is off by default when rel_txt has its inputs
+    redirection = [n for n in L.REDIRECTION_TERMS if n != "rel_tt"]
+    assert loss.last_active_terms == redirection + list(L.PRESERVATION_TERMS)
     assert sum(loss.last_weights.values()) == pytest.approx(1.0)
-    assert all(loss.last_weights[n] == pytest.approx(0.1) for n in L.REDIRECTION_TERMS)
+    assert all(loss.last_weights[n] == pytest.approx(0.125) for n in redirection)
     assert all(loss.last_weights[n] == pytest.approx(0.5 / 3) for n in L.PRESERVATION_TERMS)
     total = sum(loss.last_weights[n] * out[n] for n in loss.last_active_terms)
     assert out["loss"].item() == pytest.approx(total.item(), abs=1e-12)
@@ -227,7 +254,7 @@ def test_safer_clip_frozen_vision_skips_half_of_pres_x(rand):
     del batch["v"], batch["v_star"]  # vision tower not trained: only V0 embeddings
     loss = L.SaferClipLoss()
     out = loss(**batch)
-    assert loss.last_active_terms == ["rel_txt", "rel_tt", "uni_txt", "pres_txt", "pres_x"]
+    assert loss.last_active_terms == ["rel_txt", "uni_txt", "pres_txt", "pres_x"]
     assert out["pres_x"].item() == pytest.approx(L.info_nce(batch["t"], batch["v0"]).item())
 
 
@@ -235,7 +262,7 @@ def test_safer_clip_fixed_weights_terms_and_token(rand):
     batch = _batch(rand, images=False)
     h, h0 = rand(4, 3, 5), rand(4, 3, 5)
     mask = torch.ones(4, 3, dtype=torch.bool)
-    loss = L.SaferClipLoss(weights={"rel_tt": 2.0}, token_weight=0.5)
+    loss = L.SaferClipLoss(weights={"rel_tt": 2.0}, token_weight=0.5, weights_mode="replace")
     out = loss(**batch, h=h, h0=h0, token_mask=mask)
     assert loss.last_active_terms == ["rel_tt", "token_pres"]
     expected = 2.0 * out["rel_tt"] + 0.5 * L.token_pres_loss(h, h0, mask)
@@ -273,11 +300,100 @@ def test_safe_clip_caption_only(rand):
     w = L.safe_clip_weights()
     assert out["loss"].item() == pytest.approx((w["pres_txt"] * out["pres_txt"] + w["redir_txt"] * out["redir_txt"]).item())
     assert sum(loss.last_weights.values()) == pytest.approx((0.1 + 0.1) / 1.75 / 8)  # not renormalised (as the reference)
+    renorm = L.SafeClipLoss(renormalize_active=True)
+    out_r = renorm(**batch)
+    assert renorm.last_active_terms == ["pres_txt", "redir_txt"]
+    assert renorm.last_weights == pytest.approx({"pres_txt": 1 / 16, "redir_txt": 1 / 16})  # rescaled to the full 1/8
+    assert out_r["loss"].item() == pytest.approx((out_r["pres_txt"] + out_r["redir_txt"]).item() / 16)
+
+
+def test_safe_clip_text_variant_weights_and_total(rand):
+    # raw 0.1, 0.1, 0.25, 0.25 (the image version's text-tower terms); sum 0.7; divided by its 4 terms
+    w = L.safe_clip_weights(variant="text")
+    assert w == pytest.approx({"pres_txt": 0.1 / 0.7 / 4, "redir_txt": 0.1 / 0.7 / 4, "nce_tt": 0.25 / 0.7 / 4,
+                               "nce_redir_tt": 0.25 / 0.7 / 4})  # fmt: skip
+    assert w["nce_tt"] == pytest.approx(0.0892857142857, abs=1e-12) and sum(w.values()) == pytest.approx(0.25)
+    batch = _batch(rand, images=False)
+    batch.pop("t0_hat")  # the fixed pair: T0(t) of the unsafe row's own safe caption
+    loss = L.SafeClipLoss(variant="text")
+    out = loss(**batch)
+    assert loss.last_active_terms == ["pres_txt", "redir_txt", "nce_tt", "nce_redir_tt"]
+    assert out["nce_tt"].item() == pytest.approx(L.info_nce(batch["t"], batch["t0"]).item())
+    assert out["nce_redir_tt"].item() == pytest.approx(L.info_nce(batch["t_star"], batch["t0"]).item())
+    total = sum(w[n] * out[n] for n in loss.last_active_terms)
+    assert out["loss"].item() == pytest.approx(total.item(), abs=1e-12)
+    # the image inputs are not used by the text variant
+    with_images = L.SafeClipLoss(variant="text")
+    with_images(**_batch(rand))
+    assert with_images.last_active_terms == ["pres_txt", "redir_txt", "nce_tt", "nce_redir_tt"]
+
+
+def test_loss_weights_merge_and_replace(rand):
+    batch = _batch(rand, images=False)
+    # merge (default): the named term changes, the others keep their default; a term named at 0 is off
+    merged = L.SaferClipLoss(weights={"rel_tt": 0.3})
+    merged(**batch)
+    assert merged.last_weights == {"rel_tt": 0.3, "uni_txt": 0.25, "pres_txt": 0.5}
+    off = L.SaferClipLoss(weights={"rel_tt": 0})
+    off(**batch)
+    assert off.last_weights == {"uni_txt": 0.25, "pres_txt": 0.5}
+    # replace: only the named terms
+    replaced = L.SaferClipLoss(weights={"rel_tt": 0.3, "pres_txt": 0.7}, weights_mode="replace")
+    replaced(**batch)
+    assert replaced.last_weights == {"rel_tt": 0.3, "pres_txt": 0.7}
+    # rel_tt next to rel_txt only when asked for
+    img = _batch(rand)
+    asked = L.SaferClipLoss(weights={"rel_tt": 0.2})
+    asked(**img)
+    assert asked.last_weights["rel_tt"] == 0.2 and asked.last_weights["rel_txt"] == 0.125
+    # Safe-CLIP: the merged dict is normalised (0.1 + 0.1 + 0.25 + 0.5 = 0.95, over 4 terms); replace keeps the named ones
+    sc = L.SafeClipLoss(variant="text", weights={"nce_redir_tt": 0.5})
+    assert sc.raw_weights == {"pres_txt": 0.1, "redir_txt": 0.1, "nce_tt": 0.25, "nce_redir_tt": 0.5}
+    assert sc.weights == pytest.approx({"pres_txt": 0.1 / 0.95 / 4, "redir_txt": 0.1 / 0.95 / 4, "nce_tt": 0.25 / 0.95 / 4,
+                                        "nce_redir_tt": 0.5 / 0.95 / 4})  # fmt: skip
+    sc_off = L.SafeClipLoss(variant="text", weights={"nce_tt": 0, "nce_redir_tt": 0})
+    assert sc_off.weights == pytest.approx({"pres_txt": 0.125, "redir_txt": 0.125, "nce_tt": 0.0, "nce_redir_tt": 0.0})
+    sc_rep = L.SafeClipLoss(variant="text", weights={"nce_redir_tt": 2.0}, weights_mode="replace")
+    assert sc_rep.weights == {"pres_txt": 0.0, "redir_txt": 0.0, "nce_tt": 0.0, "nce_redir_tt": 0.25}
+    # the normalisation maps effective weights onto themselves, so a recorded dict reproduces the run
+    for variant in L.SAFE_CLIP_VARIANTS:
+        eff = L.safe_clip_weights(variant=variant)
+        assert L.SafeClipLoss(variant=variant, weights=eff, weights_mode="replace").weights == pytest.approx(eff, rel=1e-15)
+    # weights_for: the static weights of a run, from the inputs it passes
+    caption_only = {"t", "t_star", "t0", "t0_star", "t0_hat"}
+    assert L.SaferClipLoss().weights_for(caption_only) == {**dict.fromkeys(L.SAFER_CLIP_TERMS, 0.0), "rel_tt": 0.25, "uni_txt": 0.25,
+                                                           "pres_txt": 0.5}  # fmt: skip
+    assert L.resolve_loss_weights("safer_clip", {"rel_tt": 0.3}, "replace") == {**dict.fromkeys(L.SAFER_CLIP_TERMS, 0.0), "rel_tt": 0.3}
+
+
+def test_loss_weights_errors():
+    with pytest.raises(ValueError, match=r"`--loss_weights` has unknown term 'rel_foo' for `--loss safer_clip`; known terms: "
+                                         r"rel_img, rel_txt, rel_tt, uni_txt, uni_img, pres_txt, pres_img, pres_x"):
+        L.resolve_loss_weights("safer_clip", {"rel_foo": 1.0}, argument="--loss_weights")
+    with pytest.raises(ValueError, match=r"term 'nce_txt' belongs to the Safe-CLIP image variant.*`--safe_clip_variant text`"):
+        L.SafeClipLoss(variant="text", weights={"nce_txt": 1.0})
+    with pytest.raises(ValueError, match=r"`--loss_weights_mode` must be one of \['merge', 'replace'\], got 'add'"):
+        L.SaferClipLoss(weights={"rel_tt": 1.0}, weights_mode="add")
+    with pytest.raises(ValueError, match=r"`weights` is empty in replace mode"):
+        L.SaferClipLoss(weights={}, weights_mode="replace")
+    with pytest.raises(ValueError, match=r"`weights` must have a positive sum"):
+        L.SafeClipLoss(weights={"pres_txt": 0, "redir_txt": 0, "nce_txt": 0, "nce_redir_txt": 0, "pres_img": 0, "redir_img": 0,
+                                "nce_img": 0, "nce_redir_img": 0})  # fmt: skip
+    with pytest.raises(ValueError, match=r"`--safe_clip_variant` must be one of \['image', 'text'\]"):
+        L.SafeClipLoss(variant="video")
+    with pytest.raises(ValueError, match=r"`weights` rel_tt=-0.5: a weight must be a finite number >= 0"):
+        L.SaferClipLoss(weights={"rel_tt": -0.5})
+    with pytest.raises(ValueError, match=r"`weights` nce_tt=inf: a weight must be a finite number >= 0"):
+        L.SafeClipLoss(variant="text", weights={"nce_tt": float("inf")})
+    with pytest.raises(ValueError, match="No SaFeR-CLIP loss term has its inputs and a positive weight"):
+        L.SaferClipLoss(weights={"rel_tt": 0, "uni_txt": 0})(t_star=torch.ones(2, 3), t0_star=torch.ones(2, 3), t0_hat=torch.ones(2, 3))
 
 
 def test_build_loss_by_name_and_weight_checks():
     assert isinstance(L.build_loss("safer_clip", scale=2.0), L.SaferClipLoss) and L.build_loss("safer_clip", scale=2.0).scale == 2.0
     assert isinstance(L.build_loss("safe_clip", {"pres_txt": 1.0}), L.SafeClipLoss)
+    text = L.build_loss("safe_clip", {"nce_tt": 0.5}, variant="text", weights_mode="replace", renormalize_active=True)
+    assert (text.variant, text.raw_weights["nce_tt"], text.raw_weights["pres_txt"], text.renormalize_active) == ("text", 0.5, 0.0, True)
     assert L.check_weights({"rel_tt": 1}, "safer_clip", "--loss_weights") == {"rel_tt": 1.0}
     with pytest.raises(ValueError, match="`--loss` must be one of"):
         L.build_loss("infonce")

@@ -349,8 +349,19 @@ def test_both_towers_with_images(tmp_path, image_pairs, precompute):
     result = run(tmp_path, "--train_data", str(image_pairs), "--train_towers", "both", "--train_batch_size", "4",
                  "--max_train_steps", "3", precompute, "--val_fraction", "0")
     assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
-    assert {"rel_img", "rel_txt", "rel_tt", "uni_img", "pres_img", "pres_x"} <= set(result.active_terms)
+    # every term has its inputs; rel_tt (the caption-only stand-in for rel_txt) is off by default next to rel_txt
+    assert result.active_terms == ["rel_img", "rel_txt", "uni_txt", "uni_img", "pres_txt", "pres_img", "pres_x"]
+    assert result.active_terms == [k for k, w in result.config.loss_weights.items() if w > 0]  # resolved = what ran
     assert any("vision_model" in k for k in result.model.trainable_state_dict())
+
+
+def test_safe_clip_with_images_uses_the_image_variant(tmp_path, image_pairs):
+    result = run(tmp_path, "--train_data", str(image_pairs), "--loss", "safe_clip", "--train_batch_size", "4", "--max_train_steps", "2",
+                 "--val_fraction", "0")
+    assert result.config.safe_clip_variant == "image" and result.config.curriculum == "none"
+    # text tower only: the vision terms cannot run; their weight is not redistributed (renormalize_active off)
+    assert result.active_terms == ["pres_txt", "redir_txt", "nce_txt", "nce_redir_txt"]
+    assert sum(result.loss_weights.values()) == pytest.approx(0.7 / 1.75 / 8)
 
 
 def test_full_finetune_token_loss_and_live_copy(tmp_path):
