@@ -292,7 +292,7 @@ class TrainConfig:
         """Preservation rows per process batch drawn from the extra captions (0 without `--preserve_extra`)."""
         return int(self.extra_preserve_fraction * self.train_batch_size + 0.5) if self.preserve_extra else 0
 
-    def resolve(self, *, safe_images: bool, unsafe_images: bool, named_weights_warn: bool = True) -> TrainConfig:
+    def resolve(self, *, safe_images: bool, unsafe_images: bool) -> TrainConfig:
         """A copy with every loss- and data-dependent default resolved, for a run whose data has (every pair) a safe
         image (``safe_images``) and an unsafe image (``unsafe_images``):
 
@@ -325,7 +325,7 @@ class TrainConfig:
         if idle:
             named = [name for name in idle if name in (self.loss_weights or {})]
             fate = "the active terms are rescaled" if self.renormalize_active else "their share is not trained"
-            if named and named_weights_warn:
+            if named:
                 logger.warning("`--loss_weights` names %s, which cannot run here (inputs absent: towers %s, safe images %s, unsafe "
                                "images %s); %s.", ", ".join(named), self.train_towers, safe_images, unsafe_images, fate)
             logger.info("Loss terms with a positive weight that cannot run in this configuration: %s (%s).", ", ".join(idle), fate)
