@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_compare.py`
 
 import torch  # noqa: E402
 
-from benchmarks.bench_pipeline import sd15_components, tiny_components  # noqa: E402
+from benchmarks.bench_pipeline import resolve_run, sd15_components, tiny_components  # noqa: E402
 from benchmarks.timing import benchmark_main, dump_json_line, environment, print_table, time_interleaved  # noqa: E402
 from safer_diffusion.options import device_option, dtype_option, option, resolve_device_and_dtype  # noqa: E402
 
@@ -81,15 +81,7 @@ def extra_encoders(like, n: int, first_seed: int = 100) -> list:
 
 def run(config: CompareBenchConfig) -> dict:
     """Time one generation, compare() and separate generations for every N; print the tables and the JSON line."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    sd15 = config.size == "sd15"
-    steps = config.num_inference_steps or (25 if sd15 else 10)
-    height = config.height or (512 if sd15 else 64)
-    width = config.width or (512 if sd15 else 64)
-    repeats = config.repeats or (3 if sd15 else 5)
-    device, dtype = resolve_device_and_dtype(config.device, config.dtype)
-    dtype_name = str(dtype).removeprefix("torch.")
+    sd15, steps, height, width, repeats, device, dtype, dtype_name = resolve_run(config, repeats_sd15=3, repeats_tiny=5)
     ns = sorted(config.n_encoders)
 
     from diffusers import StableDiffusionPipeline

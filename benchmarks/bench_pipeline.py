@@ -96,17 +96,23 @@ def tiny_components(seed: int = 0) -> dict:
     return parts
 
 
-def run(config: PipelineBenchConfig) -> dict:
-    """Time the three variants; print the table and the JSON line; return the result."""
+def resolve_run(config, repeats_sd15: int, repeats_tiny: int) -> tuple:
+    """The size-dependent defaults every pipeline benchmark shares (threads set, device and dtype resolved):
+    ``(sd15, steps, height, width, repeats, device, dtype, dtype_name)``."""
     if config.threads:
         torch.set_num_threads(config.threads)
     sd15 = config.size == "sd15"
     steps = config.num_inference_steps or (25 if sd15 else 10)
     height = config.height or (512 if sd15 else 64)
     width = config.width or (512 if sd15 else 64)
-    repeats = config.repeats or (5 if sd15 else 15)
+    repeats = config.repeats or (repeats_sd15 if sd15 else repeats_tiny)
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
-    dtype_name = str(dtype).removeprefix("torch.")
+    return sd15, steps, height, width, repeats, device, dtype, str(dtype).removeprefix("torch.")
+
+
+def run(config: PipelineBenchConfig) -> dict:
+    """Time the three variants; print the table and the JSON line; return the result."""
+    sd15, steps, height, width, repeats, device, dtype, dtype_name = resolve_run(config, repeats_sd15=5, repeats_tiny=15)
 
     from diffusers import StableDiffusionPipeline
 
