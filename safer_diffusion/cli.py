@@ -58,10 +58,9 @@ from .options import (
     resolve_device_and_dtype,
     run_main,
 )
-from .pipeline_safer_stable_diffusion import SAFETY_MODES
 from .pipelines import load_safer_pipeline
 from .registry import ORIGINAL, SAFE
-from .scoring import NUDENET_LABELS, SCORERS
+from .scoring import NUDENET_LABELS, SAFETY_MODES, SCORERS
 from .tiny import TINY_VARIANTS, tiny_variant_option
 
 logger = logging.getLogger(__name__)

@@ -48,6 +48,7 @@ from .compare import (
 from .encoders import as_torch_dtype
 from .hub import resolve_model_source
 from .pipeline_output import SaferComparisonOutput, SaferStableDiffusionMultiCompareOutput
+from .scoring.base import SAFETY_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ __all__ = [
     "load_dtype",
 ]
 
-#: What happens to flagged images: "flag" leaves them untouched, "blur" blurs them heavily, "black" blanks them.
-SAFETY_MODES = ("flag", "blur", "black")
 #: Subfolder of a saved pipeline holding the base model's own text encoder (for ``compare()``).
 ORIGINAL_TEXT_ENCODER_DIR = "original_text_encoder"
 #: Default of the ``check_inputs`` keywords that the parents' own ``__call__`` does not pass (so nothing is checked).

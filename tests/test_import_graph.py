@@ -7,7 +7,11 @@ safer_diffusion.testing; and no import cycle among modules (a package ``__init__
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("safer_diffusion", "finetune", "demos", "benchmarks")
@@ -131,3 +135,11 @@ def test_no_import_cycle():
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("module", ["safer_diffusion.cli", "safer_diffusion.evaluation.cli", "safer_diffusion.convert"])
+def test_cli_modules_import_no_heavy_framework(module):
+    """`--help` and bad input answer at once: the CLI modules import torch/diffusers/transformers only to do work."""
+    code = f"import sys, {module}; print(sorted(k for k in ('torch', 'diffusers', 'transformers') if k in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"{module} imports {out.stdout.strip()} at import time"

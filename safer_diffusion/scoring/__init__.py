@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import AnyOf, NSFWScorer, ScoreResult, check_images, to_rgb
+from .base import SAFETY_MODES, AnyOf, NSFWScorer, ScoreResult, check_images, to_rgb
 from .nudenet_scorer import DEFAULT_CLASSES, NUDENET_LABELS, NudeNetScorer
 from .q16 import Q16Scorer, load_prompt_embeddings
 from .safety_checker import SafetyCheckerScorer
@@ -21,6 +21,7 @@ from .safety_checker import SafetyCheckerScorer
 __all__ = [
     "DEFAULT_CLASSES",
     "NUDENET_LABELS",
+    "SAFETY_MODES",
     "SCORERS",
     "AnyOf",
     "NSFWScorer",

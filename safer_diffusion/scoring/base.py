@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["AnyOf", "NSFWScorer", "ScoreResult", "check_images", "to_rgb"]
+__all__ = ["SAFETY_MODES", "AnyOf", "NSFWScorer", "ScoreResult", "check_images", "to_rgb"]
+
+#: What a pipeline does with flagged images: "flag" leaves them untouched, "blur" blurs them heavily, "black" blanks them.
+SAFETY_MODES = ("flag", "blur", "black")
 
 
 @dataclass
