@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run_all.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safer_diffusion.fileio import atomic_write_text, probe_writable_dir  # noqa: E402
+from safer_diffusion.fileio import atomic_write_text, check_output_file  # noqa: E402
 from safer_diffusion.options import configure_logging, option, parse_config, run_main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -36,12 +36,7 @@ class RunAllConfig:
 
     def validate(self) -> None:
         if self.output is not None:
-            if self.output.is_dir():
-                raise ValueError(f"`--output` {str(self.output)!r} is a directory; pass a file path such as results.json.")
-            try:
-                probe_writable_dir(self.output.parent)
-            except OSError as e:
-                raise ValueError(f"`--output` {str(self.output)!r}: its folder cannot be written ({e.strerror or e}).") from None
+            check_output_file(self.output, "--output")
 
 
 def run_one(name: str, extra: list[str]) -> dict:
@@ -67,6 +62,7 @@ def run(config: RunAllConfig, extra: list[str]) -> int:
         ratios = {k: v for k, v in (r.get("result") or {}).items() if isinstance(v, (int, float)) and ("over" in k or "ratio" in k or "speedup" in k)}
         print(f"{r['benchmark']:<16} rc={r['returncode']} wall={r['wall_s']:>7.1f}s {json.dumps(ratios)}")
     if config.output:
+        config.output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config.output, json.dumps(results, indent=2))
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from safer_diffusion.encoders import load_safe_text_encoder
 from safer_diffusion.export_format import CLIP_DIR, ExportManifest, is_export_folder, read_manifest
-from safer_diffusion.fileio import atomic_write_text
+from safer_diffusion.fileio import atomic_write_text, check_output_file
 from safer_diffusion.hub import resolve_model_source
 from safer_diffusion.options import (
     MISSING,
@@ -152,19 +152,6 @@ def _read_class_names(names: list[str]) -> list[str] | None:
     return list(names)
 
 
-def _check_output(path: str | None) -> None:
-    if path is None:
-        return
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise ValueError(f"`--output` {path!r} is a folder; pass a file path (e.g. results.json).")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"`--output` {path!r} cannot be written: {os.fspath(parent)!r} is not a writable folder.")
-
-
 def check_inputs(config: EvaluateConfig) -> _Plan:
     """Every check that needs no model: device, model and reference sources, data, image folders, templates, output.
 
@@ -192,7 +179,8 @@ def check_inputs(config: EvaluateConfig) -> _Plan:
         folders, _ = list_image_folder(Path(config.zero_shot_root).expanduser())
         if names is not None and len(names) != len(folders):
             raise ValueError(f"`--class_names` has {len(names)} names but `--zero_shot_root` has {len(folders)} class folders {folders}.")
-    _check_output(config.output)
+    if config.output is not None:
+        check_output_file(config.output, "--output")
     return _Plan(device, base, names, templates)
 
 

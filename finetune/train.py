@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from safer_diffusion.fileio import atomic_write_text, probe_writable_dir
+from safer_diffusion.fileio import atomic_write_text, check_writable_dir
 from safer_diffusion.hub import resolve_model_source
 from safer_diffusion.options import BadInputError, configure_logging, run_main, validate_config
 
@@ -205,28 +205,6 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- the run
-def _check_writable(folder: Path, flag: str, keep_created: bool) -> None:
-    """``folder`` can be created and written (a probe file is written and removed). Folders created only for the
-    probe are removed again unless ``keep_created`` (several processes probe the same folder)."""
-    missing, p = [], folder
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    if not p.is_dir():
-        raise BadInputError(f"`{flag}` {os.fspath(folder)!r} cannot be created: {os.fspath(p)!r} is a file; pass another folder.")
-    try:
-        probe_writable_dir(folder)
-    except OSError as e:
-        raise BadInputError(f"`{flag}` {os.fspath(folder)!r} is not a writable folder ({e.strerror or e}); pass a folder you "
-                            "can write to.") from None
-    finally:
-        for d in [] if keep_created else missing:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break
-
-
 def _check_output_dir(config: TrainConfig) -> None:
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -274,9 +252,9 @@ def check_inputs(config: TrainConfig) -> TrainConfig:
     _check_output_dir(config)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not several or int(os.environ.get("RANK", "0")) == 0:  # one probe per run folder
-        _check_writable(Path(config.output_dir).expanduser(), "--output_dir", keep_created=several)
+        check_writable_dir(config.output_dir, "--output_dir", keep_created=several)
     if config.cache_dir is not None:
-        _check_writable(Path(config.cache_dir).expanduser(), "--cache_dir", keep_created=several)
+        check_writable_dir(config.cache_dir, "--cache_dir", keep_created=several)
     resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
     return config
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import tiny as tiny_models
 from .evaluation.generate import base_kind, check_base_fits
-from .fileio import probe_writable_dir
+from .fileio import check_output_file
 from .hub import resolve_model_source
 from .options import (
     DEFAULT_BASE_MODEL,
@@ -207,15 +207,7 @@ class GenerateConfig(_ScorerOptions):
         self._check_output()
 
     def _check_output(self) -> None:
-        output = self.output
-        if output.is_dir():
-            raise BadInputError(f"`--output` {os.fspath(output)!r} is a directory; pass a file path such as {os.fspath(output / 'image.png')!r}.")
-        if output.suffix.lower() not in ("", ".png"):
-            raise BadInputError(f"`--output` {os.fspath(output)!r}: images are written as PNG; use a .png name.")
-        try:
-            probe_writable_dir(output.parent if str(output.parent) else Path("."))
-        except OSError as e:
-            raise BadInputError(f"`--output` {os.fspath(output)!r}: its folder cannot be written ({e.strerror or e}); pass a writable path.") from None
+        check_output_file(self.output, "--output", suffixes=("", ".png"), example="image.png")  # images are PNG
 
 
 @dataclass(kw_only=True)
@@ -259,7 +251,8 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _remove_stale_tmp(output: Path) -> None:
-    """Temporary files an interrupted run left beside ``--output`` (``.<name>.png.tmp``)."""
+    """Create ``--output``'s folder; remove temporary files an interrupted run left beside it (``.<name>.png.tmp``)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
     stem = (output.with_suffix("") if output.suffix else output).name
     for stale in output.parent.glob(f".{stem}*.png.tmp"):
         logger.info("Removing %s, left by an interrupted run.", stale)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "fsync_dir", "probe_writable_dir", "read_jsonl"]
+from .options import BadInputError
+
+__all__ = ["atomic_write_text", "check_output_file", "check_writable_dir", "fsync_dir", "probe_writable_dir", "read_jsonl"]
 
 
 def read_jsonl(path: str | os.PathLike, argument: str | None = None) -> list[dict[str, Any]]:
@@ -61,6 +64,76 @@ def probe_writable_dir(folder: str | os.PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return folder
+
+
+def check_writable_dir(folder: str | os.PathLike, argument: str, *, keep_created: bool = False) -> Path:
+    """Check, before any work, that an output folder exists or can be created, and can be written.
+
+    A probe file is written and removed. Folders created only for the probe are removed again unless
+    ``keep_created`` (several processes probing the same folder at once keep it), so bad input leaves
+    nothing behind.
+
+    Args:
+        folder: the folder an entry point will write into.
+        argument: the option that named it (``"--output_dir"``), used in the error.
+        keep_created: keep the folders created for the probe.
+
+    Returns:
+        The folder as an expanded `Path`.
+
+    Raises:
+        BadInputError: ``folder`` is a file, lies under a file, or cannot be written; the message names
+            ``argument`` and the fix.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(f"`{argument}` {os.fspath(folder)!r} is a file, not a folder; pass a folder path.")
+    missing, existing = [], folder
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInputError(f"`{argument}` {os.fspath(folder)!r} cannot be created: {os.fspath(existing)!r} is a file; "
+                            "pass another folder.")  # fmt: skip
+    try:
+        probe_writable_dir(folder)
+    except OSError as e:
+        raise BadInputError(f"`{argument}` {os.fspath(folder)!r} is not a writable folder ({e.strerror or e}); pass a folder "
+                            "you can write to.") from None  # fmt: skip
+    finally:
+        for d in [] if keep_created else missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, argument: str, *, suffixes: Sequence[str] | None = None,
+                      example: str = "results.json") -> Path:  # fmt: skip
+    """Check, before any work, that an output *file* can be written: not a folder, an allowed suffix, a writable folder.
+
+    Args:
+        path: the file an entry point will write.
+        argument: the option that named it (``"--output"``), used in the error.
+        suffixes: allowed suffixes in lower case (``(".png", "")``); None allows any.
+        example: a file name for the error's fix when ``path`` is a folder.
+
+    Returns:
+        The file as an expanded `Path` (nothing is created).
+
+    Raises:
+        BadInputError: the path is a folder, has another suffix, or its folder cannot be written.
+    """
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise BadInputError(f"`{argument}` {os.fspath(out)!r} is a directory; pass a file path such as "
+                            f"{os.fspath(out / example)!r}.")  # fmt: skip
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        named = ", ".join(repr(x) if x else "no suffix" for x in suffixes)
+        raise BadInputError(f"`{argument}` {os.fspath(out)!r} must end in {named}; rename it.")
+    check_writable_dir(out.parent if str(out.parent) else Path("."), argument)
+    return out
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -223,14 +223,14 @@ def test_generate_checks_the_output_before_loading(tmp_path, capsys, monkeypatch
     assert main(["generate", "a cat", "--tiny", "--output", str(tmp_path)]) == 2
     assert "`--output` " + repr(str(tmp_path)) + " is a directory; pass a file path" in capsys.readouterr().err
     assert main(["generate", "a cat", "--tiny", "--output", str(tmp_path / "x.jpg")]) == 2
-    assert "images are written as PNG; use a .png name" in capsys.readouterr().err
+    assert "x.jpg' must end in no suffix, '.png'; rename it" in capsys.readouterr().err
 
     def unwritable(folder):  # what a read-only folder does (permissions do not bind root, so it is simulated)
         raise PermissionError(errno.EACCES, "Permission denied", str(folder))
 
-    monkeypatch.setattr(cli, "probe_writable_dir", unwritable)
+    monkeypatch.setattr("safer_diffusion.fileio.probe_writable_dir", unwritable)
     assert main(["generate", "a cat", "--tiny", "--output", str(tmp_path / "ro" / "x.png")]) == 2
-    assert "its folder cannot be written (Permission denied); pass a writable path" in capsys.readouterr().err
+    assert "is not a writable folder (Permission denied); pass a folder you can write to" in capsys.readouterr().err
 
 
 def test_generate_device_cuda_without_gpu(tmp_path, capsys, monkeypatch):

@@ -145,7 +145,7 @@ def test_use_prompt_settings_checks_every_prompt_before_any_work(tmp_path, row, 
 def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(BadInputError, match=r"^`--output_dir`='.*a_file/out' is not a writable folder \(.*\)\. Choose a folder you can write to\.$"):
+    with pytest.raises(BadInputError, match=r"^`--output_dir` '.*a_file/out' cannot be created: '.*a_file' is a file; pass another folder\.$"):
         config_from_args(["--tiny", "--prompts", str(MILD), "--output_dir", str(blocker / "out")])
     with pytest.raises(BadInputError, match=r"^`--output_dir` is required; pass `--output_dir DIR`"):
         config_from_args(["--tiny", "--prompts", str(MILD)])

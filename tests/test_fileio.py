@@ -47,3 +47,50 @@ def test_atomic_write_text_replaces_whole_and_leaves_no_temp(tmp_path):
     atomic_write_text(target, "second")
     assert target.read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_check_writable_dir_leaves_nothing_behind(tmp_path):
+    from safer_diffusion.fileio import check_writable_dir
+
+    assert check_writable_dir(tmp_path / "new" / "run", "--output_dir") == tmp_path / "new" / "run"
+    assert list(tmp_path.iterdir()) == []  # folders made only for the probe are removed
+    check_writable_dir(tmp_path / "kept", "--output_dir", keep_created=True)
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_check_writable_dir_names_the_argument(tmp_path):
+    from safer_diffusion.fileio import check_writable_dir
+    from safer_diffusion.options import BadInputError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(BadInputError, match=r"^`--output_dir` '.*a_file' is a file, not a folder; pass a folder path\.$"):
+        check_writable_dir(blocker, "--output_dir")
+    with pytest.raises(BadInputError, match=r"^`--cache_dir` '.*a_file/sub' cannot be created: '.*a_file' is a file"):
+        check_writable_dir(blocker / "sub", "--cache_dir")
+
+
+def test_check_writable_dir_reports_an_unwritable_folder(tmp_path, monkeypatch):
+    import errno
+
+    from safer_diffusion import fileio
+    from safer_diffusion.options import BadInputError
+
+    def denied(folder):  # permissions do not bind root, so a read-only folder is simulated
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+
+    monkeypatch.setattr(fileio, "probe_writable_dir", denied)
+    with pytest.raises(BadInputError, match=r"is not a writable folder \(Permission denied\); pass a folder you can write to"):
+        fileio.check_writable_dir(tmp_path / "ro", "--output_dir")
+
+
+def test_check_output_file(tmp_path):
+    from safer_diffusion.fileio import check_output_file
+    from safer_diffusion.options import BadInputError
+
+    assert check_output_file(tmp_path / "d" / "x.png", "--output", suffixes=("", ".png")) == tmp_path / "d" / "x.png"
+    assert not (tmp_path / "d").exists()  # nothing is created by the check
+    with pytest.raises(BadInputError, match=r"is a directory; pass a file path such as '.*results\.json'"):
+        check_output_file(tmp_path, "--output")
+    with pytest.raises(BadInputError, match=r"^`--output` '.*x\.jpg' must end in no suffix, '\.png'; rename it\.$"):
+        check_output_file(tmp_path / "x.jpg", "--output", suffixes=("", ".png"))

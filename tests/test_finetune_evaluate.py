@@ -125,7 +125,7 @@ def test_cli_errors(image_folder, tmp_path, capsys, monkeypatch, no_network):
         (["--model", "tiny", "--model_name_or_path", "tiny", "--data", "nope.csv"], r"`--data` 'nope.csv' does not exist"),
         (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--templates", str(tmp_path / "bad.txt")], r"`--templates`"),
         (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--class_names", "one"], r"`--class_names` has 1 names"),
-        (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--output", str(tmp_path)], r"`--output` .* is a folder"),
+        (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--output", str(tmp_path)], r"`--output` .* is a directory; pass a file path"),
         (["--model", "tiny", "--model_name_or_path", "tiny", "--zero_shot_root", str(tmp_path / "nope")], r"`--zero_shot_root`"),
         (["--model", "tiny", "--model_name_or_path", "tiny", *zs, "--batch_size", "0"], r"`--batch_size` must be in \[1, inf\]"),
     ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fileio import probe_writable_dir
+from ..fileio import check_writable_dir
 from ..options import (
     DEFAULT_BASE_MODEL,
     DEFAULT_CLIP_MODEL,
@@ -322,12 +322,7 @@ class EvaluateConfig:
                                        prompt_column=self.prompt_column)  # fmt: skip
         if self.use_prompt_settings:
             check_prompt_settings(prompt_file.records, self, prompt_file.columns)
-        try:
-            probe_writable_dir(Path(self.output_dir).expanduser())
-        except OSError as e:
-            raise BadInputError(
-                f"`--output_dir`={self.output_dir!r} is not a writable folder ({e.strerror or e}). Choose a folder you can write to."
-            ) from None
+        check_writable_dir(self.output_dir, "--output_dir", keep_created=True)  # workers of one run share it
 
 
 def check_prompt_settings(records: Sequence[PromptRecord], config: EvaluateConfig, columns: dict[str, str | None] | None = None) -> None:

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_text, probe_writable_dir
+from ..fileio import atomic_write_text, check_writable_dir
 from ..hub import resolve_model_source
 from ..options import (
     DEFAULT_CLIP_MODEL,
@@ -207,11 +207,7 @@ class FidelityConfig:
                                     "(png, jpg, jpeg, webp, bmp).")  # fmt: skip
         if self.real_images is not None and self.feature_spec == "none":
             raise BadInputError("`--real_images` is used for FID/KID, but `--fid_feature_extractor none` turns them off; drop one.")
-        try:
-            probe_writable_dir(out)
-        except OSError as e:
-            raise BadInputError(f"`--output_dir`={self.output_dir!r} is not writable ({e.strerror or e}); the fidelity files "
-                                "are written into it.") from None  # fmt: skip
+        check_writable_dir(out, "--output_dir")
 
     @property
     def feature_spec(self) -> str:

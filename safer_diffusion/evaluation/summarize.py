@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fileio import probe_writable_dir
+from ..fileio import check_writable_dir
 from ..options import MISSING, BadInputError, configure_logging, option, parse_config, run_main
 from .leaderboard import write_leaderboard
 from .protocols import AS_RUN, PROTOCOLS, as_run_protocol, get_protocol
@@ -53,10 +53,7 @@ class SummarizeConfig:
             if not results_files(Path(run).expanduser()):
                 raise BadInputError(f"`RUN_DIR` {run!r} holds no results.jsonl; pass the `--output_dir` of an evaluation that ran.")
         if self.output_dir is not None:
-            try:
-                probe_writable_dir(Path(self.output_dir).expanduser())
-            except OSError as e:
-                raise BadInputError(f"`--output_dir`={self.output_dir!r} is not a writable folder ({e.strerror or e}).") from None
+            check_writable_dir(self.output_dir, "--output_dir")
 
 
 def summarize_runs(config: SummarizeConfig) -> list[dict]:
