@@ -31,22 +31,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import dump_json_line, environment, print_table, time_interleaved  # noqa: E402
-from safer_diffusion.evaluation.config import EvaluateConfig  # noqa: E402
+from benchmarks.eval_common import evaluate_config, work_batches  # noqa: E402
+from benchmarks.timing import benchmark_main, dump_json_line, environment, print_table, time_interleaved  # noqa: E402
 from safer_diffusion.evaluation.generate import generate_batch, load_pipeline, model_sources  # noqa: E402
-from safer_diffusion.evaluation.plan import make_batches, make_work_items  # noqa: E402
-from safer_diffusion.evaluation.prompts import load_prompts  # noqa: E402
 from safer_diffusion.evaluation.run import run_evaluation  # noqa: E402
 from safer_diffusion.evaluation.worker import build_scorers  # noqa: E402
-from safer_diffusion.options import (  # noqa: E402
-    config_from_dict,
-    device_option,
-    dtype_option,
-    option,
-    parse_config,
-    resolve_device_and_dtype,
-    run_main,
-)
+from safer_diffusion.options import device_option, dtype_option, option, resolve_device_and_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,31 +64,14 @@ class BenchEvalConfig:
     repeats: int = option(3, "Timed repeats of each variant.", bounds=(1, None))
 
 
-def _evaluate_config(args: BenchEvalConfig, tiny: bool, output_dir: Path) -> EvaluateConfig:
-    """The evaluation's config for the benchmark's options, checked like ``safer-diffusion evaluate``'s."""
-    values = {
-        "prompts": args.prompts, "limit": args.limit, "num_images_per_prompt": args.num_images_per_prompt,
-        "batch_size": args.batch_size, "num_inference_steps": args.num_inference_steps, "dtype": args.dtype, "device": args.device,
-        "progress": False, "output_dir": str(output_dir), "compare_original": args.compare_original, "tiny": tiny,
-        "height": args.height, "width": args.width,
-    }  # fmt: skip
-    if not tiny:
-        values["base"] = args.base
-        if args.safe_encoder:
-            values["safe_encoder"] = args.safe_encoder
-    return config_from_dict(EvaluateConfig, values, source="benchmarks.bench_eval")
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda: _bench(argv), prog="benchmarks.bench_eval")
+    """``python -m benchmarks.bench_eval``: 0 success, 2 bad input, 1 failure."""
+    return benchmark_main(BenchEvalConfig, _bench, argv, prog="python -m benchmarks.bench_eval", doc=__doc__)
 
 
-def _bench(argv: list[str] | None) -> int:
-    args = parse_config(BenchEvalConfig, argv, prog="python -m benchmarks.bench_eval", description=__doc__.splitlines()[0])
+def _bench(args: BenchEvalConfig) -> dict:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     device = torch.device(device)
     tiny = args.tiny or args.base is None
@@ -109,10 +82,11 @@ def _bench(argv: list[str] | None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _measure(args: BenchEvalConfig, tiny: bool, tmp: Path, device, dtype) -> int:
+def _measure(args: BenchEvalConfig, tiny: bool, tmp: Path, device, dtype) -> dict:
     import torch
 
-    config = _evaluate_config(args, tiny, tmp / "probe")
+    config = evaluate_config(args, tiny=tiny, output_dir=tmp / "probe", source="benchmarks.bench_eval",
+                             compare_original=args.compare_original)  # fmt: skip
 
     if tiny and args.size == "sd15":
         from benchmarks.bench_pipeline import sd15_components
@@ -124,10 +98,7 @@ def _measure(args: BenchEvalConfig, tiny: bool, tmp: Path, device, dtype) -> int
         _, _, base_path, safe_path = model_sources(config)
         pipe = load_pipeline(config, base_path, safe_path, device, dtype)
     scorers = build_scorers(config)
-    default_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    records = load_prompts(config.prompts, limit=config.limit)
-    items, _ = make_work_items(records, config, default_size, default_size, done=set())
-    batches = make_batches(items, config.batch_size)
+    records, items, batches = work_batches(pipe, config)
     exec_device = getattr(pipe, "_execution_device", device)
 
     def generate_only():
@@ -161,7 +132,7 @@ def _measure(args: BenchEvalConfig, tiny: bool, tmp: Path, device, dtype) -> int
     print_table(timings, baseline="generate only")
     gen, serial, evaluation = (timings[k].median for k in ("generate only", "generate, then score (serial)", "evaluate"))
     result = last["result"]
-    dump_json_line({
+    summary = {
         "benchmark": "bench_eval",
         "models": args.size if tiny else args.base,
         "device": str(device),
@@ -179,8 +150,9 @@ def _measure(args: BenchEvalConfig, tiny: bool, tmp: Path, device, dtype) -> int
         "cpu_threads": torch.get_num_threads(),
         "os_cpus": os.cpu_count(),
         "environment": environment(),
-    })
-    return 0
+    }
+    dump_json_line(summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -35,24 +35,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import dump_json_line, environment, print_table, time_interleaved  # noqa: E402
-from safer_diffusion.evaluation.config import EvaluateConfig  # noqa: E402
+from benchmarks.eval_common import evaluate_config, work_batches  # noqa: E402
+from benchmarks.timing import benchmark_main, dump_json_line, environment, print_table, time_interleaved  # noqa: E402
 from safer_diffusion.evaluation.fidelity import ClipModel, batched  # noqa: E402
 from safer_diffusion.evaluation.fidelity_run import FidelityConfig, compute_fidelity_rows, load_run, run_fidelity  # noqa: E402
 from safer_diffusion.evaluation.generate import generate_batch, load_pipeline, model_sources  # noqa: E402
-from safer_diffusion.evaluation.plan import make_batches, make_work_items  # noqa: E402
-from safer_diffusion.evaluation.prompts import load_prompts  # noqa: E402
 from safer_diffusion.evaluation.run import run_evaluation  # noqa: E402
 from safer_diffusion.evaluation.worker import build_scorers  # noqa: E402
-from safer_diffusion.options import (  # noqa: E402
-    config_from_dict,
-    device_option,
-    dtype_option,
-    option,
-    parse_config,
-    resolve_device_and_dtype,
-    run_main,
-)
+from safer_diffusion.options import config_from_dict, device_option, dtype_option, option, resolve_device_and_dtype  # noqa: E402
 from safer_diffusion.tiny import tiny_pipeline_folders  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,15 +76,11 @@ class BenchFidelityConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda: _bench(argv), prog="benchmarks.bench_fidelity")
+    """``python -m benchmarks.bench_fidelity``: 0 success, 2 bad input, 1 failure."""
+    return benchmark_main(BenchFidelityConfig, _bench, argv, prog="python -m benchmarks.bench_fidelity", doc=__doc__)
 
 
-def _bench(argv: list[str] | None) -> int:
-    args = parse_config(BenchFidelityConfig, argv, prog="python -m benchmarks.bench_fidelity", description=__doc__.splitlines()[0])
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _bench(args: BenchFidelityConfig) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_fidelity-"))
     try:
         return _measure(args, tmp)
@@ -102,31 +88,19 @@ def _bench(argv: list[str] | None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _measure(args: BenchFidelityConfig, tmp: Path) -> int:
+def _measure(args: BenchFidelityConfig, tmp: Path) -> dict:
     import torch
 
     tiny = args.base is None
-    values = {
-        "prompts": args.prompts, "limit": args.limit, "num_images_per_prompt": args.num_images_per_prompt,
-        "batch_size": args.batch_size, "num_inference_steps": args.num_inference_steps, "dtype": args.dtype, "device": args.device,
-        "progress": False, "output_dir": str(tmp / "run"), "compare_original": True, "tiny": tiny, "save_images": True,
-        "height": args.height, "width": args.width, "grid_samples": 0, "bootstrap": 0,
-    }  # fmt: skip
-    if not tiny:
-        values["base"] = args.base
-        if args.safe_encoder:
-            values["safe_encoder"] = args.safe_encoder
-    config = config_from_dict(EvaluateConfig, values, source="benchmarks.bench_fidelity")
+    config = evaluate_config(args, tiny=tiny, output_dir=tmp / "run", source="benchmarks.bench_fidelity", compare_original=True,
+                             save_images=True, grid_samples=0, bootstrap=0)  # fmt: skip
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     _, _, base_path, safe_path = model_sources(config)
     pipe = load_pipeline(config, base_path, safe_path, torch.device(device), dtype)
     exec_device = getattr(pipe, "_execution_device", device)
     run_evaluation(config, pipe=pipe, scorers=build_scorers(config), process_index=0, num_processes=1)  # the folder (not timed)
 
-    default_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    records = load_prompts(config.prompts, limit=config.limit)
-    items, _ = make_work_items(records, config, default_size, default_size, done=set())
-    batches = make_batches(items, config.batch_size)
+    records, items, batches = work_batches(pipe, config)
     clip_source = str(tiny_pipeline_folders()[1]) if tiny else args.clip_model
     clip = ClipModel.load(clip_source, device=device, dtype=dtype, name="tiny:clip" if tiny else args.clip_model)
     run = load_run(tmp / "run")
@@ -165,7 +139,7 @@ def _measure(args: BenchFidelityConfig, tmp: Path) -> int:
     result = last["result"]
     print(f"\nper image: generate {1000 * gen / n_images:.2f} ms | fidelity rows {1000 * rows / n_images:.2f} ms "
           f"({100 * rows / gen:.1f} % of generation) | FID/KID once at the end {1000 * result.fid_s:.1f} ms")
-    dump_json_line({
+    summary = {
         "benchmark": "bench_fidelity",
         "models": "tiny" if tiny else args.base,
         "clip_model": clip.name,
@@ -187,8 +161,9 @@ def _measure(args: BenchFidelityConfig, tmp: Path) -> int:
         "cpu_threads": torch.get_num_threads(),
         "os_cpus": os.cpu_count(),
         "environment": environment(),
-    })  # fmt: skip
-    return 0
+    }  # fmt: skip
+    dump_json_line(summary)
+    return summary
 
 
 if __name__ == "__main__":

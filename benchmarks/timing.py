@@ -157,10 +157,18 @@ def dump_json_line(obj: dict) -> None:
 
 
 def benchmark_main(config_cls: type, body: Callable[[Any], dict], argv: Sequence[str] | None, *, prog: str, doc: str) -> int:
-    """Parse ``argv`` into ``config_cls`` (:mod:`safer_diffusion.options`), run ``body(config)``; 0, 2 bad input, 1 failure."""
+    """Parse ``argv`` into ``config_cls`` (:mod:`safer_diffusion.options`), run ``body(config)``; 0, 2 bad input, 1 failure.
+
+    A config with a ``threads`` option (set) gets ``torch.set_num_threads(threads)`` before ``body`` runs.
+    """
     configure_logging()
 
     def run() -> None:
-        body(parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0]))
+        config = parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0])
+        if getattr(config, "threads", None):
+            import torch
+
+            torch.set_num_threads(config.threads)
+        body(config)
 
     return run_main(run, prog=prog)
