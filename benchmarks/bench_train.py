@@ -428,6 +428,7 @@ class TrainBenchConfig:
     repeats: int = option(10, "Timed steps per variant.", bounds=(1, None))
     warmup: int = option(2, "Untimed steps per variant.", bounds=(0, None))
     peak_tflops: float | None = option(None, "Peak dense bf16 TFLOP/s for MFU (default: a table by GPU name).", bounds=(0.0, None))
+    threads: int | None = option(None, "torch CPU threads (default: torch's; 1 avoids stalls on a loaded machine).", bounds=(1, None))
     caption_tokens_mean: float = option(20.0, "Part padding: mean CLIP token count of the generated captions.", bounds=(4.0, 77.0))
     caption_tokens_sigma: float = option(0.25, "Part padding: log-normal shape of the caption lengths (about their coefficient "
                                          "of variation; 0.25 ~ COCO captions).", bounds=(0.0, 2.0))
@@ -445,6 +446,8 @@ class TrainBenchConfig:
 def run(args: TrainBenchConfig) -> dict:
     """Part 1 everywhere, part 2 on CUDA; print the tables and the JSON line; return the result."""
     device = torch.device(resolve_device_and_dtype(args.device, "auto")[0])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B = args.batch_size or SIZES[args.size]["batch"]
     result: dict = {"benchmark": "bench_train", "size": args.size, "batch_size": B, "device": str(device), "env": environment()}
 

@@ -67,7 +67,7 @@ run() {  # name, timeout seconds, command...
 if [[ -n ${SUITE_DRY_RUN:-} ]]; then
   PIPELINE_ARGS=(--size tiny --device cpu --repeats 3); TARGETS_ARGS=(--n 4000 --dim 768 --device cpu --repeats 1)
   COMPARE_ARGS=(--size tiny --device cpu --repeats 3 --threads 1)  # 21 tiny generations a repeat: one thread, no stalls
-  TRAIN_ARGS=(--size tiny --device cpu --repeats 3); EVAL_ARGS=(--tiny --device cpu --repeats 1)
+  TRAIN_ARGS=(--size tiny --device cpu --repeats 3 --threads 1); EVAL_ARGS=(--tiny --device cpu --repeats 1)
 else
   PIPELINE_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --height 512 --width 512 --repeats "$REPEATS")
   COMPARE_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --height 512 --width 512 --n_encoders 2 3 5 --repeats "$REPEATS")
