@@ -1,7 +1,9 @@
-"""Training-step throughput: precomputed anchors vs a live frozen reference; precision/attention backends; MFU.
+"""Training-step throughput: precomputed anchors vs a live frozen reference; trimmed vs padded batches and the projected
+wall time of the paper recipe; precision/attention backends; MFU.
 
     python -m benchmarks.bench_train                                  # CPU, tiny CLIP: anchors vs live reference
     python -m benchmarks.bench_train --size vit-l14 --device cuda     # + fp32 eager vs bf16 SDPA vs bf16 xformers, batch 256
+    python -m benchmarks.bench_train --size vit-l14 --batch_size 8    # CPU: trimmed vs padded-to-77 at ViT-L/14 size
 
 Part 1 (every device): one SaFeR-CLIP training step of the text tower (LoRA r16, Adam) on a batch of
 B safe + B unsafe captions, timed interleaved in two variants on the same model:
@@ -12,6 +14,25 @@ Safe-CLIP's public script: a separate fp32 CLIP copy run every step. Goal: ancho
 Bound: with LoRA the backward costs about one forward (no weight gradients for frozen weights), so
 anchors save at most (2F + 1.5F) / 2F = 1.75x against a same-precision live reference on 3B
 captions; the 2x goal is reachable only against the fp32 copy.
+
+Part padding (every device): the paper recipe's step (``finetune/configs/safer_clip_vit_l14.yaml``: LoRA r16 on the
+text tower, Adam, clipping 1.0, bf16 autocast + SDPA on CUDA, fp32 on the CPU; the SaFeR-CLIP loss on B safe + B unsafe
+captions with precomputed anchors) with every batch trimmed to its own longest caption (``finetune.train._trim``, what
+the trainer does) vs padded to 77 tokens, timed interleaved on generated captions whose CLIP token counts are
+log-normal (mean ``--caption_tokens_mean`` 20, shape ``--caption_tokens_sigma`` 0.25). Prints the caption lengths
+(mean, median, max), tokens per step and steps/s of both, and the ratio (goal: >= 2.5x steps/s at batch 256 on
+``--size vit-l14``). A trimmed batch is as long as its longest caption, so the gain shrinks as the batch grows.
+
+Projection of the text-only paper recipe (``--recipe_pairs`` 150k pairs, 9 epochs, batch 48, tertile curriculum):
+
+    minutes = (steps x mean trimmed step s at batch 48 + 2 N / anchor captions per s + nearest-safe search s) / 60
+
+with N = pairs - round(val_fraction x pairs) trained pairs and steps = sum over epochs of ceil(|curriculum pool of
+the epoch| / 48) (``finetune.train.epoch_plan``: epoch 1 trains the easy third, epoch 2 two thirds, then all:
+23,753 steps for 150k pairs, not 150k x 9 / 48 = 28,125). The anchor rate is timed with
+``finetune.anchors.encode_text`` (frozen fp32 model, 77 tokens, ``anchor_batch_size`` 256); the nearest-safe search
+(N x N, on the CPU where the trainer runs it) from 1,024 unsafe rows. Model loading, checkpoint writes and the
+end-of-training metrics are not included.
 
 Part 2 (CUDA, ``--size vit-l14``): a ViT-L/14-size random-init text tower (hidden 768, 12 layers,
 12 heads, MLP 3072, 77 tokens) trained with full fine-tuning at batch 256 (256 safe + 256 unsafe
@@ -32,6 +53,8 @@ A100 312), for every mode including fp32 (the same yardstick). The last line is 
 
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +69,8 @@ from safer_diffusion.options import device_option, option, resolve_device_and_dt
 
 PROG = "python -m benchmarks.bench_train"
 
+PAPER_CONFIG = "safer_clip_vit_l14.yaml"  # finetune/configs: the paper recipe the projection is for
+PAPER_PAIRS = 150_000  # ViSU-Text-size pair set (issue 16: "150k pairs x 9 epochs")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
 SIZES = {
     "tiny": dict(hidden=32, layers=2, heads=2, mlp=64, batch=64),
@@ -73,6 +98,40 @@ def captions(n: int) -> list[str]:
     places = ["in a park", "on a beach", "in a kitchen", "at a train station", "in the snow", "on a rooftop"]
     acts = ["is smiling", "holds a red umbrella", "is running fast", "waves at the camera", "is reading a long book"]
     return [f"{subjects[i % 8]} {acts[(i // 8) % 5]} {places[(i // 40) % 6]} photo number {i}" for i in range(n)]
+
+
+# single-token words of the CLIP BPE (each word, and ",", is exactly one token): a caption of n words is n + 2 tokens
+_WORDS = {
+    "det": ("a", "the", "two", "three"),
+    "adj": ("red", "blue", "old", "young", "small", "large", "wooden", "bright", "black", "white", "green", "yellow", "brown",
+            "tall", "short", "happy"),
+    "noun": ("man", "woman", "dog", "cat", "child", "chef", "street", "park", "beach", "kitchen", "table", "chair", "window", "car",
+             "bike", "tree", "flower", "river", "lake", "mountain", "city", "house", "door", "room", "hat", "coat", "dress",
+             "jacket", "shirt", "people", "group"),
+    "verb": ("holds", "walks", "sits", "stands", "looking", "smiling", "running", "reading", "eating", "drinking", "playing",
+             "wearing"),
+    "prep": ("near", "under", "beside", "with", "on", "in", "at", "of"),
+    ",": (",",),
+}
+_PATTERN = ("det", "adj", "noun", "verb", "prep", "det", "adj", "noun", ",")
+
+
+def realistic_captions(n: int, mean_tokens: float = 20.0, sigma: float = 0.25, seed: int = 0) -> list[str]:
+    """``n`` everyday captions whose CLIP token counts (with BOS/EOS) are log-normal with mean ``mean_tokens`` and shape
+    ``sigma`` (coefficient of variation about ``sigma``; 0.25 is about the spread of COCO captions), clipped to [4, 77].
+
+    The words cycle through determiner, adjective, noun, verb, preposition, ... so a caption of k words is exactly
+    k + 2 tokens; the lengths reported by the benchmark are counted by the tokenizer all the same.
+    """
+    import random
+
+    rng = random.Random(seed)
+    median = mean_tokens / math.exp(sigma**2 / 2)
+    out = []
+    for _ in range(n):
+        length = min(77, max(4, round(rng.lognormvariate(math.log(median), sigma))))
+        out.append(" ".join(rng.choice(_WORDS[_PATTERN[i % len(_PATTERN)]]) for i in range(length - 2)))
+    return out
 
 
 def _apply(loss, optimizer, device):
@@ -158,6 +217,199 @@ def step_flops(size: str, finetune: str, sequences: int, model, live_sequences: 
     return float(train + live)
 
 
+# --------------------------------------------------------------------------- part "padding" + the paper-recipe projection
+def paper_recipe():
+    """The paper recipe (``finetune/configs/safer_clip_vit_l14.yaml``) resolved as the trainer resolves it for caption-only
+    data (ViSU-Text has no images): curriculum, loss weights, LoRA settings, batch size, precision."""
+    import yaml
+
+    from finetune.config import CONFIG_DIR, TrainConfig
+
+    path = CONFIG_DIR / PAPER_CONFIG
+    return TrainConfig.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path)).resolve(
+        safe_images=False, unsafe_images=False)
+
+
+def recipe_steps(cfg, pairs: int) -> dict:
+    """Training steps of ``cfg`` on ``pairs`` loaded pairs, one process: ``val_fraction`` held out as the trainer does
+    (``round(val_fraction * pairs)``, distinct safe captions assumed), then the curriculum's epoch plan
+    (:func:`finetune.train.epoch_plan`: epoch e trains ceil(|pool_e| / B) steps, pool_e = the stages joined by then)."""
+    from finetune.curriculum import Curriculum
+    from finetune.train import epoch_plan
+
+    n_train = pairs - int(cfg.val_fraction * pairs + 0.5)
+    # stage sizes depend only on the number of pairs and the boundaries, not on the difficulty values
+    cur = Curriculum(torch.linspace(1.0, 0.0, n_train), mode=cfg.curriculum, boundaries=tuple(cfg.curriculum_boundaries),
+                     stage_epochs=tuple(cfg.curriculum_stage_epochs))
+    plan = epoch_plan(cur, cfg.num_train_epochs, cfg.train_batch_size)
+    return {"pairs": pairs, "train_pairs": n_train, "steps_per_epoch": plan, "steps": sum(plan),
+            "steps_naive": math.ceil(pairs * cfg.num_train_epochs / cfg.train_batch_size), "stage_sizes": cur.stage_sizes()}
+
+
+def _token_batches(tok, n_batches: int, batch: int, args, seed: int) -> list[dict]:
+    """``n_batches`` trainer batches of ``batch`` safe + ``batch`` unsafe captions, tokenised as finetune.train does
+    (``_tokenize``: padded to the longest caption of the whole set), each both trimmed (``_trim``, the trainer) and padded
+    to 77 (``_pad_to``)."""
+    from finetune.train import _pad_to, _tokenize, _trim
+
+    caps = realistic_captions(2 * batch * n_batches, args.caption_tokens_mean, args.caption_tokens_sigma, seed=seed)
+    ids, mask = _tokenize(tok, caps, 77)
+    out = []
+    for k in range(n_batches):
+        rows = slice(2 * batch * k, 2 * batch * (k + 1))  # rows [0, B) safe, [B, 2B) unsafe, as torch.cat([safe, unsafe])
+        trimmed = _trim(ids[rows], mask[rows])
+        padded = _pad_to(*trimmed, 77, tok.pad_token_id)
+        out.append({"trimmed": trimmed, "pad77": padded, "lengths": mask[rows].sum(1)})
+    return out
+
+
+def make_recipe_step(model, optimizer, loss_fn, batches: list, kind: str, batch: int, dim: int, device, autocast_dtype,
+                     max_grad_norm: float):
+    """The trainer's step (finetune/train.py §3 loop) on precomputed anchors: forward of 2B captions under autocast, loss,
+    the finite check (a sync), backward, clipping, Adam step. Every call takes the next of ``batches``."""
+    gen = torch.Generator().manual_seed(1)
+    anchors = [torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=-1).to(device) for _ in range(3)]
+    moved = [tuple(t.to(device) for t in b[kind]) for b in batches]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    calls = [0]
+
+    def step():
+        ids, mask = moved[calls[0] % len(moved)]
+        calls[0] += 1
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(input_ids=ids, attention_mask=mask)["text"]
+            loss = loss_fn(t=out[:batch], t_star=out[batch:], t0=anchors[0], t0_star=anchors[1], t0_hat=anchors[2])["loss"]
+        if not torch.isfinite(loss.detach()).item():
+            raise RuntimeError("non-finite loss in the benchmark step")
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return value
+
+    return step
+
+
+def anchor_throughput(size: str, tok, batch: int, args, device, attention: str) -> float:
+    """Captions per second of the one-off anchor encoding as the trainer runs it (``finetune.anchors.encode_text``: the
+    frozen fp32 model, padded to 77, ``batch`` captions per forward)."""
+    from finetune.anchors import encode_text
+
+    clip = build_clip(size)
+    clip.set_attn_implementation(attention)
+    clip.to(device)
+    where = next(clip.parameters()).device  # "cuda:0", not "cuda": encode_text would time a copy of the model otherwise
+    caps = realistic_captions(batch, args.caption_tokens_mean, args.caption_tokens_sigma, seed=7)
+    t = time_interleaved({"anchor_forward": lambda: encode_text(clip, tok, caps, batch_size=batch, device=where)},
+                         warmup=1, repeats=args.repeats)["anchor_forward"]
+    return batch / t.median
+
+
+def target_search_s(pairs: int, dim: int, rows: int = 1024) -> float:
+    """Seconds of the nearest-safe search over ``pairs`` unsafe x ``pairs`` safe anchors where the trainer runs it (the CPU:
+    compute_targets searches where the anchors are), from ``rows`` unsafe rows timed once (the cost is linear in rows)."""
+    import time
+
+    from finetune.targets import nearest_safe
+
+    gen = torch.Generator().manual_seed(2)
+    pool = torch.nn.functional.normalize(torch.randn(pairs, dim, generator=gen), dim=-1)
+    rows = min(rows, pairs)
+    unsafe = torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=-1)
+    t0 = time.perf_counter()
+    nearest_safe(unsafe, pool, chunk_size=rows)
+    return (time.perf_counter() - t0) * pairs / rows
+
+
+def padding_part(args, device, B: int) -> dict:
+    """Trimmed (the trainer) vs padded-to-77 steps of the paper recipe's text tower, interleaved, plus the projection."""
+    from finetune.modeling import SaferCLIP, weight_dtype_for
+    from finetune.train import _build_loss
+    from safer_diffusion.tiny import clip_tokenizer
+
+    cfg = paper_recipe()
+    cuda = device.type == "cuda"
+    auto = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if cuda else None
+    clip = build_clip(args.size)
+    clip.set_attn_implementation(cfg.attention)
+    model = SaferCLIP(clip, train_towers=cfg.train_towers, finetune=cfg.finetune, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+                      weight_dtype=weight_dtype_for(cfg.mixed_precision) if cuda else torch.float32).to(device)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
+    loss_fn = _build_loss(cfg, None)
+    tok = clip_tokenizer()
+    dim = clip.config.projection_dim
+    n_batches = args.warmup + args.repeats
+    batches = _token_batches(tok, n_batches, B, args, seed=3)
+    fns = {name: make_recipe_step(model, optimizer, loss_fn, batches, name, B, dim, device, auto, cfg.max_grad_norm)
+           for name in ("trimmed", "pad77")}
+    RB = args.recipe_batch_size or cfg.train_batch_size
+    if RB != B:  # the projection needs the step time at the recipe's batch size
+        recipe_batches = _token_batches(tok, n_batches, RB, args, seed=4)
+        fns["trimmed_recipe_batch"] = make_recipe_step(model, optimizer, loss_fn, recipe_batches, "trimmed", RB, dim, device, auto,
+                                                       cfg.max_grad_norm)
+    timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+    del model, optimizer, fns
+
+    lengths = torch.cat([b["lengths"] for b in batches]).float()
+    tokens = {k: statistics.mean(2 * B * b[k][0].shape[1] for b in batches) for k in ("trimmed", "pad77")}
+    real = statistics.mean(int(b["lengths"].sum()) for b in batches)
+    sps = {k: 1.0 / t.median for k, t in timings.items()}
+    print(f"\npart padding: {args.size} text tower, paper recipe ({PAPER_CONFIG}: {cfg.finetune}"
+          f"{f' r{cfg.lora_rank}' if cfg.finetune == 'lora' else ''}, {'autocast ' + str(auto).split('.')[-1] if auto else 'fp32'}, "
+          f"{cfg.attention}), batch {B} pairs (= {2 * B} sequences), {device}")
+    print(f"captions: {lengths.numel()} drawn, tokens mean {lengths.mean():.1f}, median {lengths.median():.0f}, max {lengths.max():.0f}; "
+          f"real (non-pad) tokens/step {real:.0f}")
+    print_table(timings, baseline="pad77")
+    print(f"{'variant':<24}{'tokens/step':>12}{'steps/s':>10}")
+    for k in ("trimmed", "pad77"):
+        print(f"{k:<24}{tokens[k]:12.0f}{sps[k]:10.3f}")
+    speedup = sps["trimmed"] / sps["pad77"]
+    print(f"trimmed / pad77: {speedup:.2f}x steps/s (goal >= 2.5x at batch 256, vit-l14), {tokens['pad77'] / tokens['trimmed']:.2f}x fewer tokens")
+    result = {
+        "caption_tokens_mean": float(lengths.mean()), "caption_tokens_median": float(lengths.median()),
+        "caption_tokens_max": int(lengths.max()), "real_tokens_per_step": real,
+        "trimmed_tokens_per_step": tokens["trimmed"], "pad77_tokens_per_step": tokens["pad77"],
+        "trimmed_steps_per_s": sps["trimmed"], "pad77_steps_per_s": sps["pad77"], "trim_speedup_over_pad77": speedup,
+    }
+
+    # ---- projection: steps x measured trimmed step time (at the recipe's batch) + anchors + nearest-safe search
+    plan = recipe_steps(cfg, args.recipe_pairs)
+    step_s = statistics.mean(timings["trimmed_recipe_batch" if RB != B else "trimmed"].times_s)
+    abatch = args.anchor_batch_size or cfg.anchor_batch_size
+    anchor_caps_per_s = anchor_throughput(args.size, tok, abatch, args, device, cfg.attention)
+    anchor_captions = 2 * plan["train_pairs"]  # safe + unsafe captions of the training split (distinct captions assumed)
+    targets_s = target_search_s(plan["train_pairs"], dim)
+    train_s, anchors_s = plan["steps"] * step_s, anchor_captions / anchor_caps_per_s
+    total_min = (train_s + anchors_s + targets_s) / 60
+    print(f"\nprojection: paper recipe on {plan['pairs']} pairs ({plan['train_pairs']} trained, val_fraction {cfg.val_fraction}), "
+          f"{cfg.num_train_epochs} epochs, batch {cfg.train_batch_size}, curriculum {cfg.curriculum} {plan['stage_sizes']}")
+    print(f"  steps {plan['steps']} (epoch plan {plan['steps_per_epoch']}; {plan['pairs']} x {cfg.num_train_epochs} / "
+          f"{cfg.train_batch_size} would be {plan['steps_naive']})")
+    print(f"  train    {plan['steps']} steps x {step_s:.4f} s (mean trimmed step at batch {RB})  = {train_s / 60:8.2f} min")
+    print(f"  anchors  {anchor_captions} captions / {anchor_caps_per_s:.0f} captions/s (fp32, 77 tokens, batch {abatch}) = "
+          f"{anchors_s / 60:8.2f} min")
+    print(f"  targets  nearest-safe search {plan['train_pairs']} x {plan['train_pairs']} on the CPU            = {targets_s / 60:8.2f} min")
+    print(f"  total    {total_min:.2f} min (goal <= 3 on one H100/H200; excludes model loading, checkpoint writes, end metrics)")
+    result.update({
+        "recipe_batch_size": cfg.train_batch_size, "projection_step_batch": RB, "recipe_steps": plan["steps"],
+        "recipe_steps_naive": plan["steps_naive"], "recipe_train_pairs": plan["train_pairs"],
+        "recipe_step_s": step_s, "anchor_captions_per_s": anchor_caps_per_s, "anchor_batch_size": abatch,
+        "projected_train_min": train_s / 60, "projected_anchors_min": anchors_s / 60, "projected_targets_min": targets_s / 60,
+        "projected_paper_recipe_min": total_min,
+        "recipe": {"config": PAPER_CONFIG, "finetune": cfg.finetune, "lora_rank": cfg.lora_rank, "mixed_precision": cfg.mixed_precision,
+                   "attention": cfg.attention, "curriculum": cfg.curriculum, "epochs": cfg.num_train_epochs,
+                   "steps_per_epoch": plan["steps_per_epoch"], "caption_tokens_sigma": args.caption_tokens_sigma},
+    })
+    return result
+
+
 def peak_tflops(override: float | None) -> float | None:
     if override:
         return override
@@ -176,6 +428,16 @@ class TrainBenchConfig:
     repeats: int = option(10, "Timed steps per variant.", bounds=(1, None))
     warmup: int = option(2, "Untimed steps per variant.", bounds=(0, None))
     peak_tflops: float | None = option(None, "Peak dense bf16 TFLOP/s for MFU (default: a table by GPU name).", bounds=(0.0, None))
+    threads: int | None = option(None, "torch CPU threads (default: torch's; 1 avoids stalls on a loaded machine).", bounds=(1, None))
+    caption_tokens_mean: float = option(20.0, "Part padding: mean CLIP token count of the generated captions.", bounds=(4.0, 77.0))
+    caption_tokens_sigma: float = option(0.25, "Part padding: log-normal shape of the caption lengths (about their coefficient "
+                                         "of variation; 0.25 ~ COCO captions).", bounds=(0.0, 2.0))
+    recipe_pairs: int = option(PAPER_PAIRS, "Projection: pairs loaded (the trainer holds out the recipe's val_fraction).",
+                               bounds=(2, None))
+    recipe_batch_size: int | None = option(None, "Projection: batch of the timed recipe step (default: the paper config's, 48).",
+                                           bounds=(1, None))
+    anchor_batch_size: int | None = option(None, "Projection: anchor-encoding batch timed (default: the paper config's, 256).",
+                                           bounds=(1, None))
 
     def validate(self) -> None:
         resolve_device_and_dtype(self.device, "auto")
@@ -184,6 +446,8 @@ class TrainBenchConfig:
 def run(args: TrainBenchConfig) -> dict:
     """Part 1 everywhere, part 2 on CUDA; print the tables and the JSON line; return the result."""
     device = torch.device(resolve_device_and_dtype(args.device, "auto")[0])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B = args.batch_size or SIZES[args.size]["batch"]
     result: dict = {"benchmark": "bench_train", "size": args.size, "batch_size": B, "device": str(device), "env": environment()}
 
@@ -209,6 +473,9 @@ def run(args: TrainBenchConfig) -> dict:
     if "fp32_reference_copy" in sps:
         result["anchors_speedup_over_fp32_reference_copy"] = sps["anchors"] / sps["fp32_reference_copy"]
     del model, opt, fns
+
+    # ---- part padding: trimmed to the longest caption (the trainer) vs padded to 77, and the paper-recipe projection
+    result.update(padding_part(args, device, B))
 
     # ---- part 2: precision / attention backends (CUDA)
     if device.type == "cuda":

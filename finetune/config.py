@@ -87,8 +87,8 @@ class TrainConfig:
     train_data_safe: str | None = option(
         None, "Row-aligned pair files: `--train_data` holds the unsafe prompts and this file the safe ones, row i pairing "
         "with row i (e.g. DES: `--train_data unsafe_prompts_copro_sexual.csv --train_data_safe safe_prompts_copro_sexual.csv`). "
-        "Column: `prompt`, the only column, or `--column_map unsafe=COL safe=COL`. Row counts must match; no row may be empty.",
-        group="data", metavar="FILE",
+        "Column: `prompt`, the only column, or `--column_map unsafe=COL safe=COL`. Row counts must match; no row may be empty. "
+        "`--safe_data` is the same option.", group="data", metavar="FILE", aliases=("--safe_data", "--safe-data"),
     )
     image_root: str | None = option(None, "Folder that relative image paths in the data are resolved against.", group="data")
     extra_safe_captions: list[str] | None = option(

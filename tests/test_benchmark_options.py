@@ -53,3 +53,51 @@ def test_bench_targets_runs_small_with_the_old_comma_syntax(capsys, caplog):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "bench_targets" and set(result["chunks"]) == {"64", "128"} and result["chunk_invariant"]
     assert result["dtype"] == "float32" and "Comma-separated `--chunk_sizes` is deprecated" in caplog.text
+
+
+def test_bench_train_padding_part_runs_tiny_and_trims(capsys):
+    """Part padding at tiny size: trimmed batches carry fewer tokens than padded-to-77 ones, and the projection counts
+    the paper recipe's curriculum steps (not pairs x epochs / batch)."""
+    argv = ["--size", "tiny", "--device", "cpu", "--batch_size", "4", "--repeats", "1", "--warmup", "0", "--recipe_pairs", "1000",
+            "--recipe_batch_size", "6", "--anchor_batch_size", "8"]
+    assert bench_train.main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("caption_tokens_mean", "caption_tokens_median", "caption_tokens_max", "trimmed_tokens_per_step", "pad77_tokens_per_step",
+                "trimmed_steps_per_s", "pad77_steps_per_s", "trim_speedup_over_pad77", "projected_paper_recipe_min",
+                "projected_train_min", "projected_anchors_min", "projected_targets_min", "anchor_captions_per_s"):
+        assert isinstance(result[key], (int, float)) and result[key] > 0, key
+    assert result["trimmed_tokens_per_step"] < result["pad77_tokens_per_step"] == 2 * 4 * 77
+    assert result["caption_tokens_max"] <= 77 and 15 < result["caption_tokens_mean"] < 25
+    # 1000 pairs, 50 held out, tertiles 317/316/317 joining at epochs 1, 2, 3; batch 48: 7 + 14 + 7 x 20 steps
+    assert result["recipe_steps"] == 161 and result["recipe_steps_naive"] == 188 and result["recipe"]["finetune"] == "lora"
+    assert result["projection_step_batch"] == 6 and result["anchor_batch_size"] == 8
+    assert result["projected_paper_recipe_min"] == pytest.approx(
+        result["projected_train_min"] + result["projected_anchors_min"] + result["projected_targets_min"])
+    assert "trimmed / pad77:" in out and "steps 161 (epoch plan [7, 14, 20, 20, 20, 20, 20, 20, 20]" in out
+
+
+def test_paper_recipe_projection_steps():
+    """The text-only paper recipe (safer_clip_vit_l14.yaml: LoRA, batch 48, 9 epochs, tertiles) on 150k pairs."""
+    cfg = bench_train.paper_recipe()
+    assert (cfg.finetune, cfg.train_batch_size, cfg.num_train_epochs, cfg.curriculum) == ("lora", 48, 9, "tertiles")
+    plan = bench_train.recipe_steps(cfg, 150_000)
+    assert plan["train_pairs"] == 142_500 and plan["stage_sizes"] == [47_500] * 3
+    assert plan["steps_per_epoch"] == [990, 1980] + [2969] * 7 and plan["steps"] == 23_753 and plan["steps_naive"] == 28_125
+
+
+def test_realistic_captions_lengths():
+    from safer_diffusion.tiny import clip_tokenizer
+
+    caps = bench_train.realistic_captions(2000, mean_tokens=20.0, sigma=0.25, seed=0)
+    lengths = [len(ids) for ids in clip_tokenizer()(caps, truncation=True, max_length=77).input_ids]
+    assert abs(sum(lengths) / len(lengths) - 20.0) < 0.5 and max(lengths) <= 77
+    assert bench_train.realistic_captions(5, seed=1) == bench_train.realistic_captions(5, seed=1)
+
+
+def test_gpu_suite_grades_the_padding_and_projection_goals():
+    from pathlib import Path
+
+    suite = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh").read_text()
+    assert 'TRAIN_ARGS=(--size vit-l14 --device cuda --batch_size 256' in suite
+    assert '"trim_speedup_over_pad77": (">=", 2.5)' in suite and '"projected_paper_recipe_min": ("<=", 3.0)' in suite

@@ -305,10 +305,15 @@ def test_merged_weights_run_and_resume_of_the_resolved_config(tmp_path):
     assert more.global_step == 6
 
 
-def test_des_files_train(tmp_path):
-    result = run(tmp_path, "--train_data", str(DES_UNSAFE), "--train_data_safe", str(DES_SAFE), "--val_fraction", "0.25")
+@pytest.mark.parametrize("flag", ["--train_data_safe", "--safe_data"])
+def test_des_files_train(tmp_path, flag, caplog):
+    """Issue 16 item 5 names the safe file `--safe_data`: an alias of `--train_data_safe` (both current, no warning)."""
+    with caplog.at_level("WARNING"):
+        result = run(tmp_path, "--train_data", str(DES_UNSAFE), flag, str(DES_SAFE), "--val_fraction", "0.25")
     assert result.global_step == 4 and len(result.anchors) == 24  # 32 pairs, 8 held out (whole safe-caption groups)
     assert result.config.train_data_safe == str(DES_SAFE)
+    assert "deprecated" not in caplog.text
+    assert parse_train_config(["--train_data", "u.csv", "--safe-data", "s.csv"]).train_data_safe == "s.csv"
 
 
 def test_extra_captions_join_pool_and_preservation(tmp_path):
