@@ -58,6 +58,7 @@ __all__ = [
     "load_safe_text_encoder_2",
     "load_safe_text_encoder_pair",
     "load_safetensors",
+    "refuse_text_encoder_pair",
     "require_text_encoder_pair",
     "text_encoder_pair_folder",
     "text_transformer",
@@ -452,6 +453,25 @@ def require_text_encoder_pair(source: Any, argument: str = "safe_text_encoder", 
         f"`{argument}`={shown} is one text encoder, but an SDXL base conditions on two: {TEXT_ENCODER_DIR} "
         f"({_SDXL_ROLES[TEXT_ENCODER_DIR]}) and {TEXT_ENCODER_2_DIR} ({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}). The safe "
         f"{TEXT_ENCODER_2_DIR} is missing: pass {pair}" + (f", or the second encoder as `{other}=`." if other else ".")
+    )
+
+
+def refuse_text_encoder_pair(source: Any, argument: str, base: str, base_argument: str = "--base") -> None:
+    """A Stable Diffusion 1.x/2.x base conditions on one text encoder: a local folder holding an SDXL *pair*
+    (:func:`text_encoder_pair_folder`) is refused, since its ``text_encoder/`` would be taken silently and the bigG
+    tower dropped. Hub ids and modules are not looked at (nothing is fetched here).
+
+    Raises:
+        ValueError: naming the argument, the folder, the base and the fix.
+    """
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source) or text_encoder_pair_folder(source, argument) is None:
+        return
+    shown = os.fspath(source)
+    raise ValueError(
+        f"`{argument}`={shown!r} holds a pair of SDXL text encoders ({TEXT_ENCODER_DIR}/ and {TEXT_ENCODER_2_DIR}/), but "
+        f"`{base_argument}` {base!r} is a Stable Diffusion 1.x/2.x pipeline, which conditions on one text encoder; pass an "
+        f"SDXL `{base_argument}`, or a single encoder (only the pair's CLIP ViT-L/14 tower: "
+        f"{os.path.join(shown, TEXT_ENCODER_DIR)!r})."
     )
 
 

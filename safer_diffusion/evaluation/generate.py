@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..encoders import check_text_encoder_pair_configs, require_text_encoder_pair, text_encoder_pair_folder
+from ..encoders import check_text_encoder_pair_configs, refuse_text_encoder_pair, require_text_encoder_pair
 from ..hub import resolve_model_source
 from ..options import DEFAULT_SAFE_ENCODER, BadInputError
 from ..pipelines import SUPPORTED_PIPELINES, load_safer_pipeline, read_model_index, safer_pipeline_class
@@ -47,7 +46,6 @@ __all__ = [
     "check_base_fits",
     "check_encoder_widths",
     "check_encoders_fit_base",
-    "refuse_pair_for_sd_base",
     "encoder_paths",
     "generate_batch",
     "generate_variants",
@@ -96,10 +94,11 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
     """The text-encoder options must fit the base's pipeline class (checked before any model is loaded).
 
     An SD 1.x/2.x base takes no ``--safe_encoder_2``, and no pair of SDXL encoders as ``--safe_encoder``
-    (:func:`refuse_pair_for_sd_base`). An SDXL base's safe variant needs both safe encoders: a two-encoder
-    ``--safe_encoder`` folder (checked against the base's configs, :func:`check_text_encoder_pair_configs`), or
-    ``--safe_encoder`` with ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot
-    be used. The other ``--encoders`` variants are checked by :func:`check_encoders_fit_base`.
+    (:func:`~safer_diffusion.encoders.refuse_text_encoder_pair`). An SDXL base's safe variant needs both safe
+    encoders: a two-encoder ``--safe_encoder`` folder (with ``base_path``, checked against the base's configs:
+    :func:`~safer_diffusion.encoders.check_text_encoder_pair_configs`), or ``--safe_encoder`` with
+    ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot be used. The other
+    ``--encoders`` variants are checked by :func:`check_encoders_fit_base`.
 
     Args:
         base: ``--base`` as given (named in the errors).
@@ -119,7 +118,7 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
             raise BadInputError(f"`--safe_encoder_2` is for SDXL bases (two text encoders), but `--base` {base!r} is a Stable "
                                 "Diffusion 1.x/2.x pipeline with one; drop `--safe_encoder_2`.")  # fmt: skip
         if SAFE in variants and safe_path is not None:
-            refuse_pair_for_sd_base(safe_path, "--safe_encoder", base)
+            refuse_text_encoder_pair(safe_path, "--safe_encoder", base)
         return
     if SAFE not in variants or tiny or safe_encoder_2 is not None:
         return
@@ -137,22 +136,6 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
     require_text_encoder_pair(source, argument="--safe_encoder", other="--safe_encoder_2")  # names --safe_encoder_2 as a fix
     if base_path is not None:
         check_text_encoder_pair_configs(source, base_path, argument="--safe_encoder")
-
-
-def refuse_pair_for_sd_base(path: str, argument: str, base: str) -> None:
-    """An SD 1.x/2.x base conditions on one text encoder: a local folder holding an SDXL *pair* is refused (its
-    ``text_encoder/`` would be taken silently, the bigG tower dropped). Hub ids are not fetched here.
-
-    Raises:
-        BadInputError: naming the argument, the folder, the base and the fix.
-    """
-    if not os.path.isdir(path) or text_encoder_pair_folder(path, argument) is None:
-        return
-    raise BadInputError(
-        f"`{argument}`={path!r} holds a pair of SDXL text encoders (text_encoder/ and text_encoder_2/), but `--base` {base!r} "
-        "is a Stable Diffusion 1.x/2.x pipeline, which conditions on one text encoder; pass an SDXL `--base`, or a "
-        f"single-encoder export (to use only the pair's CLIP ViT-L/14 tower: `{path}:text_encoder` as an `--encoders` source)."
-    )
 
 
 def model_sources(config: EvaluateConfig) -> tuple[str, str | None, str, str | None]:
@@ -245,8 +228,8 @@ def check_encoders_fit_base(base_path: str, paths: dict[str, str | None], base: 
     SDXL base: every source holds a pair (a two-encoder export or an SDXL pipeline folder) that fits the base's pair
     and UNet (:func:`~safer_diffusion.encoders.check_text_encoder_pair_configs`: the missing encoder, swapped
     towers, widths, depths, projection, each named ``--encoders NAME/text_encoder`` or ``.../text_encoder_2``).
-    SD 1.x/2.x base: no source is an SDXL pair (:func:`refuse_pair_for_sd_base`), and every local encoder's width
-    is the UNet's (:func:`check_encoder_widths`).
+    SD 1.x/2.x base: no source is an SDXL pair (:func:`~safer_diffusion.encoders.refuse_text_encoder_pair`), and
+    every local encoder's width is the UNet's (:func:`check_encoder_widths`).
 
     Args:
         base_path: where the base is; base: how it is shown (``--base`` as given; default ``base_path``).
@@ -263,7 +246,7 @@ def check_encoders_fit_base(base_path: str, paths: dict[str, str | None], base: 
         if sdxl:
             check_text_encoder_pair_configs(path, base_path, argument=argument)
         else:
-            refuse_pair_for_sd_base(path, argument, shown)
+            refuse_text_encoder_pair(path, argument, shown)
     if not sdxl:
         check_encoder_widths(base_path, paths)
 
