@@ -193,6 +193,9 @@ def test_sdxl_bad_inputs_exit_2_before_any_model_loads(tmp_path, capsys, monkeyp
          r"`--encoders pair`='.*' holds a pair of SDXL text encoders \(text_encoder/ and text_encoder_2/\), but `--base` 'tiny:sd1' is "
          r"a Stable Diffusion 1\.x/2\.x pipeline, which conditions on one text encoder; pass an SDXL `--base`, or a single encoder "
          r"\(only the pair's CLIP ViT-L/14 tower: '.*/text_encoder'\)\.$"),
+        (["--base", str(xl_base), "--safe_encoder", str(export), "--encoders", "original", "safe", "advunlearn"],
+         r"`--encoders advunlearn` is the nudity-unlearned CLIP-L text encoder: one text encoder, but `--base` '.*' is SDXL, "
+         r"whose variants are pairs \(text_encoder and text_encoder_2\); pass NAME=FOLDER of a two-encoder export"),
         (["--base", str(sd_base), "--safe_encoder", str(export)],
          r"`--safe_encoder`='.*' holds a pair of SDXL text encoders .*but `--base` '.*' is a Stable Diffusion 1\.x/2\.x pipeline"),
         (["--base", str(xl_base), "--compare_original"],

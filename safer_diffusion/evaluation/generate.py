@@ -34,7 +34,7 @@ from ..encoders import check_text_encoder_pair_configs, refuse_text_encoder_pair
 from ..hub import resolve_model_source
 from ..options import DEFAULT_SAFE_ENCODER, BadInputError
 from ..pipelines import SUPPORTED_PIPELINES, load_safer_pipeline, read_model_index, safer_pipeline_class
-from ..registry import ORIGINAL, SAFE, EncoderItem, encoder_width
+from ..registry import KNOWN_ENCODERS, ORIGINAL, SAFE, EncoderItem, encoder_width
 from ..tiny import TINY_VARIANTS, tiny_pipeline_folders
 from .config import TINY_PREFIX, EvaluateConfig, tiny_source
 from .plan import WorkItem
@@ -97,8 +97,9 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
     (:func:`~safer_diffusion.encoders.refuse_text_encoder_pair`). An SDXL base's safe variant needs both safe
     encoders: a two-encoder ``--safe_encoder`` folder (with ``base_path``, checked against the base's configs:
     :func:`~safer_diffusion.encoders.check_text_encoder_pair_configs`), or ``--safe_encoder`` with
-    ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot be used. The other
-    ``--encoders`` variants are checked by :func:`check_encoders_fit_base`.
+    ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot be used, nor a known
+    single encoder (``--encoders safer-clip``, ...). The other ``--encoders`` variants are checked by
+    :func:`check_encoders_fit_base`.
 
     Args:
         base: ``--base`` as given (named in the errors).
@@ -120,6 +121,13 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
         if SAFE in variants and safe_path is not None:
             refuse_text_encoder_pair(safe_path, "--safe_encoder", base)
         return
+    known = [v for v in variants if v in KNOWN_ENCODERS and v not in (ORIGINAL, SAFE)]
+    if known:  # refused before their (single-encoder) repositories are downloaded
+        raise BadInputError(
+            f"`--encoders {known[0]}` is {KNOWN_ENCODERS[known[0]].description}: one text encoder, but `--base` {base!r} is SDXL, "
+            "whose variants are pairs (text_encoder and text_encoder_2); pass NAME=FOLDER of a two-encoder export "
+            "(docs/EXPORT_FORMAT.md section 8), or evaluate it on a Stable Diffusion 1.x base."
+        )
     if SAFE not in variants or tiny or safe_encoder_2 is not None:
         return
     if safe_encoder is None and saved_pair:
