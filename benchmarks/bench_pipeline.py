@@ -3,7 +3,7 @@
     python -m benchmarks.bench_pipeline                                               # CPU, tiny models (seconds)
     python -m benchmarks.bench_pipeline --size sd15 --device cuda --dtype float16     # GPU, SD1.5-size, 512 px, 25 steps
     python -m benchmarks.bench_pipeline --size sdxl --device cuda --dtype float16     # GPU, SDXL-size, 1024 px, 25 steps
-    python -m benchmarks.bench_pipeline --size sdxl-small --repeats 3                 # CPU, reduced SDXL (a few minutes)
+    python -m benchmarks.bench_pipeline --size sdxl-small --threads 1                 # CPU, reduced SDXL (a minute or two)
 
 Measured on the same components (random weights, built from configs: nothing is downloaded):
 
@@ -22,7 +22,7 @@ text encoders. ``--size sdxl`` is SDXL base 1.0's sizes (UNet 320-640-1280 with 
 layers, cross-attention 2048, text_time add-embedding 2816; its VAE; CLIP ViT-L/14 and OpenCLIP ViT-bigG/14
 with projection, each as the safe and the original pair): SaferStableDiffusionXLPipeline (scoring off) /
 vanilla ``StableDiffusionXLPipeline`` on the same components (goal <= 1.01 on GPU), and ``compare()``
-(original + safe pairs) / one generation. It holds ~3.5 G parameters (14 GB in float32): a GPU size.
+(original + safe pairs) / one generation. It holds 4.3 G parameters with both pairs (17 GB in float32): a GPU size.
 ``--size sdxl-small`` keeps SDXL's topology (three levels, 1/2/4 transformer layers, two text encoders
 whose token states are concatenated, pooled ``text_embeds`` + time ids) at reduced widths, for a CPU figure
 in minutes; ``--size sdxl-tiny`` is the tiny SDXL of :mod:`safer_diffusion.tiny` (seconds; plumbing).
@@ -142,7 +142,7 @@ def sdxl_components(size: str = "sdxl", seed: int = 0, device: str = "cpu") -> d
     another random pair as ``original_text_encoder``/``original_text_encoder_2`` (the arguments of
     ``SaferStableDiffusionXLPipeline``, with ``add_watermarker=False``).
 
-    ``size``: ``"sdxl"`` (SDXL base 1.0's sizes: ~3.5 G parameters with both pairs), ``"sdxl-small"`` (the same
+    ``size``: ``"sdxl"`` (SDXL base 1.0's sizes: 3.5 G parameters, 4.3 G with both pairs), ``"sdxl-small"`` (the same
     topology at reduced widths) or ``"sdxl-tiny"`` (:func:`safer_diffusion.tiny.tiny_sdxl_components`).
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
