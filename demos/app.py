@@ -528,6 +528,25 @@ def resolve_sources(config: DemoConfig) -> tuple[str, str, str | None]:
     return base, safe, safe_2
 
 
+def check_encoder_sources_fit_base(base: str, sources: dict[str, str]) -> None:
+    """Every ``--encoders`` source (``{name: loadable source}``; the aliases are skipped) must fit ``base``'s pipeline
+    class, from the config files before any model loads: for SDXL a pair (a two-encoder export or an SDXL pipeline
+    folder) that fits the base (:func:`~safer_diffusion.encoders.check_text_encoder_pair_configs`: the missing
+    text_encoder_2, swapped towers, widths), for SD 1.x/2.x not a pair
+    (:func:`~safer_diffusion.encoders.refuse_text_encoder_pair`). Errors name ``--encoders NAME``."""
+    from safer_diffusion.encoders import check_text_encoder_pair_configs, refuse_text_encoder_pair
+    from safer_diffusion.pipelines import is_sdxl_base
+
+    sdxl = is_sdxl_base(base, "--base")
+    for name, source in sources.items():
+        if source in ENCODER_ALIASES:
+            continue
+        if sdxl:
+            check_text_encoder_pair_configs(source, base, argument=f"--encoders {name}")
+        else:
+            refuse_text_encoder_pair(source, f"--encoders {name}", base)
+
+
 def resolve_encoder_sources(config: DemoConfig) -> dict[str, str]:
     """``{name: "original" | "safe" | loadable source}`` of the encoders shown (see :func:`encoder_plan`)."""
     from safer_diffusion.hub import HubUnavailableError, resolve_model_source
@@ -613,6 +632,8 @@ def _run(argv: Sequence[str] | None) -> int:
     check_device_dtype(device, dtype)
     base, safe_encoder, safe_encoder_2 = resolve_sources(config)
     sources = resolve_encoder_sources(config)
+    slot, _ = encoder_plan(config)  # an `--encoders` source loaded as the pipeline's safe encoder is checked too
+    check_encoder_sources_fit_base(base, {**sources, **({slot[0]: safe_encoder} if slot is not None else {})})
     if not config.smoke_test:
         for warning in exposure_warnings(config, port):
             logger.warning(warning)

@@ -52,11 +52,13 @@ __all__ = [
     "as_torch_dtype",
     "check_sdxl_text_encoders",
     "check_text_encoder",
+    "check_text_encoder_pair_configs",
     "convert_open_clip_text",
     "load_safe_text_encoder",
     "load_safe_text_encoder_2",
     "load_safe_text_encoder_pair",
     "load_safetensors",
+    "refuse_text_encoder_pair",
     "require_text_encoder_pair",
     "text_encoder_pair_folder",
     "text_transformer",
@@ -421,8 +423,12 @@ def text_encoder_pair_folder(source: Any, argument: str = "safe_text_encoder") -
     return None
 
 
-def require_text_encoder_pair(source: Any, argument: str = "safe_text_encoder", other: str = "safe_text_encoder_2") -> Path:
-    """:func:`text_encoder_pair_folder`, or a `ValueError` naming the encoder ``source`` lacks and how to add it."""
+def require_text_encoder_pair(source: Any, argument: str = "safe_text_encoder", other: str | None = "safe_text_encoder_2") -> Path:
+    """:func:`text_encoder_pair_folder`, or a `ValueError` naming the encoder ``source`` lacks and how to add it.
+
+    ``other`` is the argument that takes the second encoder on its own, offered as a fix; `None` where there is none
+    (an ``--encoders NAME=SOURCE`` item of an SDXL evaluation: each source must hold the pair).
+    """
     folder = text_encoder_pair_folder(source, argument)
     if folder is not None:
         return folder
@@ -431,23 +437,95 @@ def require_text_encoder_pair(source: Any, argument: str = "safe_text_encoder", 
     names = _export_encoder_names(local, argument) if local is not None and is_export_folder(local) else None
     pair = f"an SDXL export holding both ({TEXT_ENCODER_DIR}/ and {TEXT_ENCODER_2_DIR}/, manifest `text_encoders` {list(SDXL_TEXT_ENCODERS)})"
     if names == (TEXT_ENCODER_2_DIR,):
+        fix = f"Pass the ViT-L encoder as `{argument}` and this folder as `{other}`, or {pair}" if other else f"Pass {pair}"
         raise ValueError(
             f"`{argument}`={shown} is an export holding only {TEXT_ENCODER_2_DIR}/ ({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}); "
-            f"the safe {TEXT_ENCODER_DIR} ({_SDXL_ROLES[TEXT_ENCODER_DIR]}) is missing. Pass the ViT-L encoder as "
-            f"`{argument}` and this folder as `{other}`, or {pair}."
+            f"the safe {TEXT_ENCODER_DIR} ({_SDXL_ROLES[TEXT_ENCODER_DIR]}) is missing. {fix}."
         )
     if names is not None:
         raise ValueError(
             f"`{argument}`={shown} is a single-encoder export ({TEXT_ENCODER_DIR}/ only, as made for SD 1.x/2.x). An SDXL "
             f"base conditions on two text encoders, and this export lacks the safe {TEXT_ENCODER_2_DIR} "
-            f"({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}), so the bigG path would stay unsafe. Pass {pair}, or the missing "
-            f"encoder as `{other}=`."
+            f"({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}), so the bigG path would stay unsafe. Pass {pair}"
+            + (f", or the missing encoder as `{other}=`." if other else ".")
         )
     raise ValueError(
         f"`{argument}`={shown} is one text encoder, but an SDXL base conditions on two: {TEXT_ENCODER_DIR} "
         f"({_SDXL_ROLES[TEXT_ENCODER_DIR]}) and {TEXT_ENCODER_2_DIR} ({_SDXL_ROLES[TEXT_ENCODER_2_DIR]}). The safe "
-        f"{TEXT_ENCODER_2_DIR} is missing: pass {pair}, or the second encoder as `{other}=`."
+        f"{TEXT_ENCODER_2_DIR} is missing: pass {pair}" + (f", or the second encoder as `{other}=`." if other else ".")
     )
+
+
+def refuse_text_encoder_pair(source: Any, argument: str, base: str, base_argument: str = "--base") -> None:
+    """A Stable Diffusion 1.x/2.x base conditions on one text encoder: a local folder holding an SDXL *pair*
+    (:func:`text_encoder_pair_folder`) is refused, since its ``text_encoder/`` would be taken silently and the bigG
+    tower dropped. Hub ids and modules are not looked at (nothing is fetched here).
+
+    Raises:
+        ValueError: naming the argument, the folder, the base and the fix.
+    """
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source) or text_encoder_pair_folder(source, argument) is None:
+        return
+    shown = os.fspath(source)
+    raise ValueError(
+        f"`{argument}`={shown!r} holds a pair of SDXL text encoders ({TEXT_ENCODER_DIR}/ and {TEXT_ENCODER_2_DIR}/), but "
+        f"`{base_argument}` {base!r} is a Stable Diffusion 1.x/2.x pipeline, which conditions on one text encoder; pass an "
+        f"SDXL `{base_argument}`, or a single encoder (only the pair's CLIP ViT-L/14 tower: "
+        f"{os.path.join(shown, TEXT_ENCODER_DIR)!r})."
+    )
+
+
+def _config_stand_in(folder: Path, argument: str, second: bool) -> Any:
+    """An encoder stand-in carrying ``folder/config.json`` (and a ``text_projection`` when the saved class has one), for
+    :func:`check_sdxl_text_encoders` before any weight is loaded."""
+    import types
+
+    from transformers import CLIPTextConfig
+
+    data = _read_json(folder / "config.json")
+    architectures = data.get("architectures") or []
+    projects = "CLIPTextModelWithProjection" in architectures or (second and data.get("model_type") != "clip_text_model")
+    try:
+        config = CLIPTextConfig.from_pretrained(os.fspath(folder))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"`{argument}`: cannot read {os.fspath(folder / 'config.json')!r} as a CLIP text config ({e}).") from e
+    return types.SimpleNamespace(config=config, **({"text_projection": None} if projects else {}))
+
+
+def check_text_encoder_pair_configs(source: Any, base: str | os.PathLike, *, argument: str = "safe_text_encoder",
+                                    hub_kwargs: dict | None = None) -> Path:  # fmt: skip
+    """Check a pair folder (:func:`require_text_encoder_pair`) against an SDXL base from the config files alone.
+
+    The checks of :func:`check_sdxl_text_encoders` (swapped towers, widths, depths, projections, the UNet's widths),
+    run on stand-ins that carry each tower's ``config.json``: nothing is loaded, so a pair that cannot fit is
+    refused before any model is.
+
+    Args:
+        source: the pair (a two-encoder export or an SDXL pipeline folder, or a hub id of either).
+        base: the SDXL base pipeline (folder or hub id) whose ``text_encoder``, ``text_encoder_2`` and ``unet`` configs
+            are the reference.
+        argument: how ``source`` is named; the towers are named ``ARGUMENT/text_encoder`` and ``ARGUMENT/text_encoder_2``.
+        hub_kwargs: keyword arguments for reading the base's configs from the hub (``revision``, ...).
+
+    Returns:
+        the local folder holding the pair.
+
+    Raises:
+        ValueError: naming the tower at fault (or the missing one), the values and the fix.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    folder = require_text_encoder_pair(source, argument=argument, other=None)
+    hub_kwargs = hub_kwargs or {}
+    reference = tuple(CLIPTextConfig.from_pretrained(os.fspath(base), subfolder=sub, **hub_kwargs)
+                      for sub in (TEXT_ENCODER_DIR, TEXT_ENCODER_2_DIR))  # fmt: skip
+    unet_config = dict(UNet2DConditionModel.load_config(os.fspath(base), subfolder="unet", **hub_kwargs))
+    towers = (_config_stand_in(folder / TEXT_ENCODER_DIR, argument, second=False),
+              _config_stand_in(folder / TEXT_ENCODER_2_DIR, argument, second=True))  # fmt: skip
+    check_sdxl_text_encoders(*towers, unet_config, reference=reference,
+                             arguments=(f"{argument}/{TEXT_ENCODER_DIR}", f"{argument}/{TEXT_ENCODER_2_DIR}"))  # fmt: skip
+    return folder
 
 
 def _no_projection_error(shown: str, argument: str) -> ValueError:

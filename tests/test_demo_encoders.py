@@ -87,6 +87,64 @@ def test_smoke_test_with_three_encoders(capsys, clip_folders):
     assert all("nudenet" in summary["verdicts"][name]["scores"] for name in summary["encoders"])
 
 
+@pytest.fixture(scope="module")
+def sdxl_pairs(tmp_path_factory):
+    """Tiny SDXL pair exports that fit the tiny SDXL base: ``mine`` (other weights than the safe pair), ``swapped`` (its
+    towers in each other's folders) and ``single`` (a single-encoder export, text_encoder/ only)."""
+    import shutil
+
+    from safer_diffusion.testing import save_tiny_sdxl_export
+
+    root = tmp_path_factory.mktemp("demo_sdxl_pairs")
+    mine = save_tiny_sdxl_export(root / "mine", seed=41)
+    swapped = root / "swapped"
+    shutil.copytree(mine, swapped)
+    for a, b in (("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")):
+        (swapped / a).rename(swapped / "tmp")
+        (swapped / b).rename(swapped / a)
+        (swapped / "tmp").rename(swapped / b)
+    return {"mine": mine, "swapped": swapped, "single": save_tiny_sdxl_export(root / "single", seed=42, text_encoders=("text_encoder",))}
+
+
+def test_sdxl_smoke_test_with_three_encoders(capsys, sdxl_pairs):
+    """An SDXL base shows N columns too: the base's pair, the safe pair and a third pair, one compare() for all three."""
+    argv = ["--tiny", "--tiny_variant", "sdxl", "--smoke_test", "--encoders", "base=original", "paper=safe", f"mine={sdxl_pairs['mine']}"]
+    assert app.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ok"] is True and summary["pipeline"] == "SaferStableDiffusionXLPipeline"
+    assert summary["encoders"] == ["base", "paper", "mine"]
+    assert summary["image_sizes"] == {"base": [64, 64], "paper": [64, 64], "mine": [64, 64]}
+    similarity = summary["similarity"]
+    assert similarity["reference"] == "base" and set(similarity["values"]) == {"paper", "mine"}
+    assert all(value < 0.999 for value in similarity["values"].values())  # each pair conditions differently from the base's
+    assert similarity["values"]["paper"] != similarity["values"]["mine"]
+    assert all("nudenet" in summary["verdicts"][name]["scores"] for name in summary["encoders"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tiny_variant", "sdxl", "--encoders", "base=original", "paper=safe", "single={single}"],
+         r"`--encoders single`='.*single' is a single-encoder export \(text_encoder/ only, as made for SD 1\.x/2\.x\)\. An SDXL base "
+         r"conditions on two text encoders, and this export lacks the safe text_encoder_2 .*so the bigG path would stay unsafe"),
+        (["--tiny_variant", "sdxl", "--encoders", "base=original", "swapped={swapped}"],
+         r"`--encoders swapped/text_encoder` and `--encoders swapped/text_encoder_2` are swapped: `--encoders swapped/text_encoder` "
+         r"has the shape of the base's text_encoder_2 \(width, layers\) \(32, 3\)"),
+        (["--encoders", "base=original", "paper=safe", "pair={mine}"],
+         r"`--encoders pair`='.*mine' holds a pair of SDXL text encoders \(text_encoder/ and text_encoder_2/\), but `--base` '.*' is "
+         r"a Stable Diffusion 1\.x/2\.x pipeline, which conditions on one text encoder"),
+    ],
+    ids=["single_encoder_export_for_sdxl", "swapped_towers", "sdxl_pair_for_sd1"],
+)
+def test_encoders_that_do_not_fit_the_base_class_exit_2_before_loading(capsys, monkeypatch, sdxl_pairs, extra, message):
+    monkeypatch.setattr(app, "load_pipeline", lambda *a, **k: pytest.fail("models must not be loaded"))
+    argv = ["--tiny", "--smoke_test", *(item.format(**{k: str(v) for k, v in sdxl_pairs.items()}) for item in extra)]
+    assert app.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (building the --tiny folders may print progress bars first)
+    assert re.search(rf"^demos/app.py: error: {message}", err), err
+    assert "Traceback" not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout, handlers and the API shape, in process
 # ---------------------------------------------------------------------------------------------

@@ -8,16 +8,18 @@ stays light.
 
 Variants: ``original`` is the base model's own text encoder, ``safe`` is ``--safe_encoder``, any
 other ``--encoders`` item is loaded with :func:`~safer_diffusion.encoders.load_safe_text_encoder`.
-:func:`generate_batch` generates ``original`` + ``safe`` in one UNet pass (``pipe.compare``) and any
-other set of variants one variant at a time from the same latents and seeds
-(:func:`generate_variants`), the one place an N-way ``compare`` will replace.
+:func:`generate_batch` generates ``original`` + ``safe`` of the pipeline in one UNet pass
+(``pipe.compare``) and any other set of variants through one N-way ``pipe.compare(text_encoders=...)``
+per batch (:func:`generate_variants`): one denoising loop for all of them, from the same latents and seeds.
 
 The base picks the pipeline class (:func:`safer_diffusion.pipelines.load_safer_pipeline`, from its
 ``model_index.json``): Stable Diffusion 1.x/2.x or SDXL. An SDXL variant is a *pair* of text encoders
-(``text_encoder`` + ``text_encoder_2``); ``safe`` is ``--safe_encoder`` as a two-encoder export
-(docs/EXPORT_FORMAT.md section 8), or ``--safe_encoder`` (ViT-L/14) with ``--safe_encoder_2`` (bigG).
-SDXL runs generate ``original`` and ``safe`` only (:func:`check_base_fits`): the evaluation does not yet
-load ``NAME=SOURCE`` encoder *pairs* (the SDXL pipeline's ``compare(text_encoders=...)`` itself is N-way).
+(``text_encoder`` + ``text_encoder_2``): ``safe`` is ``--safe_encoder`` as a two-encoder export
+(docs/EXPORT_FORMAT.md section 8) or an SDXL pipeline folder, or ``--safe_encoder`` (ViT-L/14) with
+``--safe_encoder_2`` (bigG); every other ``--encoders NAME=SOURCE`` item is a pair folder (a two-encoder export
+or an SDXL pipeline folder), checked against the base from its config files before any model loads
+(:func:`check_encoders_fit_base`) and loaded with the pipeline's ``load_text_encoder_pair``. All SDXL variants
+share one denoising loop per batch, exactly as on SD 1.x/2.x. A pair is refused for an SD 1.x/2.x base.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..encoders import require_text_encoder_pair
+from ..encoders import check_text_encoder_pair_configs, refuse_text_encoder_pair, require_text_encoder_pair
 from ..hub import resolve_model_source
 from ..options import DEFAULT_SAFE_ENCODER, BadInputError
 from ..pipelines import SUPPORTED_PIPELINES, load_safer_pipeline, read_model_index, safer_pipeline_class
-from ..registry import ORIGINAL, SAFE, EncoderItem, encoder_width
+from ..registry import KNOWN_ENCODERS, ORIGINAL, SAFE, EncoderItem, encoder_width
 from ..tiny import TINY_VARIANTS, tiny_pipeline_folders
 from .config import TINY_PREFIX, EvaluateConfig, tiny_source
 from .plan import WorkItem
@@ -43,6 +45,7 @@ __all__ = [
     "base_kind",
     "check_base_fits",
     "check_encoder_widths",
+    "check_encoders_fit_base",
     "encoder_paths",
     "generate_batch",
     "generate_variants",
@@ -87,12 +90,16 @@ def base_kind(base: str, argument: str = "--base") -> tuple[bool, bool]:
 
 def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_encoder: str | None,
                     safe_path: str | None, safe_encoder_2: str | None, tiny: bool = False,
-                    saved_pair: bool = False) -> None:  # fmt: skip
+                    saved_pair: bool = False, base_path: str | None = None) -> None:  # fmt: skip
     """The text-encoder options must fit the base's pipeline class (checked before any model is loaded).
 
-    An SD 1.x/2.x base takes no ``--safe_encoder_2``. An SDXL base generates ``original`` and ``safe`` only, and its
-    safe variant needs both safe encoders: a two-encoder ``--safe_encoder`` folder, or ``--safe_encoder`` with
-    ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot be used.
+    An SD 1.x/2.x base takes no ``--safe_encoder_2``, and no pair of SDXL encoders as ``--safe_encoder``
+    (:func:`~safer_diffusion.encoders.refuse_text_encoder_pair`). An SDXL base's safe variant needs both safe
+    encoders: a two-encoder ``--safe_encoder`` folder (with ``base_path``, checked against the base's configs:
+    :func:`~safer_diffusion.encoders.check_text_encoder_pair_configs`), or ``--safe_encoder`` with
+    ``--safe_encoder_2``; the default ``--safe_encoder`` (SaFeR-CLIP, ViT-L/14 only) cannot be used, nor a known
+    single encoder (``--encoders safer-clip``, ...). The other ``--encoders`` variants are checked by
+    :func:`check_encoders_fit_base`.
 
     Args:
         base: ``--base`` as given (named in the errors).
@@ -101,6 +108,8 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
         safe_path: where it is (`None` when no variant uses it); safe_encoder_2: ``--safe_encoder_2`` as given.
         tiny: ``--tiny`` (its SDXL safe encoder is a two-encoder export).
         saved_pair: the base was saved by the safer SDXL pipeline, so it holds a safe pair of its own (``generate``).
+        base_path: where the base is (a folder or hub id): with it, a safe pair folder is checked against the base's
+            configs too.
 
     Raises:
         BadInputError / ValueError: naming the argument, the value and the fix.
@@ -109,13 +118,15 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
         if safe_encoder_2 is not None:
             raise BadInputError(f"`--safe_encoder_2` is for SDXL bases (two text encoders), but `--base` {base!r} is a Stable "
                                 "Diffusion 1.x/2.x pipeline with one; drop `--safe_encoder_2`.")  # fmt: skip
+        if SAFE in variants and safe_path is not None:
+            refuse_text_encoder_pair(safe_path, "--safe_encoder", base)
         return
-    others = [v for v in variants if v not in (ORIGINAL, SAFE)]
-    if others:
+    known = [v for v in variants if v in KNOWN_ENCODERS and v not in (ORIGINAL, SAFE)]
+    if known:  # refused before their (single-encoder) repositories are downloaded
         raise BadInputError(
-            f"`--encoders` {others}: with an SDXL `--base` only original and safe can be generated (an SDXL variant is a pair "
-            "of text encoders, and the evaluation does not load NAME=SOURCE pairs yet); drop them, or evaluate them on a "
-            "Stable Diffusion 1.x/2.x base."
+            f"`--encoders {known[0]}` is {KNOWN_ENCODERS[known[0]].description}: one text encoder, but `--base` {base!r} is SDXL, "
+            "whose variants are pairs (text_encoder and text_encoder_2); pass NAME=FOLDER of a two-encoder export "
+            "(docs/EXPORT_FORMAT.md section 8), or evaluate it on a Stable Diffusion 1.x base."
         )
     if SAFE not in variants or tiny or safe_encoder_2 is not None:
         return
@@ -129,7 +140,10 @@ def check_base_fits(base: str, *, sdxl: bool, variants: Sequence[str], safe_enco
             "section 8) or an SDXL pipeline folder holding the safe pair as `--safe_encoder DIR`, or the ViT-L/14 as "
             "`--safe_encoder` and the bigG as `--safe_encoder_2`."
         )
-    require_text_encoder_pair(safe_path or safe_encoder, argument="--safe_encoder", other="--safe_encoder_2")
+    source = safe_path or safe_encoder
+    require_text_encoder_pair(source, argument="--safe_encoder", other="--safe_encoder_2")  # names --safe_encoder_2 as a fix
+    if base_path is not None:
+        check_text_encoder_pair_configs(source, base_path, argument="--safe_encoder")
 
 
 def model_sources(config: EvaluateConfig) -> tuple[str, str | None, str, str | None]:
@@ -156,7 +170,7 @@ def model_sources(config: EvaluateConfig) -> tuple[str, str | None, str, str | N
                         safe_path=None, safe_encoder_2=None)  # raises before the default is looked up on the hub  # fmt: skip
     safe_path = resolve_model_source(config.safe_encoder, argument="--safe_encoder") if uses_safe else None
     check_base_fits(config.base, sdxl=sdxl, variants=config.variants, safe_encoder=config.safe_encoder, safe_path=safe_path,
-                    safe_encoder_2=config.safe_encoder_2)  # fmt: skip
+                    safe_encoder_2=config.safe_encoder_2, base_path=base_path)  # fmt: skip
     return config.base, config.safe_encoder if uses_safe else None, base_path, safe_path
 
 
@@ -215,8 +229,39 @@ def _base_width(base_path: str) -> int | None:
         return None
 
 
+def check_encoders_fit_base(base_path: str, paths: dict[str, str | None], base: str | None = None) -> None:
+    """The ``--encoders NAME=SOURCE`` variants (``paths``, :func:`encoder_paths`) must fit the base's pipeline class,
+    checked from the config files before any model is loaded.
+
+    SDXL base: every source holds a pair (a two-encoder export or an SDXL pipeline folder) that fits the base's pair
+    and UNet (:func:`~safer_diffusion.encoders.check_text_encoder_pair_configs`: the missing encoder, swapped
+    towers, widths, depths, projection, each named ``--encoders NAME/text_encoder`` or ``.../text_encoder_2``).
+    SD 1.x/2.x base: no source is an SDXL pair (:func:`~safer_diffusion.encoders.refuse_text_encoder_pair`), and
+    every local encoder's width is the UNet's (:func:`check_encoder_widths`).
+
+    Args:
+        base_path: where the base is; base: how it is shown (``--base`` as given; default ``base_path``).
+
+    Raises:
+        BadInputError / ValueError: naming the variant, the value and the fix.
+    """
+    sdxl, _ = base_kind(base_path)
+    shown = base if base is not None else base_path
+    for name, path in paths.items():
+        if path is None:
+            continue
+        argument = f"--encoders {name}"
+        if sdxl:
+            check_text_encoder_pair_configs(path, base_path, argument=argument)
+        else:
+            refuse_text_encoder_pair(path, argument, shown)
+    if not sdxl:
+        check_encoder_widths(base_path, paths)
+
+
 def check_encoder_widths(base_path: str, paths: dict[str, str | None]) -> None:
-    """Every local encoder's width must be the base UNet's cross-attention width (read from the config files only).
+    """Every local encoder's width must be the base UNet's cross-attention width (read from the config files only;
+    for an SD 1.x/2.x base: an SDXL base's variants are pairs, see :func:`check_encoders_fit_base`).
 
     Raises:
         BadInputError: naming the variant, both widths and the fix.
@@ -317,20 +362,22 @@ def variant_encoders(pipe: Any, variants: Sequence[str], paths: dict[str, str | 
                      dtype: Any) -> dict[str, Any]:  # fmt: skip
     """``{variant: text encoder}``: ``original`` and ``safe`` from the pipeline, the others loaded from ``paths``
     (checked against the pipeline's UNet width and tokenizer). For SDXL each value is the pair
-    ``(text_encoder, text_encoder_2)``, and only ``original`` and ``safe`` exist (:func:`check_base_fits`).
+    ``(text_encoder, text_encoder_2)``; the other variants' pairs are loaded with the pipeline's
+    ``load_text_encoder_pair`` (checked against its pair, UNet and tokenizers; errors name ``--encoders NAME``).
 
     Raises:
-        ValueError: an SDXL pipeline without the original pair asked for ``original``, or another SDXL variant.
+        ValueError: an SDXL pipeline without the original pair asked for ``original``; a pair that does not fit.
     """
     from ..encoders import load_safe_text_encoder
 
     if is_sdxl_pipeline(pipe):
         pairs = _sdxl_pairs(pipe)
-        missing = [v for v in variants if v not in pairs]
+        missing = [v for v in variants if v in (ORIGINAL, SAFE) and v not in pairs]
         if missing:
             raise ValueError(f"the SDXL pipeline has no text-encoder pair for {missing} (it has {sorted(pairs)}); load it with "
-                             "`keep_original_text_encoder=True` for original; other variants need an SD 1.x/2.x base.")  # fmt: skip
-        return {v: pairs[v] for v in variants}
+                             "`keep_original_text_encoder=True` for original.")  # fmt: skip
+        return {v: pairs[v] if v in (ORIGINAL, SAFE) else pipe.load_text_encoder_pair(paths[v], argument=f"--encoders {v}")
+                for v in variants}  # fmt: skip
     out: dict[str, Any] = {}
     for name in variants:
         if name == SAFE:

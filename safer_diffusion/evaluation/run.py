@@ -22,7 +22,7 @@ from ..options import BadInputError, config_to_dict, resolve_device_and_dtype, v
 from .config import EvaluateConfig
 from .fidelity_run import fidelity_config_for, run_fidelity
 from .generate import (
-    check_encoder_widths,
+    check_encoders_fit_base,
     encoder_paths,
     generate_batch,
     load_encoders,
@@ -213,10 +213,10 @@ def run_evaluation(
     records = list(prompt_file.records)
     sources = model_sources(config)  # the encoder options checked against the base's class (SD or SDXL)
     safe_path_2 = safe_encoder_2_source(config)
+    paths = encoder_paths(config)  # every --encoders source (and subfolder) can be loaded now
+    check_encoders_fit_base(sources[2], paths, base=sources[0])  # widths (SD), pairs (SDXL): config files only
     if scorers is None:
         scorers = build_scorers(config, device=device)  # Q16 / safety checker run beside the UNet; NudeNet on the CPU
-    paths = encoder_paths(config)  # every --encoders source (and subfolder) can be loaded now
-    check_encoder_widths(sources[2], paths)
     settings = settings_of(config, sources[0], sources[1], _dtype_name(dtype), scorers, prompt_file)
     legacy = legacy_settings(config, prompt_file)
     resuming = check_settings(out, settings, legacy)  # every rank checks (read-only), so all fail alike
