@@ -751,6 +751,21 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                 embs.append(e.float().cpu())
             return torch.cat(embs)
 
+        def encode_tokens(captions, reference=False):
+            """Token states at `--token_layer`, mean-pooled over each caption's tokens without the start token, normalised."""
+            embs = []
+            for i in range(0, len(captions), config.anchor_batch_size):
+                ids_, mask_ = _tokenize(tokenizer, captions[i : i + config.anchor_batch_size], config.max_length)
+                ids_, mask_ = ids_.to(dev), mask_.to(dev)
+                with torch.no_grad(), accelerator.autocast():
+                    if reference:
+                        _, h = unwrapped.reference_text(ids_, mask_, output_tokens=True)
+                    else:
+                        h = unwrapped(input_ids=ids_, attention_mask=mask_, output_tokens=True)["tokens"]
+                m = _without_start(mask_).unsqueeze(-1).float()
+                embs.append(torch.nn.functional.normalize((h.float() * m).sum(1) / m.sum(1), dim=-1).cpu())
+            return torch.cat(embs)
+
         if config.finetune == "full" and unwrapped.frozen_copy is None:
             logger.info("Full fine-tuning without a frozen copy: end-of-training metrics are skipped (use finetune.evaluate).")
         else:
@@ -758,6 +773,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             for split, data in (("train", train_set), ("val", val_set)):
                 if data is not None and len(data) > 1:
                     metrics[split] = text_metrics(encode, lambda c: encode(c, reference=True), data.safe_captions, data.unsafe_captions)
+                    if want_tokens:  # the same metrics on what the UNet reads (docs/METHOD.md: token-level terms)
+                        metrics[f"{split}_tokens"] = text_metrics(encode_tokens, lambda c: encode_tokens(c, reference=True),
+                                                                  data.safe_captions, data.unsafe_captions)  # fmt: skip
             for split, m in metrics.items():
                 logger.info("%s: redirect_to_target_r1 %.3f (frozen %.3f), t_star_to_t_r1 %.3f (frozen %.3f), safe_cos %.4f",
                             split, m["redirect_to_target_r1"], m["frozen"]["redirect_to_target_r1"], m["t_star_to_t_r1"],
