@@ -278,8 +278,11 @@ def export(
 ) -> Path:
     """Write the export folder (docs/EXPORT_FORMAT.md) atomically: built in a temp folder beside it, then renamed.
 
+    An ``--sdxl`` run folder (its ``config.yaml`` says ``sdxl: true``) gives the two-encoder layout (section 8) from
+    the newest checkpoint of each tower; ``save_full_clip`` then has no effect and ``text_encoder_num_layers`` is refused.
+
     Args:
-        checkpoint: run folder or ``checkpoint-{step}`` folder.
+        checkpoint: run folder or ``checkpoint-{step}`` folder (or an ``--sdxl`` run folder).
         output_dir: destination; must not exist or be empty.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for the saved weights (the old ``fp32``/``fp16``/``bf16``
             still work, with a deprecation warning).

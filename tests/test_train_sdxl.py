@@ -10,15 +10,19 @@ without the start token: ``token cos`` = mean cos(trained unsafe caption, its ne
 tower), ``token r1`` = the unsafe caption's top-1 among the frozen states of all training captions (safe and unsafe)
 is its target (0 for the frozen tower: each unsafe caption retrieves itself). Measured (seed 42, CPU, 2026-12):
 
-==============  =========================  ===================  ===============  ====================  ===================
-tower           pooled redirect_to_target  token cos to target  token r1         held-out safe_cos     held-out token cos
-==============  =========================  ===================  ===============  ====================  ===================
-text_encoder    0 -> 0.117                 0.9206 -> 0.9421     0 -> 0.098       1 -> 0.972 (val .967)  1 -> 0.984
-text_encoder_2  0 -> 0.163                 0.9783 -> 0.9799     0 -> 0.163       1 -> 0.985 (val .987)  1 -> 0.992
-==============  =========================  ===================  ===============  ====================  ===================
+==============  =========================  ===================  ==========  ==================  ==================
+tower           pooled redirect_to_target  token cos to target  token r1    held-out safe_cos   held-out token cos
+==============  =========================  ===================  ==========  ==================  ==================
+text_encoder    0 -> 0.117                 0.9206 -> 0.9421     0 -> 0.098  1 -> 0.9665         1 -> 0.9837
+text_encoder_2  0 -> 0.163                 0.9783 -> 0.9799     0 -> 0.163  1 -> 0.9871         1 -> 0.9917
+==============  =========================  ===================  ==========  ==================  ==================
+
+``metrics.json``'s ``train_tokens`` ``redirect_rate`` (top-1 among frozen token states is any safe caption): 0 -> 0.197
+and 0 -> 0.295.
 
 The same run with ``--token_redir_weight 0`` (pooled terms + token preservation only) moved the token states the
-wrong way: token cos 0.9206 -> 0.9159 and 0.9783 -> 0.9733, token r1 0.008 and 0.023: pooled redirection does not
+wrong way: token cos 0.9206 -> 0.9159 and 0.9783 -> 0.9733, token r1 0.008 and 0.023 (token redirect_rate 0.011 and
+0.098), while its pooled redirection was similar (0.087, 0.197) and held-out token cos 0.9913 / 0.9912: pooled redirection does not
 carry over to the penultimate layer on these towers, which is why the term exists (docs/METHOD.md). Thresholds below
 are set with margin under the measured values.
 """
@@ -132,6 +136,7 @@ def test_sdxl_towers_redirect_at_the_pooled_output_and_the_penultimate_tokens(sd
     assert tokens["safe_token_cos"] >= token_safe_min, tokens
     # metrics.json carries the token-state metrics too (text_metrics on the mean-pooled penultimate states)
     assert result.metrics["val_tokens"]["frozen"]["safe_cos"] > 0.9999 and result.metrics["val_tokens"]["safe_cos"] >= token_safe_min
+    assert result.metrics["train_tokens"]["frozen"]["redirect_rate"] == 0.0 and result.metrics["train_tokens"]["redirect_rate"] >= 0.1
 
 
 def test_sdxl_export_layout_and_plain_transformers(sdxl_export, sdxl_run):
