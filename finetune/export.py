@@ -323,7 +323,7 @@ def export(
     text_encoder = _text_encoder(clip, text_encoder_num_layers).to(torch_dtype)
     manifest = ExportManifest(
         base_model=config.model_name_or_path, loss=config.loss, global_step=int(state["global_step"]), dtype=dtype,
-        text_encoder_num_layers=text_encoder_num_layers or clip.config.text_config.num_hidden_layers,
+        text_encoder_num_layers=text_encoder_num_layers or _text_config(clip).num_hidden_layers,
         train_towers=config.train_towers, finetune=config.finetune, checkpoint=os.fspath(ckpt), config=config.to_dict(),
         metrics=metrics or {},
     )
@@ -334,7 +334,9 @@ def export(
 
         text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        if save_full_clip:
+        if save_full_clip and not hasattr(clip, "vision_model"):
+            logger.info("%s is a text tower alone: no full CLIPModel to save in %s/.", config.model_name_or_path, CLIP_DIR)
+        elif save_full_clip:
             clip.to(torch_dtype).save_pretrained(tmp / CLIP_DIR, safe_serialization=True)
             clip.float()
         save_file({"weight": clip.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))

@@ -310,7 +310,11 @@ def _base_configs(base: str) -> tuple[dict, dict, dict]:
         else:
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(source, f"{sub}/config.json"))
+            try:
+                path = Path(hf_hub_download(source, f"{sub}/config.json"))
+            except Exception as e:  # noqa: BLE001 - offline cache miss, missing file, network: all a bad `--base`
+                raise ValueError(f"`--base` {base!r}: cannot read {sub}/config.json ({type(e).__name__}); pass an SDXL "
+                                 "pipeline folder or a hub id whose configs are cached (or reachable).") from None
         configs.append(json.loads(path.read_text(encoding="utf-8")))
     return configs[0], configs[1], configs[2]
 

@@ -190,6 +190,19 @@ def test_sdxl_export_refuses_text_encoder_num_layers(sdxl_run, tmp_path, capsys)
     assert "`--text_encoder_num_layers` 1 does not apply to the SDXL run" in capsys.readouterr().err
 
 
+def test_one_tower_of_an_sdxl_run_exports_alone(sdxl_run, tmp_path):
+    """Each tower folder is a normal run: it exports as a single-encoder folder (text-only tower: no clip/)."""
+    from transformers import CLIPTextModel
+
+    from finetune.export import main
+
+    assert main(["--checkpoint", str(sdxl_run.output_dir / "text_encoder"), "--output_dir", str(tmp_path / "one")]) == 0
+    manifest = read_manifest(tmp_path / "one")
+    assert manifest.text_encoders == ["text_encoder"] and manifest.base_model == "tiny_sdxl" and manifest.text_encoder_num_layers == 2
+    assert not (tmp_path / "one" / "clip").exists() and not (tmp_path / "one" / "text_encoder_2").exists()
+    assert CLIPTextModel.from_pretrained(str(tmp_path / "one" / "text_encoder")).config.num_hidden_layers == 2
+
+
 def test_sdxl_resume_latest_keeps_both_towers(sdxl_run, tmp_path):
     """A resumed SDXL run restarts each tower from its newest checkpoint (here both are done: nothing is retrained)."""
     import shutil
