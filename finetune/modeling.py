@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from safer_diffusion.encoders import check_sdxl_text_encoders, text_transformer
 from safer_diffusion.open_clip_conversion import convert_open_clip
 
 from .losses import TOKEN_LAYERS
@@ -223,8 +226,6 @@ def _with_identity_projection(text_model):
     """
     from transformers import CLIPTextModelWithProjection
 
-    from safer_diffusion.encoders import text_transformer
-
     config = text_model.config.__class__.from_dict(text_model.config.to_dict())
     config.projection_dim = config.hidden_size
     config.architectures = ["CLIPTextModelWithProjection"]
@@ -291,8 +292,6 @@ def text_tower_shape(name_or_path: str) -> dict[str, Any]:
 
 def _base_configs(base: str) -> tuple[dict, dict, dict]:
     """``(text_encoder, text_encoder_2, unet)`` config dicts of an SDXL pipeline (folder or hub id; config files only)."""
-    import json
-
     from safer_diffusion.hub import resolve_model_source
 
     if base == TINY_SDXL_BASE:
@@ -324,10 +323,6 @@ def check_sdxl_towers(model_name_or_path: str, model_name_or_path_2: str, base: 
     width and depth against the base's, the second's projection (present, and the base's ``projection_dim``), swapped
     towers, and the UNet's cross-attention and add-embedding widths (the library's
     :func:`safer_diffusion.encoders.check_sdxl_text_encoders`). Reads configuration files only."""
-    from types import SimpleNamespace
-
-    from safer_diffusion.encoders import check_sdxl_text_encoders
-
     first, second = text_tower_shape(model_name_or_path), text_tower_shape(model_name_or_path_2)
     ref1, ref2, unet = _base_configs(base)
     if ref2.get("projection_dim") is None:
