@@ -248,3 +248,39 @@ def test_sdxl_bad_inputs(tmp_path, capsys):
     code, err = _main_err(capsys, *CONFIG, *out, "--resume_from_checkpoint", "checkpoint-3")
     assert code == 2 and "an `--sdxl` run resumes each tower from its own newest checkpoint; pass `latest`" in err
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param(["--no_precompute_anchors"], id="live-reference"),
+    pytest.param(["--finetune", "full"], id="full-finetune"),
+    pytest.param(["--loss", "safe_clip"], id="safe-clip-pair-target"),
+])
+def test_token_terms_at_the_penultimate_layer_run_in_every_mode(tmp_path, extra):
+    """A single-tower run (SD 1.x tiny CLIP) with both token terms at `--token_layer penultimate`: the terms are active
+    and finite whether the frozen reference is live, a frozen copy (full fine-tuning) or the Safe-CLIP pair target."""
+    from finetune.config import parse_train_config
+    from finetune.train import train
+
+    result = train(parse_train_config(["--config", "tiny_cpu.yaml", "--output_dir", str(tmp_path / "run"), "--max_train_steps", "2",
+                                       "--no_eval_at_end", "--token_layer", "penultimate", "--token_weight", "1",
+                                       "--token_redir_weight", "1", "--no_verbose", *extra]))  # fmt: skip
+    assert {"token_pres", "token_redir"} <= set(result.active_terms) and result.loss_weights["token_redir"] == 1.0
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.model.token_layer == "penultimate"
+
+
+def test_token_layer_reads_the_layer_sdxl_reads():
+    """`penultimate` = hidden_states[-2] (no final layer norm), what SDXL's pipeline reads; `last` = last_hidden_state."""
+    from finetune.modeling import SaferCLIP, load_clip
+
+    loaded = load_clip("tiny_sdxl_2")
+    enc = loaded.tokenizer(["a cat on a sofa"], padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        ref = loaded.model(**enc, output_hidden_states=True)
+        states = {layer: SaferCLIP(load_clip("tiny_sdxl_2").model, token_layer=layer).eval()(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_tokens=True)["tokens"] for layer in ("last", "penultimate")}
+    torch.testing.assert_close(states["penultimate"], ref.hidden_states[-2])
+    torch.testing.assert_close(states["last"], ref.last_hidden_state)
+    assert (states["penultimate"] - states["last"]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match=r"`token_layer` must be one of \['last', 'penultimate'\], got 'first'"):
+        SaferCLIP(loaded.model, token_layer="first")
