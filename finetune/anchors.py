@@ -204,8 +204,10 @@ def _encode_text(model, tokenizer, captions, batch_size, device, dtype, token_st
                 feats = m.text_projection(pooled) if hasattr(m, "text_projection") else pooled
                 hidden.append(out.last_hidden_state.float().cpu())
                 masks.append(mask.bool().cpu())
-            else:
+            elif hasattr(m, "get_text_features"):
                 feats = _features(m.get_text_features(input_ids=ids, attention_mask=mask))
+            else:  # a text tower alone (CLIPTextModelWithProjection): the same pooled, projected output
+                feats = m.text_projection(m.text_model(input_ids=ids, attention_mask=mask).pooler_output)
             embeds.append(F.normalize(feats.float(), dim=-1).cpu())
     emb = torch.cat(embeds) if embeds else torch.empty(0)
     if not token_states:
@@ -281,7 +283,7 @@ def compute_anchors(
     ``image_processor`` is given and every pair has that image.
 
     Args:
-        model (`transformers.CLIPModel`): the frozen pretrained model ``T0`` / ``V0``.
+        model (`transformers.CLIPModel` or `CLIPTextModelWithProjection`): the frozen pretrained model ``T0`` / ``V0``.
         tokenizer: its tokenizer.
         dataset (`PairDataset`): the pairs.
         batch_size (`int`, defaults to 256): encoder batch size.

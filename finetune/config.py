@@ -38,8 +38,8 @@ from safer_diffusion.options import DEFAULT_CLIP_MODEL, config_from_dict, config
 
 from .curriculum import CURRICULUM_MODES, check_schedule
 from .data import DATA_FORMATS, parse_column_map
-from .losses import LOSS_CHOICES, SAFE_CLIP_VARIANTS, WEIGHTS_MODES, available_terms, build_loss, check_weights
-from .modeling import ATTENTION_CHOICES
+from .losses import LOSS_CHOICES, SAFE_CLIP_VARIANTS, TOKEN_LAYERS, WEIGHTS_MODES, available_terms, build_loss, check_weights
+from .modeling import ATTENTION_CHOICES, TINY_SDXL_BASE
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,26 @@ class TrainConfig:
     model_name_or_path: str = option(
         DEFAULT_CLIP_MODEL,
         "CLIP to fine-tune: a local CLIPModel folder or hub id, `open_clip:<arch>[:<pretrained tag or .safetensors file>]` "
-        "(e.g. open_clip:ViT-H-14:laion2b_s32b_b79k for SD 2.x), or `tiny` (tiny random CLIP, offline tests).",
+        "(e.g. open_clip:ViT-H-14:laion2b_s32b_b79k for SD 2.x), a text-only CLIPTextModel(WithProjection) folder (e.g. an SDXL "
+        "pipeline's text_encoder/; without a projection the pooled output is compared as is), or `tiny` (tiny random CLIP, "
+        "offline tests; `tiny_sdxl` / `tiny_sdxl_2`: the tiny SDXL pipeline's two text encoders). With `--sdxl`: the first tower, "
+        "SDXL's text_encoder (CLIP ViT-L/14).",
         group="model",
+    )
+    sdxl: bool = option(
+        False, "Train Stable Diffusion XL's two text encoders, each with its own anchors, targets and cache, one after the other "
+        "into <output_dir>/text_encoder/ (`--model_name_or_path`) and <output_dir>/text_encoder_2/ (`--model_name_or_path_2`), "
+        "each a resumable run; needs `--model_name_or_path_2` and `--base`.", group="model",
+    )
+    model_name_or_path_2: str | None = option(
+        None, "With `--sdxl`: the second tower, SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14): "
+        "`open_clip:ViT-bigG-14:laion2b_s39b_b160k`, a CLIPTextModelWithProjection folder (e.g. an SDXL pipeline's "
+        "text_encoder_2/), a CLIPModel, or `tiny_sdxl_2`.", group="model",
+    )
+    base: str | None = option(
+        None, "With `--sdxl`: the SDXL pipeline (hub id or folder) whose text encoders the towers replace; each tower's width, "
+        f"depth and projection are checked against it before training (only its config files are read). `{TINY_SDXL_BASE}`: "
+        "the tiny SDXL pipeline of the tests.", group="model",
     )
     attention: str = option(
         "sdpa", "Attention kernel: PyTorch SDPA (default), eager (reference maths), or xformers (CUDA + xformers installed).",
@@ -137,8 +155,17 @@ class TrainConfig:
         choices=(AUTO, *SAFE_CLIP_VARIANTS), group="method",
     )
     token_weight: float = option(
-        0.0, "Weight of the token-level preservation term on safe captions (what the UNet sees); 0 = off.",
+        0.0, "Weight of the token-level preservation term on safe captions (what the UNet sees, at `--token_layer`); 0 = off.",
         bounds=(0.0, None), group="method",
+    )
+    token_redir_weight: float = option(
+        0.0, "Weight of the token-level redirection term: the unsafe caption's mean-pooled token states (at `--token_layer`) "
+        "pulled toward its target's frozen ones (docs/METHOD.md); 0 = off.", bounds=(0.0, None), group="method",
+    )
+    token_layer: str = option(
+        "last", "Token states the token terms read: last (final layer after its layer norm, what SD 1.x reads; default) or "
+        "penultimate (hidden_states[-2], no final layer norm: what SDXL reads from both encoders; the SDXL config's value).",
+        choices=TOKEN_LAYERS, group="method",
     )
     curriculum: str = option(
         AUTO, "Easy-to-hard curriculum over pair difficulty cos(T0(t*), T0(t_hat)): tertiles, none, or auto = tertiles for "
@@ -285,6 +312,19 @@ class TrainConfig:
         for name in ("output_dir", "train_data", "model_name_or_path"):
             if not str(getattr(self, name)).strip():
                 raise ValueError(f"`--{name}` is empty; pass a value.")
+        if self.sdxl:
+            for name, what in (("model_name_or_path_2", "the second tower (SDXL's text_encoder_2, OpenCLIP ViT-bigG/14), e.g. "
+                                "open_clip:ViT-bigG-14:laion2b_s39b_b160k"),
+                               ("base", "the SDXL pipeline the towers are for, e.g. stabilityai/stable-diffusion-xl-base-1.0")):
+                if getattr(self, name) is None or not str(getattr(self, name)).strip():
+                    raise ValueError(f"`--{name}` is missing: an `--sdxl` run trains both SDXL text encoders; pass {what}.")
+            if self.train_towers != "text":
+                raise ValueError(f"`--sdxl` trains the text encoders only, got `--train_towers {self.train_towers}`; use "
+                                 "`--train_towers text`.")
+        else:
+            for name in ("model_name_or_path_2", "base"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`--{name}` applies to `--sdxl` runs only; add `--sdxl` (both SDXL towers) or drop it.")
         return self
 
     @property
@@ -315,10 +355,11 @@ class TrainConfig:
                                  "(caption-only); use `--safe_clip_variant text` (or auto), the text-only analogue.")
         inputs = loss_inputs(self.train_towers, safe_images, unsafe_images)
         loss_fn = build_loss(self.loss, self.loss_weights, self.relative_scale, self.token_weight, weights_mode=self.loss_weights_mode,
-                             renormalize_active=self.renormalize_active, variant=variant if variant != AUTO else "image")  # fmt: skip
+                             renormalize_active=self.renormalize_active, variant=variant if variant != AUTO else "image",
+                             token_redir_weight=self.token_redir_weight)  # fmt: skip
         weights = loss_fn.weights_for(inputs)
         runnable = available_terms(self.loss, inputs, variant if self.loss == "safe_clip" else None)
-        if not any(weights[name] > 0 for name in runnable) and self.token_weight == 0:
+        if not any(weights[name] > 0 for name in runnable) and self.token_weight == 0 and self.token_redir_weight == 0:
             raise ValueError(f"`--loss_weights`: every term that can run in this configuration ({', '.join(runnable)}) has weight 0; "
                              "give one of them a positive weight.")
         idle = [name for name, w in weights.items() if w > 0 and name not in runnable]

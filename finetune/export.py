@@ -6,6 +6,8 @@
     python -m finetune.export --checkpoint outputs/run/checkpoint-1500 --output_dir exported/x --dtype float16
     # SD 2.x (OpenCLIP ViT-H): the UNet reads the penultimate layer, so keep 23 of the 24 text layers
     python -m finetune.export --checkpoint outputs/vit-h --output_dir exported/vit-h --text_encoder_num_layers 23
+    # SDXL (a `--sdxl` run): both towers, full depth, in one two-encoder folder (docs/EXPORT_FORMAT.md section 8)
+    python -m finetune.export --checkpoint outputs/sdxl --output_dir exported/sdxl-pair
 
 The LoRA adapters are merged into the fp32 base weights (reloaded from the original source, not the
 low-precision copy used in training; :func:`finetune.checkpoint.merged_clip_from_checkpoint`). The folder
@@ -14,7 +16,9 @@ documented in docs/EXPORT_FORMAT.md; ``--no_save_full_clip`` leaves out ``clip/`
 
 Load it with ``CLIPTextModel.from_pretrained(folder + "/" + TEXT_ENCODER_DIR)`` or
 ``SaferStableDiffusionPipeline.from_pretrained(base, safe_text_encoder=folder)``
-(:func:`safer_diffusion.encoders.load_safe_text_encoder` is the folder's reader).
+(:func:`safer_diffusion.encoders.load_safe_text_encoder` is the folder's reader). An SDXL run's folder
+(``text_encoder/`` a ``CLIPTextModel``, ``text_encoder_2/`` a ``CLIPTextModelWithProjection``, ``tokenizer/``,
+``tokenizer_2/``) loads with ``SaferStableDiffusionXLPipeline.from_pretrained(sdxl_base, safe_text_encoder=folder)``.
 
 Exit status of ``python -m finetune.export``: 0 success (the folder's path on stdout), 2 bad input, 1 a runtime failure.
 """
@@ -36,8 +40,11 @@ import torch
 from safer_diffusion.export_format import (
     CLIP_DIR,
     MODEL_CARD_FILE,
+    SDXL_TEXT_ENCODERS,
+    TEXT_ENCODER_2_DIR,
     TEXT_ENCODER_DIR,
     TEXT_PROJECTION_FILE,
+    TOKENIZER_2_DIR,
     TOKENIZER_DIR,
     ExportManifest,
     write_manifest,
@@ -46,6 +53,7 @@ from safer_diffusion.fileio import atomic_write_text, fsync_dir
 from safer_diffusion.options import DEPRECATED_DTYPES, DTYPE_CHOICES, MISSING, configure_logging, option, parse_config, run_main
 
 from .checkpoint import merged_clip_from_checkpoint, resolve_checkpoint
+from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +71,12 @@ class ExportConfig:
     checkpoint: str = option(MISSING, "Run folder (its newest complete checkpoint) or a checkpoint-{step} folder.")
     output_dir: str = option(MISSING, "Export folder to create (must not exist, or be empty).")
     dtype: str = option("float32", "Dtype of the saved weights.", choices=EXPORT_DTYPES, value_aliases=DEPRECATED_DTYPES)
-    save_full_clip: bool = option(True, "Also save the full CLIPModel in clip/ (image metrics, with_projection loading).",
+    save_full_clip: bool = option(True, "Also save the full CLIPModel in clip/ (image metrics, with_projection loading). An "
+                                  "SDXL run's two-encoder folder has no clip/ (its towers may be text-only).",
                                   deprecated=("--no-save_full_clip",))  # fmt: skip
     text_encoder_num_layers: int | None = option(
-        None, "Keep the first N text layers in text_encoder/ (SD 2.x with OpenCLIP ViT-H: 23 of 24).", bounds=(1, None)
+        None, "Keep the first N text layers in text_encoder/ (SD 2.x with OpenCLIP ViT-H: 23 of 24). Not for an SDXL run: "
+        "SDXL reads hidden_states[-2] of the full towers.", bounds=(1, None)
     )
     metrics: str | None = option(None, "JSON file of evaluation figures for the model card (default: the run's metrics.json).")
     verbose: bool = option(False, "INFO logging.")
@@ -78,10 +88,16 @@ class ExportConfig:
         return self
 
 
+def _text_config(clip):
+    """A copy of the text tower's config of a ``CLIPModel`` or a text-only ``CLIPTextModelWithProjection``."""
+    config = getattr(clip.config, "text_config", clip.config)
+    return config.__class__.from_dict(config.to_dict())
+
+
 def _text_encoder(clip, num_layers: int | None):
     from transformers import CLIPTextModel
 
-    text_config = clip.config.text_config.__class__.from_dict(clip.config.text_config.to_dict())
+    text_config = _text_config(clip)
     total = text_config.num_hidden_layers
     if num_layers is not None:
         if not 1 <= num_layers <= total:
@@ -96,6 +112,89 @@ def _text_encoder(clip, num_layers: int | None):
     if missing or unexpected:
         raise RuntimeError(f"Text encoder export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}.")
     return model.eval()
+
+
+def _text_encoder_with_projection(clip):
+    """The full-depth ``CLIPTextModelWithProjection`` of a trained tower (SDXL's ``text_encoder_2``), projection included."""
+    from transformers import CLIPTextModelWithProjection
+
+    text_config = _text_config(clip)
+    text_config.projection_dim = int(clip.config.projection_dim)
+    text_config._attn_implementation = "sdpa"
+    model = CLIPTextModelWithProjection(text_config)
+    model.text_model.load_state_dict(clip.text_model.state_dict())
+    model.text_projection.load_state_dict(clip.text_projection.state_dict())
+    return model.eval()
+
+
+def sdxl_run_config(path: str | os.PathLike) -> TrainConfig | None:
+    """The resolved top config of an ``--sdxl`` run folder (``config.yaml`` with ``sdxl: true``), else None."""
+    import yaml
+
+    file = Path(path).expanduser() / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return None
+    if not isinstance(data, dict) or not data.get("sdxl"):
+        return None
+    return TrainConfig.from_dict(data, source=os.fspath(file))
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    splits = {k: v for k, v in metrics.items() if isinstance(v, dict) and "frozen" in v}
+    if not splits and "frozen" in metrics:
+        splits = {"eval": metrics}
+    for split, values in splits.items():
+        what = {"train": "training pairs (redirection of what was trained)", "val": "held-out pairs"}.get(split, split)
+        lines += [f"### {what}", "", "| metric | model | frozen base |", "|---|---|---|"]
+        frozen = values.get("frozen", {})
+        for key, value in values.items():
+            if isinstance(value, float) and key in frozen:
+                lines.append(f"| {key} | {value:.4f} | {frozen[key]:.4f} |")
+        lines.append("")
+    return lines
+
+
+def _sdxl_model_card(meta: dict[str, Any]) -> str:
+    """The model card of a two-encoder (SDXL) export."""
+    cfg = meta["config"]
+    bases = meta.get("base_models", {})
+    lines = [
+        "---", "library_name: transformers", "tags: [clip, safety, stable-diffusion-xl, safer-clip]",
+        f"base_model: [{', '.join(bases.get(t, '?') for t in SDXL_TEXT_ENCODERS)}]", "---", "",
+        f"# {'SaFeR-CLIP' if meta['loss'] == 'safer_clip' else 'Safe-CLIP (baseline)'} text encoders for Stable Diffusion XL", "",
+        f"Both SDXL text encoders, safety fine-tuned with the `{meta['loss']}` loss ({meta['finetune']}): `{TEXT_ENCODER_DIR}/` "
+        f"from `{bases.get(TEXT_ENCODER_DIR)}` ({meta.get('global_steps', {}).get(TEXT_ENCODER_DIR, '?')} steps) and "
+        f"`{TEXT_ENCODER_2_DIR}/` from `{bases.get(TEXT_ENCODER_2_DIR)}` ({meta.get('global_steps', {}).get(TEXT_ENCODER_2_DIR, '?')} "
+        f"steps), each with its own anchors and nearest-safe targets; token terms at the `{cfg.get('token_layer')}` layer "
+        "(SDXL's UNet reads hidden_states[-2]).", "",
+        "## Use with Stable Diffusion XL", "", "```python",
+        "from safer_diffusion.pipeline_safer_stable_diffusion_xl import SaferStableDiffusionXLPipeline",
+        "pipe = SaferStableDiffusionXLPipeline.from_pretrained(SDXL_BASE, safe_text_encoder=THIS_FOLDER)",
+        f"# or: transformers.CLIPTextModel.from_pretrained(THIS_FOLDER + '/{TEXT_ENCODER_DIR}') and",
+        f"#     transformers.CLIPTextModelWithProjection.from_pretrained(THIS_FOLDER + '/{TEXT_ENCODER_2_DIR}')",
+        "```", "", "## Training configuration", "", "| option | value |", "|---|---|",
+    ]
+    for key in ("model_name_or_path", "model_name_or_path_2", "base", "train_data", "loss", "relative_scale", "curriculum",
+                "token_layer", "token_weight", "token_redir_weight", "finetune", "lora_rank", "lora_alpha", "learning_rate",
+                "train_batch_size", "num_train_epochs", "max_train_steps", "mixed_precision", "seed"):
+        lines.append(f"| `{key}` | `{cfg.get(key)}` |")
+    lines += ["", "## Evaluation", ""]
+    metrics = meta.get("metrics") or {}
+    written = False
+    for tower in SDXL_TEXT_ENCODERS:
+        tables = _metric_lines(metrics.get(tower) or {})
+        if tables:
+            lines += [f"## {tower}", "", *tables]
+            written = True
+    lines.append("Metric definitions: the module docstring of `finetune/metrics.py`; the method: docs/METHOD.md." if written
+                 else "No evaluation figures were recorded for this export.")
+    lines += ["", "Method: SafeR-CLIP (Yousaf et al., AAAI 2026, arXiv:2511.16743).", ""]
+    return "\n".join(lines)
 
 
 def _model_card(meta: dict[str, Any]) -> str:
@@ -126,21 +225,10 @@ def _model_card(meta: dict[str, Any]) -> str:
                 "learning_rate", "train_batch_size", "num_train_epochs", "max_train_steps", "mixed_precision", "seed"):
         lines.append(f"| `{key}` | `{cfg.get(key)}` |")
     lines += ["", "## Evaluation", ""]
-    splits = {k: v for k, v in metrics.items() if isinstance(v, dict) and "frozen" in v}
-    if not splits and "frozen" in metrics:
-        splits = {"eval": metrics}
-    if splits:
-        for split, values in splits.items():
-            what = {"train": "training pairs (redirection of what was trained)", "val": "held-out pairs"}.get(split, split)
-            lines += [f"### {what}", "", "| metric | model | frozen base |", "|---|---|---|"]
-            frozen = values.get("frozen", {})
-            for key, value in values.items():
-                if isinstance(value, float) and key in frozen:
-                    lines.append(f"| {key} | {value:.4f} | {frozen[key]:.4f} |")
-            lines.append("")
-        lines.append("Metric definitions: the module docstring of `finetune/metrics.py`; the method: docs/METHOD.md.")
-    if not splits:
-        lines.append("No evaluation figures were recorded for this export.")
+    tables = _metric_lines(metrics)
+    lines += tables
+    lines.append("Metric definitions: the module docstring of `finetune/metrics.py`; the method: docs/METHOD.md." if tables
+                 else "No evaluation figures were recorded for this export.")
     lines += ["", "Method: SafeR-CLIP (Yousaf et al., AAAI 2026, arXiv:2511.16743).", ""]
     return "\n".join(lines)
 
@@ -190,8 +278,11 @@ def export(
 ) -> Path:
     """Write the export folder (docs/EXPORT_FORMAT.md) atomically: built in a temp folder beside it, then renamed.
 
+    An ``--sdxl`` run folder (its ``config.yaml`` says ``sdxl: true``) gives the two-encoder layout (section 8) from
+    the newest checkpoint of each tower; ``save_full_clip`` then has no effect and ``text_encoder_num_layers`` is refused.
+
     Args:
-        checkpoint: run folder or ``checkpoint-{step}`` folder.
+        checkpoint: run folder or ``checkpoint-{step}`` folder (or an ``--sdxl`` run folder).
         output_dir: destination; must not exist or be empty.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for the saved weights (the old ``fp32``/``fp16``/``bf16``
             still work, with a deprecation warning).
@@ -215,6 +306,12 @@ def export(
         raise ValueError(f"`--text_encoder_num_layers` must be a whole number >= 1, got {text_encoder_num_layers!r}.")
     out = Path(output_dir).expanduser()
     _check_output_dir(out)
+    sdxl = sdxl_run_config(checkpoint)
+    if sdxl is not None:
+        if text_encoder_num_layers is not None:
+            raise ValueError(f"`--text_encoder_num_layers` {text_encoder_num_layers} does not apply to the SDXL run "
+                             f"{os.fspath(checkpoint)!r}: SDXL reads hidden_states[-2] of both full towers; drop the option.")
+        return _export_sdxl(Path(checkpoint).expanduser(), sdxl, out, dtype, metrics)
     ckpt = resolve_checkpoint(checkpoint)
     if metrics is None and (ckpt.parent / "metrics.json").is_file():
         metrics = ckpt.parent / "metrics.json"
@@ -226,7 +323,7 @@ def export(
     text_encoder = _text_encoder(clip, text_encoder_num_layers).to(torch_dtype)
     manifest = ExportManifest(
         base_model=config.model_name_or_path, loss=config.loss, global_step=int(state["global_step"]), dtype=dtype,
-        text_encoder_num_layers=text_encoder_num_layers or clip.config.text_config.num_hidden_layers,
+        text_encoder_num_layers=text_encoder_num_layers or _text_config(clip).num_hidden_layers,
         train_towers=config.train_towers, finetune=config.finetune, checkpoint=os.fspath(ckpt), config=config.to_dict(),
         metrics=metrics or {},
     )
@@ -237,7 +334,9 @@ def export(
 
         text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        if save_full_clip:
+        if save_full_clip and not hasattr(clip, "vision_model"):
+            logger.info("%s is a text tower alone: no full CLIPModel to save in %s/.", config.model_name_or_path, CLIP_DIR)
+        elif save_full_clip:
             clip.to(torch_dtype).save_pretrained(tmp / CLIP_DIR, safe_serialization=True)
             clip.float()
         save_file({"weight": clip.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))
@@ -252,6 +351,60 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("Exported %s (step %s) to %s", ckpt, state["global_step"], out)
+    return out
+
+
+def _export_sdxl(run: Path, config: TrainConfig, out: Path, dtype: str, metrics: dict[str, Any] | str | os.PathLike | None) -> Path:
+    """The two-encoder export (docs/EXPORT_FORMAT.md section 8) of an ``--sdxl`` run folder, written atomically."""
+    ckpts = {}
+    for tower in SDXL_TEXT_ENCODERS:
+        if not (run / tower).is_dir():
+            raise ValueError(f"`--checkpoint` {os.fspath(run)!r} is an SDXL run without its {tower}/ run; resume the run with "
+                             "`--resume_from_checkpoint latest` to train it.")
+        try:
+            ckpts[tower] = resolve_checkpoint(run / tower)
+        except ValueError:
+            raise ValueError(f"`--checkpoint` {os.fspath(run)!r}: the SDXL run's {tower} has no complete checkpoint yet; resume "
+                             "the run with `--resume_from_checkpoint latest`.") from None
+    if metrics is None and (run / "metrics.json").is_file():
+        metrics = run / "metrics.json"
+    metrics = _read_metrics(metrics)
+    _remove_stale_exports(out)
+
+    torch_dtype = getattr(torch, dtype)
+    first, tok1, _, config1, state1 = merged_clip_from_checkpoint(ckpts[TEXT_ENCODER_DIR])
+    second, tok2, _, config2, state2 = merged_clip_from_checkpoint(ckpts[TEXT_ENCODER_2_DIR])
+    text_encoder = _text_encoder(first, None).to(torch_dtype)
+    text_encoder_2 = _text_encoder_with_projection(second).to(torch_dtype)
+    steps = {TEXT_ENCODER_DIR: int(state1["global_step"]), TEXT_ENCODER_2_DIR: int(state2["global_step"])}
+    manifest = ExportManifest(
+        base_model=config1.model_name_or_path, loss=config.loss, global_step=sum(steps.values()), dtype=dtype,
+        text_encoder_num_layers=text_encoder.config.num_hidden_layers, train_towers=config.train_towers, finetune=config.finetune,
+        checkpoint=os.fspath(run), config=config.to_dict(), metrics=metrics or {}, text_encoders=list(SDXL_TEXT_ENCODERS),
+        base_models={TEXT_ENCODER_DIR: config1.model_name_or_path, TEXT_ENCODER_2_DIR: config2.model_name_or_path},
+        global_steps=steps,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        from safetensors.torch import save_file
+
+        text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
+        text_encoder_2.save_pretrained(tmp / TEXT_ENCODER_2_DIR, safe_serialization=True)
+        tok1.save_pretrained(tmp / TOKENIZER_DIR)
+        tok2.save_pretrained(tmp / TOKENIZER_2_DIR)
+        save_file({"weight": first.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))
+        atomic_write_text(tmp / MODEL_CARD_FILE, _sdxl_model_card(manifest.to_dict()))
+        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Exported the SDXL run %s (steps %s) to %s", run, steps, out)
     return out
 
 

@@ -12,7 +12,9 @@ name       meaning
 ``t0_star`` ``T0(t*)``: frozen text encoder on the unsafe caption
 ``t0_hat``  ``T0(t̂)``: frozen text encoder on the nearest safe caption (Safe-CLIP: the fixed pair)
 ``v`` …     the same for images: ``V(v)``, ``V(v*)``, ``V0(v)``, ``V0(v*)``, ``V0(v̂)``
-``h, h0``   last hidden states ``(B, L, H)`` of ``T`` and ``T0`` on the safe caption
+``h, h0``   token states ``(B, L, H)`` of ``T`` and ``T0`` on the safe caption (the ``--token_layer``)
+``h_star``  token states of ``T`` on the unsafe caption
+``h0_hat``  token states of ``T0`` on the nearest safe caption (Safe-CLIP: the fixed pair)
 =========  ==================================================================
 
 Cosines are computed with :func:`torch.nn.functional.cosine_similarity`, so the inputs do not
@@ -53,6 +55,7 @@ __all__ = [
     "SAFE_CLIP_VARIANTS",
     "SAFE_CLIP_WEIGHTS",
     "TERM_INPUTS",
+    "TOKEN_LAYERS",
     "WEIGHTS_MODES",
     "GatherFn",
     "SafeClipLoss",
@@ -76,6 +79,7 @@ __all__ = [
     "safe_clip_weights",
     "safer_clip_default_weights",
     "token_pres_loss",
+    "token_redir_loss",
     "uni_img_loss",
     "uni_txt_loss",
 ]
@@ -369,8 +373,9 @@ def token_pres_loss(h: Tensor, h0: Tensor, mask: Tensor | None = None) -> Tensor
     term's size independent of the width ``H``.
 
     Args:
-        h (`(B, L, H)`): last hidden states of ``T`` on the safe captions.
-        h0 (`(B, L, H)`): last hidden states of ``T0`` on the same tokens.
+        h (`(B, L, H)`): token states of ``T`` on the safe captions, at the ``--token_layer`` (last: the final
+            layer after its layer norm, what SD 1.x reads; penultimate: ``hidden_states[-2]``, what SDXL reads).
+        h0 (`(B, L, H)`): the same states of ``T0`` on the same tokens.
         mask (`(B, L)` bool or 0/1, *optional*): 1 for real tokens (the tokenizer's attention mask).
             ``None`` counts every position.
 
@@ -392,6 +397,51 @@ def token_pres_loss(h: Tensor, h0: Tensor, mask: Tensor | None = None) -> Tensor
     if n.item() == 0:
         raise ValueError("`mask` selects no token; every caption has at least its start and end token.")
     return (per_token * m).sum() / n
+
+
+def _masked_mean(h: Tensor, mask: Tensor, name: str) -> Tensor:
+    """Mean of ``h`` (B, L, H) over the positions where ``mask`` (B, L) is set -> (B, H)."""
+    if mask.shape != h.shape[:2]:
+        raise ValueError(f"`{name}` must have shape (B, L) = {tuple(h.shape[:2])}, got {tuple(mask.shape)}.")
+    m = mask.to(h.dtype).unsqueeze(-1)
+    count = m.sum(dim=1)
+    if bool((count == 0).any()):
+        raise ValueError(f"`{name}` selects no token in some row; every caption has at least one real token.")
+    return (h * m).sum(dim=1) / count
+
+
+def token_redir_loss(h_star: Tensor, h0_hat: Tensor, mask_star: Tensor, mask_hat: Tensor) -> Tensor:
+    r"""Token-level redirection (docs/METHOD.md decision, optional): what the UNet sees for unsafe prompts.
+
+    .. math::
+        \bar h^*_i = \frac{\sum_l m^*_{il}\, h^*_{il}}{\sum_l m^*_{il}}, \qquad
+        \bar h^0_i = \frac{\sum_l \hat m_{il}\, \hat h^0_{il}}{\sum_l \hat m_{il}}, \qquad
+        L_{tok\_redir} = \operatorname{mean}_i\ [1 - \cos(\bar h^*_i, \bar h^0_i)]
+
+    The trained token states of the unsafe caption ``t*_i``, mean-pooled over its tokens, are pulled toward the
+    frozen token states of its target ``t̂_i``, mean-pooled over *its* tokens. The two captions have different
+    lengths and word orders, so position ``l`` of one is not position ``l`` of the other: pooling each over its
+    own mask compares what each caption as a whole conveys (a cosine, so the term's size does not depend on the
+    states' scale or width). The trainer's masks leave out the start token: its state is the same for every
+    caption (CLIP is causal) and in pretrained CLIPs an outlier of large norm that would dominate the mean.
+
+    Args:
+        h_star (`(B, L, H)`): token states of ``T`` on the unsafe captions (the ``--token_layer``).
+        h0_hat (`(B, L', H)`): token states of ``T0`` on their targets (``L'`` may differ from ``L``).
+        mask_star (`(B, L)` bool or 0/1): the unsafe captions' tokens that count.
+        mask_hat (`(B, L')` bool or 0/1): the targets' tokens that count.
+
+    Returns:
+        `Tensor` of shape `()`.
+    """
+    for name, x in (("h_star", h_star), ("h0_hat", h0_hat)):
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"`{name}` must be a tensor of shape (B, L, H), got {tuple(getattr(x, 'shape', ()))}.")
+    if h_star.shape[0] != h0_hat.shape[0] or h_star.shape[2] != h0_hat.shape[2]:
+        raise ValueError(f"`h_star` {tuple(h_star.shape)} and `h0_hat` {tuple(h0_hat.shape)} must share B and H.")
+    a = _masked_mean(h_star.float(), mask_star, "mask_star")
+    b = _masked_mean(h0_hat.float(), mask_hat, "mask_hat")
+    return (1.0 - _cos(a, b)).mean()
 
 
 # ----------------------------------------------------------------------------- Safe-CLIP text-only analogue terms
@@ -450,6 +500,11 @@ PRESERVATION_TERMS = ("pres_txt", "pres_img", "pres_x")
 #: Every weighted SaFeR-CLIP term.
 SAFER_CLIP_TERMS = REDIRECTION_TERMS + PRESERVATION_TERMS
 _TOKEN_TERM = "token_pres"
+_TOKEN_REDIR_TERM = "token_redir"
+#: ``--token_layer``: the text tower's token states the token terms read. ``last``: the final layer after its
+#: layer norm (``last_hidden_state``, what SD 1.x cross-attends to); ``penultimate``: ``hidden_states[-2]``, no
+#: final layer norm (what SDXL's UNet reads from both encoders, and SD 2.x from its 23-layer export).
+TOKEN_LAYERS = ("last", "penultimate")
 #: Total weight of each SaFeR-CLIP group (redirection, preservation) with automatic weights (docs/METHOD.md decision).
 _GROUP_WEIGHT = 0.5
 #: The combiners, by their ``--loss`` name.
@@ -663,9 +718,9 @@ def safe_clip_weights(raw: Mapping[str, float] | None = None, variant: str = "im
     return {name: raw.get(name, 0.0) / total / len(terms) for name in terms}
 
 
-def _check_token_weight(token_weight: float) -> None:
+def _check_token_weight(token_weight: float, name: str = "token_weight") -> None:
     if not (isinstance(token_weight, (int, float)) and math.isfinite(token_weight) and token_weight >= 0):
-        raise ValueError(f"`token_weight` must be a finite number >= 0, got {token_weight!r}.")
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {token_weight!r}.")
 
 
 def _present(**tensors: Tensor | None) -> set[str]:
@@ -692,6 +747,7 @@ class _Combiner(nn.Module):
 
     loss_name = ""
     token_weight: float
+    token_redir_weight: float
     last_active_terms: list[str]
     last_weights: dict[str, float]
 
@@ -720,6 +776,10 @@ class _Combiner(nn.Module):
         h: Tensor | None = None,
         h0: Tensor | None = None,
         token_mask: Tensor | None = None,
+        h_star: Tensor | None = None,
+        h0_hat: Tensor | None = None,
+        token_mask_star: Tensor | None = None,
+        token_mask_hat: Tensor | None = None,
     ) -> dict[str, Tensor]:
         tensors = dict(t=t, t_star=t_star, t0=t0, t0_star=t0_star, t0_hat=t0_hat, v=v, v_star=v_star, v0=v0, v0_star=v0_star, v0_hat=v0_hat)
         _check_2d(**tensors)
@@ -730,6 +790,9 @@ class _Combiner(nn.Module):
         if self.token_weight > 0 and h is not None and h0 is not None:
             weights[_TOKEN_TERM] = self.token_weight
             compute[_TOKEN_TERM] = lambda: token_pres_loss(h, h0, token_mask)
+        if self.token_redir_weight > 0 and h_star is not None and h0_hat is not None:
+            weights[_TOKEN_REDIR_TERM] = self.token_redir_weight
+            compute[_TOKEN_REDIR_TERM] = lambda: token_redir_loss(h_star, h0_hat, token_mask_star, token_mask_hat)
         if not weights:
             raise ValueError(self._nothing_message)
         out: dict[str, Tensor] = {}
@@ -763,6 +826,7 @@ class SaferClipLoss(_Combiner):
     ``pres_img``     :func:`pres_img_loss`                        v, v0
     ``pres_x``       :func:`pres_cross_loss`                      (t, v0) and/or (t0, v)
     ``token_pres``   :func:`token_pres_loss` (only if token_weight > 0)   h, h0, token_mask
+    ``token_redir``  :func:`token_redir_loss` (only if token_redir_weight > 0)   h_star, h0_hat, token_mask_star/_hat
     ===============  ===========================================  ==============
 
     Weights (docs/METHOD.md §4.5): the defaults (:func:`safer_clip_default_weights`, per call over the terms whose
@@ -770,7 +834,8 @@ class SaferClipLoss(_Combiner):
     ``rel_tt`` counts only when ``rel_txt`` has no inputs. E.g. caption-only data: ``rel_tt`` = ``uni_txt`` = 0.25,
     ``pres_txt`` = 0.5. ``weights`` (``--loss_weights``) are merged into these defaults (``weights_mode="merge"``:
     a term named at 0 is off) or replace them (``"replace"``: unnamed terms are off), see
-    :func:`resolve_loss_weights`. ``token_pres`` is outside the groups: it is added with ``token_weight``.
+    :func:`resolve_loss_weights`. ``token_pres`` and ``token_redir`` are outside the groups: they are added with ``token_weight`` and
+    ``token_redir_weight``.
 
     Args:
         weights (`dict[str, float]`, *optional*): per-term weights (see above).
@@ -780,6 +845,7 @@ class SaferClipLoss(_Combiner):
             s >= 5 drifted more than Safe-CLIP; s = 2-3 is the "stronger redirection" setting; never use s >= 10
             (a warning is logged).
         token_weight (`float`, defaults to 0): weight of the token-level preservation term; 0 disables it.
+        token_redir_weight (`float`, defaults to 0): weight of the token-level redirection term; 0 disables it.
         gather (`callable`, *optional*): cross-rank gather for InfoNCE, see :func:`info_nce`.
         weights_mode (`str`, defaults to `"merge"`): ``"merge"`` or ``"replace"``.
         renormalize_active (`bool`, defaults to False): when a term with a positive weight has no inputs in a call,
@@ -805,6 +871,7 @@ class SaferClipLoss(_Combiner):
         gather: GatherFn | None = None,
         weights_mode: str = "merge",
         renormalize_active: bool = False,
+        token_redir_weight: float = 0.0,
     ):
         super().__init__()
         _check_scale(scale)
@@ -813,6 +880,7 @@ class SaferClipLoss(_Combiner):
         elif scale >= 5:
             logger.warning("Relative-loss scale s=%s >= 5 drifted more than Safe-CLIP in docs/METHOD.md's measurements.", scale)
         _check_token_weight(token_weight)
+        _check_token_weight(token_redir_weight, "token_redir_weight")
         _check_mode(weights_mode)
         self.weights = None if weights is None else check_weights(weights, "safer_clip", "weights")
         if weights_mode == "replace":
@@ -822,6 +890,7 @@ class SaferClipLoss(_Combiner):
         self.scale = float(scale)
         self.logit_scale = DEFAULT_LOGIT_SCALE
         self.token_weight = float(token_weight)
+        self.token_redir_weight = float(token_redir_weight)
         self.gather = gather
         self.last_active_terms: list[str] = []
         self.last_weights: dict[str, float] = {}
@@ -885,6 +954,7 @@ class SafeClipLoss(_Combiner):
     Args:
         weights (`dict[str, float]`, *optional*): raw weights (defaults: the variant's table above).
         token_weight (`float`, defaults to 0): optional token-level preservation term (not in Safe-CLIP).
+        token_redir_weight (`float`, defaults to 0): optional token-level redirection term toward the pair (not in Safe-CLIP).
         gather (`callable`, *optional*): cross-rank gather for InfoNCE, see :func:`info_nce`.
         variant (`str`, defaults to `"image"`): ``"image"`` or ``"text"``.
         weights_mode (`str`, defaults to `"merge"`): ``"merge"`` or ``"replace"``, see :func:`resolve_loss_weights`.
@@ -904,9 +974,11 @@ class SafeClipLoss(_Combiner):
         variant: str = "image",
         weights_mode: str = "merge",
         renormalize_active: bool = False,
+        token_redir_weight: float = 0.0,
     ):
         super().__init__()
         _check_token_weight(token_weight)
+        _check_token_weight(token_redir_weight, "token_redir_weight")
         _check_variant(variant)
         self.variant = variant
         self.weights_mode = weights_mode
@@ -915,6 +987,7 @@ class SafeClipLoss(_Combiner):
         self.weights = safe_clip_weights(self.raw_weights, variant)
         self.logit_scale = DEFAULT_LOGIT_SCALE
         self.token_weight = float(token_weight)
+        self.token_redir_weight = float(token_redir_weight)
         self.gather = gather
         self.last_active_terms: list[str] = []
         self.last_weights: dict[str, float] = {}
@@ -959,12 +1032,13 @@ def build_loss(
     weights_mode: str = "merge",
     renormalize_active: bool = False,
     variant: str = "image",
+    token_redir_weight: float = 0.0,
 ) -> nn.Module:
     """The combiner named by ``--loss``: :class:`SaferClipLoss` (uses ``scale``) or :class:`SafeClipLoss` (uses ``variant``)."""
     _check_loss(loss)
     w = None if weights is None else dict(weights)
     if loss == "safer_clip":
         return SaferClipLoss(weights=w, scale=scale, token_weight=token_weight, gather=gather, weights_mode=weights_mode,
-                             renormalize_active=renormalize_active)  # fmt: skip
+                             renormalize_active=renormalize_active, token_redir_weight=token_redir_weight)  # fmt: skip
     return SafeClipLoss(weights=w, token_weight=token_weight, gather=gather, variant=variant, weights_mode=weights_mode,
-                        renormalize_active=renormalize_active)  # fmt: skip
+                        renormalize_active=renormalize_active, token_redir_weight=token_redir_weight)  # fmt: skip

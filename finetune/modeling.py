@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from safer_diffusion.encoders import check_sdxl_text_encoders, text_transformer
 from safer_diffusion.open_clip_conversion import convert_open_clip
+
+from .losses import TOKEN_LAYERS
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +36,25 @@ __all__ = [
     "LoadedCLIP",
     "SaferCLIP",
     "TINY_MODEL_NAME",
+    "TINY_SDXL_BASE",
+    "TINY_SDXL_MODEL_NAMES",
     "check_attention",
+    "check_sdxl_towers",
     "check_mixed_precision",
     "convert_open_clip",
     "load_clip",
+    "text_tower_shape",
     "weight_dtype_for",
 ]
 
 #: ``--model_name_or_path`` value that builds :func:`safer_diffusion.tiny.tiny_clip_model` (offline tests).
 TINY_MODEL_NAME = "tiny"
+#: ``--model_name_or_path`` / ``--model_name_or_path_2`` values that build the tiny SDXL pipeline's own text encoders
+#: (:func:`safer_diffusion.tiny.tiny_sdxl_text_encoders`, seed 0 as in :func:`~safer_diffusion.tiny.tiny_sdxl_components`),
+#: each with its real tokenizer; the first gets an identity projection (it has none).
+TINY_SDXL_MODEL_NAMES = ("tiny_sdxl", "tiny_sdxl_2")
+#: ``--base`` value naming the tiny SDXL pipeline (:func:`safer_diffusion.tiny.tiny_pipeline_folders`, variant sdxl).
+TINY_SDXL_BASE = "tiny_sdxl"
 OPEN_CLIP_PREFIX = "open_clip:"
 ATTENTION_CHOICES = ("sdpa", "xformers", "eager")
 _TOWER_PREFIX = {"text": ("text_model", "text_projection"), "vision": ("vision_model", "visual_projection")}
@@ -165,19 +180,34 @@ def load_clip(name_or_path: str | os.PathLike, attention: str = "sdpa") -> Loade
         model = tiny_clip_model()
         model.set_attn_implementation(attention)
         return LoadedCLIP(model, clip_tokenizer(), _tiny_image_processor(), name)
+    if name in TINY_SDXL_MODEL_NAMES:
+        from safer_diffusion.tiny import clip_tokenizer, tiny_sdxl_text_encoders
+
+        first, second = tiny_sdxl_text_encoders(seed=0)
+        model = _with_identity_projection(first) if name == TINY_SDXL_MODEL_NAMES[0] else second
+        model.set_attn_implementation(attention)
+        pad = "<|endoftext|>" if name == TINY_SDXL_MODEL_NAMES[0] else "!"
+        return LoadedCLIP(model.float().eval(), clip_tokenizer(pad_token=pad), None, name)
     if name.startswith(OPEN_CLIP_PREFIX):
         return _load_open_clip(name, attention)
 
-    from transformers import AutoConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from safer_diffusion.hub import resolve_model_source
 
     source = resolve_model_source(name, argument="--model_name_or_path")
     config = AutoConfig.from_pretrained(source)
+    if config.model_type == "clip_text_model":  # a text tower alone, e.g. an SDXL pipeline's text_encoder/ or text_encoder_2/
+        if "CLIPTextModelWithProjection" in (config.architectures or []):
+            model = CLIPTextModelWithProjection.from_pretrained(source, attn_implementation=attention, dtype=torch.float32)
+        else:
+            model = _with_identity_projection(CLIPTextModel.from_pretrained(source, attn_implementation=attention, dtype=torch.float32))
+        return LoadedCLIP(model.eval(), CLIPTokenizer.from_pretrained(_tokenizer_folder(Path(source))), None, name)
     if config.model_type != "clip":
         raise ValueError(
-            f"`--model_name_or_path`={name!r} holds a {config.model_type!r} model, not a CLIPModel (model_type 'clip'). "
-            "Pass a full CLIP (text + vision), e.g. openai/clip-vit-large-patch14, `open_clip:<arch>:<tag>`, or `tiny`."
+            f"`--model_name_or_path`={name!r} holds a {config.model_type!r} model, not a CLIPModel (model_type 'clip') or a "
+            "CLIP text model. Pass e.g. openai/clip-vit-large-patch14, `open_clip:<arch>:<tag>`, a CLIPTextModelWithProjection "
+            "folder, or `tiny`."
         )
     model = CLIPModel.from_pretrained(source, attn_implementation=attention, dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(source)
@@ -186,6 +216,124 @@ def load_clip(name_or_path: str | os.PathLike, attention: str = "sdpa") -> Loade
     except (OSError, ValueError):
         image_processor = None
     return LoadedCLIP(model, tokenizer, image_processor, name)
+
+
+def _with_identity_projection(text_model):
+    """A ``CLIPTextModelWithProjection`` holding ``text_model``'s weights and an identity ``text_projection``.
+
+    For a text tower that has no projection (an SDXL pipeline's ``text_encoder/``): the pooled losses then compare the
+    pooled output itself, and the projection is never exported (SDXL's ``text_encoder`` is a plain ``CLIPTextModel``).
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    config = text_model.config.__class__.from_dict(text_model.config.to_dict())
+    config.projection_dim = config.hidden_size
+    config.architectures = ["CLIPTextModelWithProjection"]
+    model = CLIPTextModelWithProjection(config)
+    model.text_model.load_state_dict(text_transformer(text_model).state_dict())
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(config.hidden_size))
+    model.set_attn_implementation(text_model.config._attn_implementation or "sdpa")
+    logger.info("%s has no text projection: the pooled output is used as is (identity projection).", type(text_model).__name__)
+    return model.float().eval()
+
+
+def _tokenizer_folder(folder: Path) -> Path:
+    """Where the tokenizer of a text-tower folder is: the folder itself, or the sibling ``tokenizer``/``tokenizer_2`` of a
+    pipeline folder's ``text_encoder``/``text_encoder_2``."""
+    if (folder / "tokenizer_config.json").is_file():
+        return folder
+    sibling = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}.get(folder.name)
+    if sibling and (folder.parent / sibling / "tokenizer_config.json").is_file():
+        return folder.parent / sibling
+    raise FileNotFoundError(
+        f"`--model_name_or_path` {os.fspath(folder)!r} has no tokenizer (tokenizer_config.json), and no sibling tokenizer folder of a "
+        "pipeline; put the encoder's tokenizer files beside its config.json."
+    )
+
+
+def text_tower_shape(name_or_path: str) -> dict[str, Any]:
+    """The text tower's ``hidden_size``, ``num_hidden_layers`` and ``projection_dim`` (None: no projection) of a
+    ``--model_name_or_path`` value, from its configuration only (no weights are loaded)."""
+    name = os.fspath(name_or_path)
+    if name in TINY_SDXL_MODEL_NAMES:
+        from safer_diffusion.tiny import tiny_sdxl_text_configs
+
+        config = tiny_sdxl_text_configs()[TINY_SDXL_MODEL_NAMES.index(name)]
+        proj = config.projection_dim if name == TINY_SDXL_MODEL_NAMES[1] else None
+        return {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers, "projection_dim": proj}
+    if name == TINY_MODEL_NAME:
+        from safer_diffusion.tiny import tiny_clip_model
+
+        config = tiny_clip_model().config
+        text = config.text_config
+        return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers, "projection_dim": config.projection_dim}
+    if name.startswith(OPEN_CLIP_PREFIX):
+        import open_clip
+
+        cfg = open_clip.get_model_config(name[len(OPEN_CLIP_PREFIX):].split(":", 1)[0])
+        if cfg is None:
+            raise ValueError(f"`--model_name_or_path`={name!r}: unknown OpenCLIP architecture.")
+        text = cfg["text_cfg"]
+        return {"hidden_size": int(text["width"]), "num_hidden_layers": int(text["layers"]), "projection_dim": int(cfg["embed_dim"])}
+    from transformers import AutoConfig
+
+    from safer_diffusion.hub import resolve_model_source
+
+    config = AutoConfig.from_pretrained(resolve_model_source(name, argument="--model_name_or_path"))
+    if config.model_type == "clip":
+        text = config.text_config
+        return {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers, "projection_dim": config.projection_dim}
+    if config.model_type == "clip_text_model":
+        proj = config.projection_dim if "CLIPTextModelWithProjection" in (config.architectures or []) else None
+        return {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers, "projection_dim": proj}
+    raise ValueError(f"`--model_name_or_path`={name!r} holds a {config.model_type!r} model, not a CLIP text tower.")
+
+
+def _base_configs(base: str) -> tuple[dict, dict, dict]:
+    """``(text_encoder, text_encoder_2, unet)`` config dicts of an SDXL pipeline (folder or hub id; config files only)."""
+    from safer_diffusion.hub import resolve_model_source
+
+    if base == TINY_SDXL_BASE:
+        from safer_diffusion.tiny import tiny_pipeline_folders
+
+        base = os.fspath(tiny_pipeline_folders(variant="sdxl")[0])
+    source = resolve_model_source(base, argument="--base")
+    configs = []
+    for sub in ("text_encoder", "text_encoder_2", "unet"):
+        if Path(source).is_dir():
+            path = Path(source) / sub / "config.json"
+            if not path.is_file():
+                raise ValueError(f"`--base` {base!r} has no {sub}/config.json: pass an SDXL pipeline (two text encoders), e.g. "
+                                 "stabilityai/stable-diffusion-xl-base-1.0.")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                path = Path(hf_hub_download(source, f"{sub}/config.json"))
+            except Exception as e:  # noqa: BLE001 - offline cache miss, missing file, network: all a bad `--base`
+                raise ValueError(f"`--base` {base!r}: cannot read {sub}/config.json ({type(e).__name__}); pass an SDXL "
+                                 "pipeline folder or a hub id whose configs are cached (or reachable).") from None
+        configs.append(json.loads(path.read_text(encoding="utf-8")))
+    return configs[0], configs[1], configs[2]
+
+
+def check_sdxl_towers(model_name_or_path: str, model_name_or_path_2: str, base: str) -> None:
+    """Raise a `ValueError` when the two towers of an ``--sdxl`` run cannot replace ``base``'s text encoders: each tower's
+    width and depth against the base's, the second's projection (present, and the base's ``projection_dim``), swapped
+    towers, and the UNet's cross-attention and add-embedding widths (the library's
+    :func:`safer_diffusion.encoders.check_sdxl_text_encoders`). Reads configuration files only."""
+    first, second = text_tower_shape(model_name_or_path), text_tower_shape(model_name_or_path_2)
+    ref1, ref2, unet = _base_configs(base)
+    if ref2.get("projection_dim") is None:
+        raise ValueError(f"`--base` {base!r}: its text_encoder_2 has no projection_dim; pass an SDXL pipeline.")
+    tower1 = SimpleNamespace(config=SimpleNamespace(**first))  # no text_projection attribute: SDXL's text_encoder
+    tower2 = SimpleNamespace(config=SimpleNamespace(**second))
+    if second["projection_dim"] is not None:
+        tower2.text_projection = True
+    reference = (SimpleNamespace(**ref1), SimpleNamespace(**ref2))
+    check_sdxl_text_encoders(tower1, tower2, unet_config=unet, reference=reference,
+                             arguments=("--model_name_or_path", "--model_name_or_path_2"))  # fmt: skip
 
 
 def _load_open_clip(name: str, attention: str) -> LoadedCLIP:
@@ -259,6 +407,8 @@ class SaferCLIP(nn.Module):
         keep_frozen_copy: for ``finetune="full"`` only: keep a frozen copy to serve as live reference
             (needed when anchors are not precomputed; LoRA never needs a copy).
         gradient_checkpointing: recompute activations in the backward pass.
+        token_layer: the token states ``output_tokens`` returns: ``"last"`` (``last_hidden_state``, after the final
+            layer norm: what SD 1.x reads) or ``"penultimate"`` (``hidden_states[-2]``, no final layer norm: what SDXL reads).
     """
 
     def __init__(
@@ -274,8 +424,12 @@ class SaferCLIP(nn.Module):
         weight_dtype: torch.dtype = torch.float32,
         keep_frozen_copy: bool = False,
         gradient_checkpointing: bool = False,
+        token_layer: str = "last",
     ):
         super().__init__()
+        if token_layer not in TOKEN_LAYERS:
+            raise ValueError(f"`token_layer` must be one of {list(TOKEN_LAYERS)}, got {token_layer!r}.")
+        self.token_layer = token_layer
         if train_towers not in ("text", "vision", "both"):
             raise ValueError(f"`train_towers` must be 'text', 'vision' or 'both', got {train_towers!r}.")
         if finetune not in ("lora", "full"):
@@ -319,12 +473,14 @@ class SaferCLIP(nn.Module):
         names = {n for n, p in self.clip.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.clip.state_dict().items() if k in names}
 
-    @staticmethod
-    def _text(clip, input_ids, attention_mask=None, output_tokens: bool = False):
-        out = clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+    def _text(self, clip, input_ids, attention_mask=None, output_tokens: bool = False):
+        penultimate = output_tokens and self.token_layer == "penultimate"
+        out = clip.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=penultimate)
         emb = clip.text_projection(out.pooler_output)
         emb = nn.functional.normalize(emb.float(), dim=-1)
-        return emb, (out.last_hidden_state if output_tokens else None)
+        if not output_tokens:
+            return emb, None
+        return emb, (out.hidden_states[-2] if penultimate else out.last_hidden_state)
 
     @staticmethod
     def _image(clip, pixel_values):

@@ -15,6 +15,12 @@ Offline smoke run (tiny random CLIP, bundled sample pairs, < 2 min on 2 CPU core
 
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml --output_dir outputs/tiny
 
+Stable Diffusion XL (``--sdxl``): both text encoders, one after the other, each with its own anchors and targets, into
+``<output_dir>/text_encoder/`` and ``<output_dir>/text_encoder_2/`` (docs/METHOD.md §6.5)::
+
+    python -m finetune.train --config finetune/configs/safer_clip_sdxl.yaml --output_dir outputs/safer-clip-sdxl
+    python -m finetune.train --config finetune/configs/tiny_cpu_sdxl.yaml --output_dir outputs/tiny-sdxl   # offline, tiny
+
 Resume: ``--resume_from_checkpoint latest`` (or a ``checkpoint-{step}`` folder); the checkpoint format and its
 integrity checks are :mod:`finetune.checkpoint`. Export the result with
 ``python -m finetune.export --checkpoint outputs/run --output_dir exported/``.
@@ -42,6 +48,7 @@ The method (every loss term, the target search, the curriculum) is docs/METHOD.m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -53,6 +60,7 @@ from typing import Any
 
 import torch
 
+from safer_diffusion.export_format import TEXT_ENCODER_2_DIR, TEXT_ENCODER_DIR
 from safer_diffusion.fileio import atomic_write_text, check_writable_dir
 from safer_diffusion.hub import resolve_model_source
 from safer_diffusion.options import BadInputError, configure_logging, run_main, validate_config
@@ -77,19 +85,24 @@ from .metrics import text_metrics
 from .modeling import (
     OPEN_CLIP_PREFIX,
     TINY_MODEL_NAME,
+    TINY_SDXL_MODEL_NAMES,
     SaferCLIP,
     check_attention,
     check_mixed_precision,
+    check_sdxl_towers,
     load_clip,
     weight_dtype_for,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TRAIN_LOG", "TrainResult", "check_inputs", "epoch_order", "epoch_plan", "main", "train"]
+__all__ = ["NonFiniteLossError", "SDXL_TOWERS", "TRAIN_LOG", "TrainResult", "check_inputs", "epoch_order", "epoch_plan", "main",
+           "sdxl_tower_configs", "train"]
 
 #: Per-step loss log of the main process (JSON Lines, one ``{"step": ...}`` object per logged step).
 TRAIN_LOG = "train_log.jsonl"
+#: The run subfolders of an ``--sdxl`` run, in training order (named as the export's and a pipeline's encoders).
+SDXL_TOWERS = (TEXT_ENCODER_DIR, TEXT_ENCODER_2_DIR)
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -115,6 +128,9 @@ class TrainResult:
         config: the resolved configuration (what ``config.yaml`` holds).
         loss_weights: the weight of every term active in the last step (after ``renormalize_active``).
         extra_captions: the extra safe captions the run used (after removing duplicates of the pair data), or [].
+        towers: an ``--sdxl`` run's per-tower results (:data:`SDXL_TOWERS` -> `TrainResult`), else {}. The run's own
+            fields then sum or combine them: ``global_step`` and ``losses`` both towers', ``metrics`` per tower,
+            ``last_checkpoint`` the second tower's; ``model``/``anchors``/``tokenizer`` are in ``towers``.
     """
 
     output_dir: Path
@@ -130,6 +146,7 @@ class TrainResult:
     config: Any = field(default=None, repr=False)
     loss_weights: dict[str, float] = field(default_factory=dict)
     extra_captions: list[str] = field(default_factory=list, repr=False)
+    towers: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------------- data plan
@@ -199,6 +216,13 @@ def _pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int):
     return (torch.cat([ids, ids.new_full((ids.shape[0], extra), pad_id)], 1), torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], 1))
 
 
+def _without_start(mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask without the start token (bool): the positions the token redirection term pools over."""
+    mask = mask.bool().clone()
+    mask[:, 0] = False
+    return mask
+
+
 def _trim(ids: torch.Tensor, mask: torch.Tensor):
     length = int(mask.sum(1).max())
     return ids[:, :length], mask[:, :length]
@@ -243,9 +267,17 @@ def check_inputs(config: TrainConfig) -> TrainConfig:
             raise FileNotFoundError(f"`--extra_safe_captions` {path!r} does not exist; pass existing .txt/.csv/.jsonl/.json/.parquet files.")
     if config.image_root is not None and not Path(config.image_root).expanduser().is_dir():
         raise FileNotFoundError(f"`--image_root` {config.image_root!r} is not an existing folder; pass the folder of the images.")
-    name = config.model_name_or_path
-    if name != TINY_MODEL_NAME and not name.startswith(OPEN_CLIP_PREFIX):
-        resolve_model_source(name, argument="--model_name_or_path")  # a local path, or a hub id reachable (or cached) now
+    names = {"--model_name_or_path": config.model_name_or_path}
+    if config.sdxl:
+        names["--model_name_or_path_2"] = config.model_name_or_path_2
+    for flag, name in names.items():
+        if name != TINY_MODEL_NAME and name not in TINY_SDXL_MODEL_NAMES and not name.startswith(OPEN_CLIP_PREFIX):
+            resolve_model_source(name, argument=flag)  # a local path, or a hub id reachable (or cached) now
+    if config.sdxl:  # both towers fit the base's pair (config files only)
+        check_sdxl_towers(config.model_name_or_path, config.model_name_or_path_2, config.base)
+        if config.resume_from_checkpoint not in (None, "latest"):
+            raise ValueError(f"`--resume_from_checkpoint` {config.resume_from_checkpoint!r}: an `--sdxl` run resumes each tower "
+                             "from its own newest checkpoint; pass `latest`.")
     device = _predict_device(config)
     check_mixed_precision(config.mixed_precision, device)
     check_attention(config.attention, device)
@@ -268,7 +300,48 @@ def _predict_device(config: TrainConfig) -> torch.device:
 def _build_loss(config: TrainConfig, gather):
     return build_loss(config.loss, config.loss_weights, scale=config.relative_scale, token_weight=config.token_weight, gather=gather,
                       weights_mode=config.loss_weights_mode, renormalize_active=config.renormalize_active,
-                      variant=config.safe_clip_variant if config.loss == "safe_clip" else "image")  # fmt: skip
+                      variant=config.safe_clip_variant if config.loss == "safe_clip" else "image",
+                      token_redir_weight=config.token_redir_weight)  # fmt: skip
+
+
+def sdxl_tower_configs(config: TrainConfig) -> dict[str, TrainConfig]:
+    """The single-tower runs of an ``--sdxl`` run: :data:`SDXL_TOWERS` -> the config of that tower's run, in
+    ``<output_dir>/<tower>/`` (cache: ``<cache_dir>/<tower>`` when ``--cache_dir`` is given, else the tower's own)."""
+    out = Path(config.output_dir).expanduser()
+    runs = {}
+    for tower, model in zip(SDXL_TOWERS, (config.model_name_or_path, config.model_name_or_path_2)):
+        cache = None if config.cache_dir is None else os.fspath(Path(config.cache_dir).expanduser() / tower)
+        runs[tower] = dataclasses.replace(config, sdxl=False, model_name_or_path=model, model_name_or_path_2=None, base=None,
+                                          output_dir=os.fspath(out / tower), cache_dir=cache)  # fmt: skip
+    return runs
+
+
+def _train_sdxl(config: TrainConfig) -> TrainResult:
+    """Train SDXL's two towers one after the other (each a normal resumable run, with its own anchors, targets and
+    cache); ``<output_dir>/config.yaml`` (the resolved run, written once the first tower is done) and ``metrics.json``
+    (per tower) sit at the top. A crash in the second tower keeps the first: ``--resume_from_checkpoint latest``
+    resumes each tower from its newest checkpoint (a finished tower only recomputes its metrics)."""
+    output_dir = Path(config.output_dir).expanduser()
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    results: dict[str, TrainResult] = {}
+    for tower, tower_config in sdxl_tower_configs(config).items():
+        logger.info("SDXL: training %s (%s) into %s.", tower, tower_config.model_name_or_path, tower_config.output_dir)
+        results[tower] = train(tower_config)
+        if tower == SDXL_TOWERS[0] and main_process:
+            resolved = dataclasses.replace(results[tower].config, sdxl=True, model_name_or_path=config.model_name_or_path,
+                                           model_name_or_path_2=config.model_name_or_path_2, base=config.base,
+                                           output_dir=config.output_dir, cache_dir=config.cache_dir)  # fmt: skip
+            resolved.save(output_dir / "config.yaml", header=_resolved_header(config, resolved))
+    first, second = (results[t] for t in SDXL_TOWERS)
+    metrics = {tower: r.metrics for tower, r in results.items() if r.metrics}
+    if metrics and main_process:
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    top = dataclasses.replace(first.config, sdxl=True, model_name_or_path=config.model_name_or_path,
+                              model_name_or_path_2=config.model_name_or_path_2, base=config.base, output_dir=config.output_dir,
+                              cache_dir=config.cache_dir)  # fmt: skip
+    return TrainResult(output_dir, first.global_step + second.global_step, first.losses + second.losses, second.last_checkpoint,
+                       metrics, first.active_terms, None, None, None, first.inexact_resume + second.inexact_resume, top,
+                       first.loss_weights, first.extra_captions, results)
 
 
 def _resolved_header(asked: TrainConfig, resolved: TrainConfig) -> str:
@@ -339,6 +412,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
 
     # ---- 0. fail fast on bad input, before any heavy work (every rank checks before any rank writes)
     config = check_inputs(config)
+    if config.sdxl:
+        return _train_sdxl(config)
     output_dir = Path(config.output_dir).expanduser()
 
     AcceleratorState._reset_state()  # in-process reruns (tests, notebooks) may change the precision; keeps the process group
@@ -394,6 +469,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     # ---- 2. model, anchors, targets, curriculum
     loaded = load_clip(config.model_name_or_path, attention=config.attention)
     clip, tokenizer, image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
+    if config.train_towers != "text" and not hasattr(clip, "vision_model"):
+        raise ValueError(f"`--train_towers {config.train_towers}`: `--model_name_or_path` {config.model_name_or_path!r} is a text "
+                         "tower alone (no vision model); use `--train_towers text`.")
     weight_dtype = weight_dtype_for(config.mixed_precision)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else output_dir / "cache"
     use_images = train_set.has_images and image_processor is not None
@@ -427,12 +505,13 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     safe_ids, safe_mask = _pad_to(safe_ids, safe_mask, length, pad_id)
     unsafe_ids, unsafe_mask = _pad_to(unsafe_ids, unsafe_mask, length, pad_id)
 
+    want_tokens = config.token_weight > 0 or config.token_redir_weight > 0  # token states at `--token_layer`
     model = SaferCLIP(
         clip, train_towers=config.train_towers, finetune=config.finetune, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules, weight_dtype=weight_dtype,
         # full fine-tuning has no adapters to switch off: a live reference (or token states) needs a frozen copy
-        keep_frozen_copy=config.finetune == "full" and (not config.precompute_anchors or config.token_weight > 0),
-        gradient_checkpointing=config.gradient_checkpointing,
+        keep_frozen_copy=config.finetune == "full" and (not config.precompute_anchors or want_tokens),
+        gradient_checkpointing=config.gradient_checkpointing, token_layer=config.token_layer,
     )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -518,7 +597,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     rank = accelerator.process_index
     B = config.train_batch_size
     dev = accelerator.device
-    want_tokens = config.token_weight > 0
+    token_pres = config.token_weight > 0
     last_saved = global_step if resume_path is not None else None
     log_file = open(output_dir / TRAIN_LOG, "a", encoding="utf-8") if main_process else None  # noqa: SIM115
     active_terms: list[str] = []
@@ -568,16 +647,16 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                         if anchors_dev["unsafe_image"] is not None:
                             terms["v0_star"] = anchors_dev["unsafe_image"][u_idx.to(dev)]
                         h0 = None
-                        if want_tokens:
+                        if token_pres:
                             _, h0 = unwrapped.reference_text(ids[:B], mask[:B], output_tokens=True)
                     else:  # Safe-CLIP style: run the frozen reference now (same weights, adapters disabled)
                         ref_ids, ref_mask = _trim(
                             torch.cat([safe_ids[s_idx], unsafe_ids[u_idx], safe_ids[hat_idx]]),
                             torch.cat([safe_mask[s_idx], unsafe_mask[u_idx], safe_mask[hat_idx]]),
                         )
-                        ref_text, ref_tokens = unwrapped.reference_text(ref_ids.to(dev), ref_mask.to(dev), output_tokens=want_tokens)
+                        ref_text, ref_tokens = unwrapped.reference_text(ref_ids.to(dev), ref_mask.to(dev), output_tokens=token_pres)
                         terms["t0"], terms["t0_star"], terms["t0_hat"] = ref_text[:B], ref_text[B : 2 * B], ref_text[2 * B :]
-                        h0 = ref_tokens[:B, : ids.shape[1]] if want_tokens else None
+                        h0 = ref_tokens[:B, : ids.shape[1]] if token_pres else None
                         if use_images:
                             ref_img = unwrapped.reference_image(pixels)
                             terms["v0"] = ref_img[:B]
@@ -585,8 +664,14 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                             hat_px = data_mod.load_pixels([train_set[int(i)].safe_image for i in hat_idx], image_processor,
                                                           config.image_root)
                             terms["v0_hat"] = unwrapped.reference_image(hat_px.to(dev))
-                    if want_tokens:
+                    if token_pres:
                         terms.update(h=out["tokens"][:B], h0=h0, token_mask=mask[:B].bool())
+                    if config.token_redir_weight > 0:  # frozen token states of the targets, live (adapters disabled)
+                        hat_ids, hat_mask = _trim(safe_ids[hat_idx], safe_mask[hat_idx])
+                        hat_ids, hat_mask = hat_ids.to(dev), hat_mask.to(dev)
+                        _, h0_hat = unwrapped.reference_text(hat_ids, hat_mask, output_tokens=True)
+                        terms.update(h_star=out["tokens"][B:], h0_hat=h0_hat, token_mask_star=_without_start(mask[B:]),
+                                     token_mask_hat=_without_start(hat_mask))  # fmt: skip
                     result = loss_fn(**terms)
                 loss = result["loss"]
                 finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
@@ -650,6 +735,21 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                 embs.append(e.float().cpu())
             return torch.cat(embs)
 
+        def encode_tokens(captions, reference=False):
+            """Token states at `--token_layer`, mean-pooled over each caption's tokens without the start token, normalised."""
+            embs = []
+            for i in range(0, len(captions), config.anchor_batch_size):
+                ids_, mask_ = _tokenize(tokenizer, captions[i : i + config.anchor_batch_size], config.max_length)
+                ids_, mask_ = ids_.to(dev), mask_.to(dev)
+                with torch.no_grad(), accelerator.autocast():
+                    if reference:
+                        _, h = unwrapped.reference_text(ids_, mask_, output_tokens=True)
+                    else:
+                        h = unwrapped(input_ids=ids_, attention_mask=mask_, output_tokens=True)["tokens"]
+                m = _without_start(mask_).unsqueeze(-1).float()
+                embs.append(torch.nn.functional.normalize((h.float() * m).sum(1) / m.sum(1), dim=-1).cpu())
+            return torch.cat(embs)
+
         if config.finetune == "full" and unwrapped.frozen_copy is None:
             logger.info("Full fine-tuning without a frozen copy: end-of-training metrics are skipped (use finetune.evaluate).")
         else:
@@ -657,6 +757,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             for split, data in (("train", train_set), ("val", val_set)):
                 if data is not None and len(data) > 1:
                     metrics[split] = text_metrics(encode, lambda c: encode(c, reference=True), data.safe_captions, data.unsafe_captions)
+                    if want_tokens:  # the same metrics on what the UNet reads (docs/METHOD.md: token-level terms)
+                        metrics[f"{split}_tokens"] = text_metrics(encode_tokens, lambda c: encode_tokens(c, reference=True),
+                                                                  data.safe_captions, data.unsafe_captions)  # fmt: skip
             for split, m in metrics.items():
                 logger.info("%s: redirect_to_target_r1 %.3f (frozen %.3f), t_star_to_t_r1 %.3f (frozen %.3f), safe_cos %.4f",
                             split, m["redirect_to_target_r1"], m["frozen"]["redirect_to_target_r1"], m["t_star_to_t_r1"],

@@ -89,6 +89,8 @@ class ExportManifest:
     text_encoders: list[str] = field(default_factory=lambda: [TEXT_ENCODER_DIR])
     #: Per encoder subfolder, the frozen model it was fine-tuned from (optional; ``base_model`` is the first's).
     base_models: dict[str, str] = field(default_factory=dict)
+    #: Per encoder subfolder, the optimisation steps it was trained (optional; an SDXL export's ``global_step`` is their sum).
+    global_steps: dict[str, int] = field(default_factory=dict)
     format: str = EXPORT_FORMAT
     format_version: int = EXPORT_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)

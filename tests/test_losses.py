@@ -102,6 +102,50 @@ def test_token_pres_by_hand():
     assert L.token_pres_loss(h, h0).item() == pytest.approx((1 + 2 + 25) / 3, abs=1e-12)
 
 
+def test_token_redir_by_hand():
+    # B = 2, H = 2. Row 0: unsafe states (1,0),(3,0) masked [1,1] -> mean (2,0); its target (0,1),(0,3),(9,9) masked
+    # [1,1,0] -> mean (0,2): orthogonal, 1 - cos = 1. Row 1: unsafe (1,1),(5,5) masked [1,0] -> (1,1); target (2,2),(0,7),(0,0)
+    # masked [1,0,0] -> (2,2): parallel, 1 - cos = 0. Mean over the batch: (1 + 0) / 2 = 0.5.
+    h_star = T([[1.0, 0.0], [3.0, 0.0]], [[1.0, 1.0], [5.0, 5.0]])
+    h0_hat = T([[0.0, 1.0], [0.0, 3.0], [9.0, 9.0]], [[2.0, 2.0], [0.0, 7.0], [0.0, 0.0]])
+    m_star = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    m_hat = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert L.token_redir_loss(h_star, h0_hat, m_star, m_hat).item() == pytest.approx(0.5, abs=1e-12)
+    # a 45-degree row: unsafe mean (1, 0), target mean (1, 1) -> 1 - 1/sqrt(2)
+    one = L.token_redir_loss(T([[1.0, 0.0]]), T([[1.0, 1.0]]), torch.ones(1, 1), torch.ones(1, 1))
+    assert one.item() == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-7)
+
+
+def test_token_redir_gradient_and_bad_shapes(rand):
+    h_star = rand(2, 4, 3).requires_grad_()
+    h0_hat = rand(2, 6, 3)
+    m_star = torch.ones(2, 4, dtype=torch.bool)
+    m_star[:, 2:] = False
+    m_hat = torch.ones(2, 6, dtype=torch.bool)
+    L.token_redir_loss(h_star, h0_hat, m_star, m_hat).backward()
+    assert torch.all(h_star.grad[:, 2:] == 0) and h_star.grad[:, :2].abs().sum() > 0 and h0_hat.grad is None
+    with pytest.raises(ValueError, match=r"`h_star` \(2, 4, 3\) and `h0_hat` \(2, 6, 5\) must share B and H"):
+        L.token_redir_loss(h_star, rand(2, 6, 5), m_star, m_hat)
+    with pytest.raises(ValueError, match=r"`mask_hat` selects no token in some row"):
+        L.token_redir_loss(h_star, h0_hat, m_star, torch.zeros(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`mask_star` must have shape \(B, L\) = \(2, 4\)"):
+        L.token_redir_loss(h_star, h0_hat, m_hat, m_hat)
+
+
+def test_combiner_adds_token_redir_with_its_weight(rand):
+    batch = _batch(rand, images=False)
+    h_star, h0_hat = rand(len(batch["t"]), 5, 3), rand(len(batch["t"]), 4, 3)
+    m_star, m_hat = torch.ones(h_star.shape[:2], dtype=torch.bool), torch.ones(h0_hat.shape[:2], dtype=torch.bool)
+    loss = L.SaferClipLoss(token_redir_weight=0.7)
+    out = loss(**batch, h_star=h_star, h0_hat=h0_hat, token_mask_star=m_star, token_mask_hat=m_hat)
+    assert loss.last_weights["token_redir"] == 0.7 and "token_pres" not in out
+    expected = L.SaferClipLoss()(**batch)["loss"] + 0.7 * L.token_redir_loss(h_star, h0_hat, m_star, m_hat)
+    torch.testing.assert_close(out["loss"], expected)
+    assert "token_redir" not in L.SaferClipLoss()(**batch, h_star=h_star, h0_hat=h0_hat)  # weight 0: off
+    with pytest.raises(ValueError, match=r"`token_redir_weight` must be a finite number >= 0, got -1"):
+        L.SaferClipLoss(token_redir_weight=-1)
+
+
 # ----------------------------------------------------------------------------- naive loop references
 
 
