@@ -49,7 +49,7 @@ from safer_diffusion.export_format import (
     ExportManifest,
     write_manifest,
 )
-from safer_diffusion.fileio import atomic_write_text, fsync_dir
+from safer_diffusion.fileio import atomic_write_text, check_writable_dir, fsync_dir
 from safer_diffusion.options import DEPRECATED_DTYPES, DTYPE_CHOICES, MISSING, configure_logging, option, parse_config, run_main
 
 from .checkpoint import merged_clip_from_checkpoint, resolve_checkpoint
@@ -248,17 +248,6 @@ def _read_metrics(metrics: dict[str, Any] | str | os.PathLike | None) -> dict[st
     return data
 
 
-def _check_output_dir(out: Path, argument: str = "--output_dir") -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        kind = "is a file" if not out.is_dir() else "exists and is not empty"
-        raise ValueError(f"`{argument}` {os.fspath(out)!r} {kind}; choose a new folder or delete it.")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"`{argument}` {os.fspath(out)!r} cannot be created in {os.fspath(parent)!r} (not a writable folder).")
-
-
 def _remove_stale_exports(out: Path) -> None:
     """Remove temp folders left beside ``out`` by an interrupted export of the same name."""
     if not out.parent.is_dir():
@@ -305,7 +294,7 @@ def export(
     if text_encoder_num_layers is not None and (isinstance(text_encoder_num_layers, bool) or text_encoder_num_layers < 1):
         raise ValueError(f"`--text_encoder_num_layers` must be a whole number >= 1, got {text_encoder_num_layers!r}.")
     out = Path(output_dir).expanduser()
-    _check_output_dir(out)
+    check_writable_dir(out, "--output_dir", require_empty=True)
     sdxl = sdxl_run_config(checkpoint)
     if sdxl is not None:
         if text_encoder_num_layers is not None:

@@ -66,7 +66,7 @@ def probe_writable_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def check_writable_dir(folder: str | os.PathLike, argument: str, *, keep_created: bool = False) -> Path:
+def check_writable_dir(folder: str | os.PathLike, argument: str, *, keep_created: bool = False, require_empty: bool = False) -> Path:
     """Check, before any work, that an output folder exists or can be created, and can be written.
 
     A probe file is written and removed. Folders created only for the probe are removed again unless
@@ -77,17 +77,20 @@ def check_writable_dir(folder: str | os.PathLike, argument: str, *, keep_created
         folder: the folder an entry point will write into.
         argument: the option that named it (``"--output_dir"``), used in the error.
         keep_created: keep the folders created for the probe.
+        require_empty: refuse a folder that already holds files (an export must not mix with an older one).
 
     Returns:
         The folder as an expanded `Path`.
 
     Raises:
-        BadInputError: ``folder`` is a file, lies under a file, or cannot be written; the message names
-            ``argument`` and the fix.
+        BadInputError: ``folder`` is a file, lies under a file, cannot be written, or (``require_empty``) is not
+            empty; the message names ``argument`` and the fix.
     """
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise BadInputError(f"`{argument}` {os.fspath(folder)!r} is a file, not a folder; pass a folder path.")
+    if require_empty and folder.is_dir() and any(folder.iterdir()):
+        raise BadInputError(f"`{argument}` {os.fspath(folder)!r} exists and is not empty; choose a new folder or delete it.")
     missing, existing = [], folder
     while not existing.exists() and existing != existing.parent:
         missing.append(existing)

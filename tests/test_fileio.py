@@ -94,3 +94,14 @@ def test_check_output_file(tmp_path):
         check_output_file(tmp_path, "--output")
     with pytest.raises(BadInputError, match=r"^`--output` '.*x\.jpg' must end in no suffix, '\.png'; rename it\.$"):
         check_output_file(tmp_path / "x.jpg", "--output", suffixes=("", ".png"))
+
+
+def test_check_writable_dir_require_empty(tmp_path):
+    from safer_diffusion.fileio import check_writable_dir
+    from safer_diffusion.options import BadInputError
+
+    check_writable_dir(tmp_path, "--output_dir", require_empty=True)  # empty: fine
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(BadInputError, match=r"exists and is not empty; choose a new folder or delete it\.$"):
+        check_writable_dir(tmp_path, "--output_dir", require_empty=True)
+    check_writable_dir(tmp_path, "--output_dir")  # without the flag a folder with files is fine
