@@ -16,7 +16,7 @@ Offline smoke run (tiny random CLIP, bundled sample pairs, < 2 min on 2 CPU core
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml --output_dir outputs/tiny
 
 Stable Diffusion XL (``--sdxl``): both text encoders, one after the other, each with its own anchors and targets, into
-``<output_dir>/text_encoder/`` and ``<output_dir>/text_encoder_2/`` (docs/METHOD.md §6.5)::
+``<output_dir>/text_encoder/`` and ``<output_dir>/text_encoder_2/`` (docs/METHOD.md §6.6)::
 
     python -m finetune.train --config finetune/configs/safer_clip_sdxl.yaml --output_dir outputs/safer-clip-sdxl
     python -m finetune.train --config finetune/configs/tiny_cpu_sdxl.yaml --output_dir outputs/tiny-sdxl   # offline, tiny
