@@ -21,7 +21,10 @@ captions with precomputed anchors) with every batch trimmed to its own longest c
 the trainer does) vs padded to 77 tokens, timed interleaved on generated captions whose CLIP token counts are
 log-normal (mean ``--caption_tokens_mean`` 20, shape ``--caption_tokens_sigma`` 0.25). Prints the caption lengths
 (mean, median, max), tokens per step and steps/s of both, and the ratio (goal: >= 2.5x steps/s at batch 256 on
-``--size vit-l14``). A trimmed batch is as long as its longest caption, so the gain shrinks as the batch grows.
+``--size vit-l14``). A trimmed batch is as long as its longest caption, so the gain shrinks as the batch grows;
+``grouped`` is the same trimmed step on batches built by ``--group_by_length`` (``finetune.train.group_by_length``:
+captions sorted by length within windows of ``length_group_steps`` = 50 steps, the steps then shuffled), whose
+longest caption is close to their typical one.
 
 Projection of the text-only paper recipe (``--recipe_pairs`` 150k pairs, 9 epochs, batch 48, tertile curriculum):
 
@@ -30,9 +33,10 @@ Projection of the text-only paper recipe (``--recipe_pairs`` 150k pairs, 9 epoch
 with N = pairs - round(val_fraction x pairs) trained pairs and steps = sum over epochs of ceil(|curriculum pool of
 the epoch| / 48) (``finetune.train.epoch_plan``: epoch 1 trains the easy third, epoch 2 two thirds, then all:
 23,753 steps for 150k pairs, not 150k x 9 / 48 = 28,125). The anchor rate is timed with
-``finetune.anchors.encode_text`` (frozen fp32 model, 77 tokens, ``anchor_batch_size`` 256); the nearest-safe search
-(N x N, on the CPU where the trainer runs it) from 1,024 unsafe rows. Model loading, checkpoint writes and the
-end-of-training metrics are not included.
+``finetune.anchors.encode_text`` (frozen fp32 model, one batch of ``anchor_batch_size`` 256 generated captions); the nearest-safe search
+(N x N, on the training device, where the trainer runs it) from 1,024 unsafe rows. Model loading, checkpoint writes and the
+end-of-training metrics are not included. The projection is printed for the paper recipe as it is (mixed-length batches)
+and with ``--group_by_length``.
 
 Part 2 (CUDA, ``--size vit-l14``): a ViT-L/14-size random-init text tower (hidden 768, 12 layers,
 12 heads, MLP 3072, 77 tokens) trained with full fine-tuning at batch 256 (256 safe + 256 unsafe
@@ -246,21 +250,33 @@ def recipe_steps(cfg, pairs: int) -> dict:
             "steps_naive": math.ceil(pairs * cfg.num_train_epochs / cfg.train_batch_size), "stage_sizes": cur.stage_sizes()}
 
 
-def _token_batches(tok, n_batches: int, batch: int, args, seed: int) -> list[dict]:
+def _token_batches(tok, n_batches: int, batch: int, args, seed: int, window: int) -> list[dict]:
     """``n_batches`` trainer batches of ``batch`` safe + ``batch`` unsafe captions, tokenised as finetune.train does
-    (``_tokenize``: padded to the longest caption of the whole set), each both trimmed (``_trim``, the trainer) and padded
-    to 77 (``_pad_to``)."""
-    from finetune.train import _pad_to, _tokenize, _trim
+    (``_tokenize``: padded to the longest caption of the whole set), each trimmed (``_trim``, the trainer), padded to 77
+    (``_pad_to``), and ``grouped``: ``n_batches`` steps of one ``--group_by_length`` window of ``window`` steps
+    (``finetune.train.group_by_length`` on the same kind of captions), trimmed, picked evenly over the window's steps
+    ordered by length so that their mean is the window's. Also returns the mean tokens per step over the whole window."""
+    from finetune.train import _pad_to, _tokenize, _trim, group_by_length
 
-    caps = realistic_captions(2 * batch * n_batches, args.caption_tokens_mean, args.caption_tokens_sigma, seed=seed)
+    steps = max(n_batches, window)
+    caps = realistic_captions(2 * batch * steps, args.caption_tokens_mean, args.caption_tokens_sigma, seed=seed)
     ids, mask = _tokenize(tok, caps, 77)
+    safe, unsafe = slice(0, batch * steps), slice(batch * steps, 2 * batch * steps)
+    order = torch.arange(batch * steps)
+    order_u, order_s = group_by_length(order, order, mask[unsafe].sum(1), mask[safe].sum(1), batch, window, seed, 1)
+    grouped_steps = [torch.cat([order_s[batch * k : batch * (k + 1)], batch * steps + order_u[batch * k : batch * (k + 1)]])
+                     for k in range(steps)]  # fmt: skip
+    step_len = torch.tensor([int(mask[g].sum(1).max()) for g in grouped_steps])
+    by_length = torch.argsort(step_len, stable=True)
+    picked = [int(by_length[round(i * (steps - 1) / max(n_batches - 1, 1))]) for i in range(n_batches)]
     out = []
     for k in range(n_batches):
-        rows = slice(2 * batch * k, 2 * batch * (k + 1))  # rows [0, B) safe, [B, 2B) unsafe, as torch.cat([safe, unsafe])
-        trimmed = _trim(ids[rows], mask[rows])
+        rows = torch.cat([torch.arange(batch * k, batch * (k + 1)), batch * steps + torch.arange(batch * k, batch * (k + 1))])
+        grouped = grouped_steps[picked[k]]
+        trimmed = _trim(ids[rows], mask[rows])  # rows [0, B) safe, [B, 2B) unsafe, as torch.cat([safe, unsafe])
         padded = _pad_to(*trimmed, 77, tok.pad_token_id)
-        out.append({"trimmed": trimmed, "pad77": padded, "lengths": mask[rows].sum(1)})
-    return out
+        out.append({"trimmed": trimmed, "pad77": padded, "grouped": _trim(ids[grouped], mask[grouped]), "lengths": mask[rows].sum(1)})
+    return out, float(2 * batch * step_len.float().mean())
 
 
 def make_recipe_step(model, optimizer, loss_fn, batches: list, kind: str, batch: int, dim: int, device, autocast_dtype,
@@ -296,7 +312,8 @@ def make_recipe_step(model, optimizer, loss_fn, batches: list, kind: str, batch:
 
 def anchor_throughput(size: str, tok, batch: int, args, device, attention: str) -> float:
     """Captions per second of the one-off anchor encoding as the trainer runs it (``finetune.anchors.encode_text``: the
-    frozen fp32 model, padded to 77, ``batch`` captions per forward)."""
+    frozen fp32 model, ``batch`` generated captions per forward, trimmed to the longest: over a whole data set the sorted
+    batches are shorter, so this is an upper bound of the time)."""
     from finetune.anchors import encode_text
 
     clip = build_clip(size)
@@ -309,19 +326,24 @@ def anchor_throughput(size: str, tok, batch: int, args, device, attention: str) 
     return batch / t.median
 
 
-def target_search_s(pairs: int, dim: int, rows: int = 1024) -> float:
-    """Seconds of the nearest-safe search over ``pairs`` unsafe x ``pairs`` safe anchors where the trainer runs it (the CPU:
-    compute_targets searches where the anchors are), from ``rows`` unsafe rows timed once (the cost is linear in rows)."""
+def target_search_s(pairs: int, dim: int, device, rows: int = 1024) -> float:
+    """Seconds of the nearest-safe search over ``pairs`` unsafe x ``pairs`` safe anchors on ``device`` (the trainer searches
+    on its training device), from ``rows`` unsafe rows timed once after a warm-up (the cost is linear in rows)."""
     import time
 
     from finetune.targets import nearest_safe
 
     gen = torch.Generator().manual_seed(2)
-    pool = torch.nn.functional.normalize(torch.randn(pairs, dim, generator=gen), dim=-1)
+    pool = torch.nn.functional.normalize(torch.randn(pairs, dim, generator=gen), dim=-1).to(device)
     rows = min(rows, pairs)
     unsafe = torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=-1)
+    nearest_safe(unsafe[:8], pool, chunk_size=8)  # warm-up (kernels, allocator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     nearest_safe(unsafe, pool, chunk_size=rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) * pairs / rows
 
 
@@ -346,19 +368,22 @@ def padding_part(args, device, B: int) -> dict:
     tok = clip_tokenizer()
     dim = clip.config.projection_dim
     n_batches = args.warmup + args.repeats
-    batches = _token_batches(tok, n_batches, B, args, seed=3)
+    window = cfg.length_group_steps
+    batches, grouped_window_tokens = _token_batches(tok, n_batches, B, args, seed=3, window=window)
     fns = {name: make_recipe_step(model, optimizer, loss_fn, batches, name, B, dim, device, auto, cfg.max_grad_norm)
-           for name in ("trimmed", "pad77")}
+           for name in ("trimmed", "pad77", "grouped")}
     RB = args.recipe_batch_size or cfg.train_batch_size
     if RB != B:  # the projection needs the step time at the recipe's batch size
-        recipe_batches = _token_batches(tok, n_batches, RB, args, seed=4)
-        fns["trimmed_recipe_batch"] = make_recipe_step(model, optimizer, loss_fn, recipe_batches, "trimmed", RB, dim, device, auto,
-                                                       cfg.max_grad_norm)
+        recipe_batches, _ = _token_batches(tok, n_batches, RB, args, seed=4, window=window)
+        for kind in ("trimmed", "grouped"):
+            fns[f"{kind}_recipe_batch"] = make_recipe_step(model, optimizer, loss_fn, recipe_batches, kind, RB, dim, device, auto,
+                                                           cfg.max_grad_norm)  # fmt: skip
     timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
     del model, optimizer, fns
 
     lengths = torch.cat([b["lengths"] for b in batches]).float()
     tokens = {k: statistics.mean(2 * B * b[k][0].shape[1] for b in batches) for k in ("trimmed", "pad77")}
+    tokens["grouped"] = grouped_window_tokens  # over all the window's steps (the timed ones are spread over it)
     real = statistics.mean(int(b["lengths"].sum()) for b in batches)
     sps = {k: 1.0 / t.median for k, t in timings.items()}
     print(f"\npart padding: {args.size} text tower, paper recipe ({PAPER_CONFIG}: {cfg.finetune}"
@@ -368,41 +393,52 @@ def padding_part(args, device, B: int) -> dict:
           f"real (non-pad) tokens/step {real:.0f}")
     print_table(timings, baseline="pad77")
     print(f"{'variant':<24}{'tokens/step':>12}{'steps/s':>10}")
-    for k in ("trimmed", "pad77"):
+    for k in ("trimmed", "pad77", "grouped"):
         print(f"{k:<24}{tokens[k]:12.0f}{sps[k]:10.3f}")
     speedup = sps["trimmed"] / sps["pad77"]
+    grouped = sps["grouped"] / sps["pad77"]
     print(f"trimmed / pad77: {speedup:.2f}x steps/s (goal >= 2.5x at batch 256, vit-l14), {tokens['pad77'] / tokens['trimmed']:.2f}x fewer tokens")
+    print(f"grouped / pad77: {grouped:.2f}x steps/s (--group_by_length, windows of {window} steps), "
+          f"{tokens['pad77'] / tokens['grouped']:.2f}x fewer tokens")
     result = {
         "caption_tokens_mean": float(lengths.mean()), "caption_tokens_median": float(lengths.median()),
         "caption_tokens_max": int(lengths.max()), "real_tokens_per_step": real,
         "trimmed_tokens_per_step": tokens["trimmed"], "pad77_tokens_per_step": tokens["pad77"],
         "trimmed_steps_per_s": sps["trimmed"], "pad77_steps_per_s": sps["pad77"], "trim_speedup_over_pad77": speedup,
+        "grouped_tokens_per_step": tokens["grouped"], "grouped_steps_per_s": sps["grouped"],
+        "grouped_trim_speedup_over_pad77": grouped, "length_group_steps": window,
     }
 
     # ---- projection: steps x measured trimmed step time (at the recipe's batch) + anchors + nearest-safe search
     plan = recipe_steps(cfg, args.recipe_pairs)
     step_s = statistics.mean(timings["trimmed_recipe_batch" if RB != B else "trimmed"].times_s)
+    grouped_step_s = statistics.mean(timings["grouped_recipe_batch" if RB != B else "grouped"].times_s)
     abatch = args.anchor_batch_size or cfg.anchor_batch_size
     anchor_caps_per_s = anchor_throughput(args.size, tok, abatch, args, device, cfg.attention)
     anchor_captions = 2 * plan["train_pairs"]  # safe + unsafe captions of the training split (distinct captions assumed)
-    targets_s = target_search_s(plan["train_pairs"], dim)
+    targets_s = target_search_s(plan["train_pairs"], dim, device)
     train_s, anchors_s = plan["steps"] * step_s, anchor_captions / anchor_caps_per_s
     total_min = (train_s + anchors_s + targets_s) / 60
+    grouped_train_s = plan["steps"] * grouped_step_s
+    grouped_min = (grouped_train_s + anchors_s + targets_s) / 60
     print(f"\nprojection: paper recipe on {plan['pairs']} pairs ({plan['train_pairs']} trained, val_fraction {cfg.val_fraction}), "
           f"{cfg.num_train_epochs} epochs, batch {cfg.train_batch_size}, curriculum {cfg.curriculum} {plan['stage_sizes']}")
     print(f"  steps {plan['steps']} (epoch plan {plan['steps_per_epoch']}; {plan['pairs']} x {cfg.num_train_epochs} / "
           f"{cfg.train_batch_size} would be {plan['steps_naive']})")
     print(f"  train    {plan['steps']} steps x {step_s:.4f} s (mean trimmed step at batch {RB})  = {train_s / 60:8.2f} min")
-    print(f"  anchors  {anchor_captions} captions / {anchor_caps_per_s:.0f} captions/s (fp32, 77 tokens, batch {abatch}) = "
+    print(f"  anchors  {anchor_captions} captions / {anchor_caps_per_s:.0f} captions/s (fp32, one batch of {abatch} trimmed to its longest) = "
           f"{anchors_s / 60:8.2f} min")
-    print(f"  targets  nearest-safe search {plan['train_pairs']} x {plan['train_pairs']} on the CPU            = {targets_s / 60:8.2f} min")
+    print(f"  targets  nearest-safe search {plan['train_pairs']} x {plan['train_pairs']} on {device}            = {targets_s / 60:8.2f} min")
     print(f"  total    {total_min:.2f} min (goal <= 3 on one H100/H200; excludes model loading, checkpoint writes, end metrics)")
+    print(f"  with --group_by_length: train {plan['steps']} x {grouped_step_s:.4f} s = {grouped_train_s / 60:.2f} min, "
+          f"total {grouped_min:.2f} min")
     result.update({
         "recipe_batch_size": cfg.train_batch_size, "projection_step_batch": RB, "recipe_steps": plan["steps"],
         "recipe_steps_naive": plan["steps_naive"], "recipe_train_pairs": plan["train_pairs"],
         "recipe_step_s": step_s, "anchor_captions_per_s": anchor_caps_per_s, "anchor_batch_size": abatch,
         "projected_train_min": train_s / 60, "projected_anchors_min": anchors_s / 60, "projected_targets_min": targets_s / 60,
-        "projected_paper_recipe_min": total_min,
+        "projected_paper_recipe_min": total_min, "recipe_grouped_step_s": grouped_step_s,
+        "projected_grouped_train_min": grouped_train_s / 60, "projected_paper_recipe_grouped_min": grouped_min,
         "recipe": {"config": PAPER_CONFIG, "finetune": cfg.finetune, "lora_rank": cfg.lora_rank, "mixed_precision": cfg.mixed_precision,
                    "attention": cfg.attention, "curriculum": cfg.curriculum, "epochs": cfg.num_train_epochs,
                    "steps_per_epoch": plan["steps_per_epoch"], "caption_tokens_sigma": args.caption_tokens_sigma},

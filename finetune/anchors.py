@@ -193,11 +193,23 @@ class _Frozen:
 
 
 def _encode_text(model, tokenizer, captions, batch_size, device, dtype, token_states):
+    """Encode in batches of captions of similar length, each trimmed to its longest caption, then restore the order.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so the padding after a caption does not change
+    its outputs: trimming gives the padded result (within float rounding) on a fraction of the tokens. With
+    ``token_states`` the batches are not trimmed: the states of every padded position are kept, as :func:`tokenize` pads.
+    """
+    if not captions:
+        return torch.empty(0), (torch.empty(0) if token_states else None), (torch.empty(0, dtype=torch.bool) if token_states else None)
+    enc = tokenize(tokenizer, captions)
+    all_ids, all_mask = enc["input_ids"], enc["attention_mask"]
+    order = torch.argsort(all_mask.sum(1), stable=True)  # shortest first
     embeds, hidden, masks = [], [], []
     with _Frozen(model, device, dtype) as m, torch.no_grad():
         for start in range(0, len(captions), batch_size):
-            enc = tokenize(tokenizer, captions[start:start + batch_size])
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            rows = order[start:start + batch_size]
+            length = all_ids.shape[1] if token_states else int(all_mask[rows].sum(1).max())  # token states: every position
+            ids, mask = all_ids[rows, :length].to(device), all_mask[rows, :length].to(device)
             if token_states:
                 out = m.text_model(input_ids=ids, attention_mask=mask)
                 pooled = out.pooler_output
@@ -209,10 +221,11 @@ def _encode_text(model, tokenizer, captions, batch_size, device, dtype, token_st
             else:  # a text tower alone (CLIPTextModelWithProjection): the same pooled, projected output
                 feats = m.text_projection(m.text_model(input_ids=ids, attention_mask=mask).pooler_output)
             embeds.append(F.normalize(feats.float(), dim=-1).cpu())
-    emb = torch.cat(embeds) if embeds else torch.empty(0)
+    inverse = torch.argsort(order)
+    emb = torch.cat(embeds)[inverse]
     if not token_states:
         return emb, None, None
-    return emb, torch.cat(hidden), torch.cat(masks)
+    return emb, torch.cat(hidden)[inverse], torch.cat(masks)[inverse]
 
 
 def encode_text(model, tokenizer, captions: Sequence[str], batch_size: int = 256, device: str | torch.device = "cpu",
@@ -222,7 +235,8 @@ def encode_text(model, tokenizer, captions: Sequence[str], batch_size: int = 256
     Args:
         model (`transformers.CLIPModel`): the (frozen) model; a temporary copy is used if it is not
             on ``device`` in ``dtype``.
-        tokenizer: its CLIP tokenizer (captions are padded to ``model_max_length`` and truncated).
+        tokenizer: its CLIP tokenizer (captions are truncated to ``model_max_length``; batches of similar length
+            are trimmed to their longest caption, which leaves the outputs unchanged).
         captions (`list[str]`): the texts.
         batch_size (`int`, defaults to 256), device, dtype: how to run the encoder.
 

@@ -123,6 +123,13 @@ class TrainConfig:
         bounds=(0.0, 1.0), group="data",
     )
     max_length: int = option(77, "Token length cap (CLIP's context is 77).", bounds=(1, 77), group="data")
+    group_by_length: bool = option(
+        False, "Build each step from captions of similar token length (sorted within windows of `--length_group_steps` "
+        "steps, the steps then shuffled), so that trimming every batch to its longest caption drops more padding "
+        "(docs/METHOD.md §6.5). Off by default: the batches then mix lengths as in the paper.", group="data",
+    )
+    length_group_steps: int = option(50, "With `--group_by_length`: steps per sorting window (larger: more uniform "
+                                         "lengths, less random batches).", bounds=(2, None), group="data")  # fmt: skip
     # ----- method
     loss: str = option(
         "safer_clip", "safer_clip: nearest-safe targets + relative loss; safe_clip: the Safe-CLIP baseline (fixed pair, InfoNCE).",

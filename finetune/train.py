@@ -96,7 +96,7 @@ from .modeling import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "SDXL_TOWERS", "TRAIN_LOG", "TrainResult", "check_inputs", "epoch_order", "epoch_plan", "main",
+__all__ = ["NonFiniteLossError", "SDXL_TOWERS", "TRAIN_LOG", "TrainResult", "check_inputs", "epoch_order", "epoch_plan", "group_by_length", "main",
            "sdxl_tower_configs", "train"]
 
 #: Per-step loss log of the main process (JSON Lines, one ``{"step": ...}`` object per logged step).
@@ -179,6 +179,40 @@ def epoch_order(seed: int, epoch: int, pool: torch.Tensor, n_safe: int, steps: i
     pairs = _wrap(safe, blocks * (batch - extra_rows)).view(blocks, batch - extra_rows)
     extra = _wrap(torch.randperm(n_extra, generator=g), blocks * extra_rows).view(blocks, extra_rows) + n_safe
     return unsafe, torch.cat([pairs, extra], dim=1).reshape(-1)
+
+
+def _deal(rows: torch.Tensor, lengths: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The rows of a window (``(steps, ...)``) sorted by length and dealt out step by step, the steps in ``perm``'s order."""
+    flat = rows.reshape(-1)
+    return flat[torch.argsort(lengths[flat], stable=True)].view(rows.shape[0], -1)[perm]
+
+
+def group_by_length(order_u: torch.Tensor, order_s: torch.Tensor, len_u: torch.Tensor, len_s: torch.Tensor, global_batch: int,
+                    window: int, seed: int, epoch: int, batch: int | None = None, extra_rows: int = 0):
+    """Re-deal an epoch's order so that every step holds captions of similar token length (``--group_by_length``).
+
+    Within each window of ``window`` consecutive steps, the unsafe rows are sorted by token length and dealt out
+    step by step, and so are the safe preservation rows (the extra-caption columns of every process batch,
+    ``extra_rows`` of each ``batch``, separately, so each step keeps its share of extra captions); then the
+    window's steps are shuffled, the same way for both sides. Every window keeps exactly its rows, so the
+    epoch's multiset of rows, and the curriculum, are unchanged; only which rows share a step changes. The
+    SaFeR-CLIP caption-only terms are per row, so the loss of each row is unchanged; in-batch InfoNCE
+    terms (Safe-CLIP) see length-correlated negatives. Only (seed, epoch) and the lengths decide the result.
+    """
+    steps = order_u.numel() // global_batch
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
+    u = order_u.view(steps, global_batch).clone()
+    s = order_s.view(steps, global_batch // (batch or global_batch), batch or global_batch).clone()
+    pair_cols = s.shape[-1] - extra_rows
+    for start in range(0, steps, window):
+        w = slice(start, min(start + window, steps))
+        n = w.stop - w.start
+        perm = torch.randperm(n, generator=g)
+        u[w] = _deal(u[w], len_u, perm)
+        s[w, :, :pair_cols] = _deal(s[w, :, :pair_cols], len_s, perm).view(n, s.shape[1], pair_cols)
+        if extra_rows:
+            s[w, :, pair_cols:] = _deal(s[w, :, pair_cols:], len_s, perm).view(n, s.shape[1], extra_rows)
+    return u.reshape(-1), s.reshape(-1)
 
 
 def _tokenize(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,7 +520,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
             cache_dir=cache_dir, image_processor=image_processor if use_images else None, extra_captions=extras or None,
         )
         if config.loss == "safer_clip":
-            targets = targets_mod.compute_targets(anchor_set, train_set, cache_dir=cache_dir, extra_captions=extras or None)
+            targets = targets_mod.compute_targets(anchor_set, train_set, cache_dir=cache_dir, extra_captions=extras or None,
+                                                  device=accelerator.device)  # exact wherever it runs; the GPU is faster
             target_index, difficulty = targets.index.cpu(), targets.similarity.cpu()
         else:  # Safe-CLIP: the fixed pair is the target
             target_index = torch.arange(n)
@@ -613,6 +648,10 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                                epoch, len(pool), global_batch)
             order_u, order_s = epoch_order(config.seed, epoch, pool, n, plan[epoch - 1], global_batch, n_extra=len(extras),
                                             extra_rows=config.extra_rows_per_batch, batch=B)  # fmt: skip
+            if config.group_by_length:
+                order_u, order_s = group_by_length(order_u, order_s, unsafe_mask.sum(1), safe_mask.sum(1), global_batch,
+                                                   config.length_group_steps, config.seed, epoch, batch=B,
+                                                   extra_rows=config.extra_rows_per_batch)  # fmt: skip
             for step_in_epoch in range(start, plan[epoch - 1]):
                 sl = slice(step_in_epoch * global_batch + rank * B, step_in_epoch * global_batch + (rank + 1) * B)
                 u_idx, s_idx = order_u[sl], order_s[sl]

@@ -216,3 +216,21 @@ def test_bad_inputs(model, clip_tokenizer, tmp_path):
         A.compute_anchors(model, clip_tokenizer, [("a", "b")], cache_dir=tmp_path)
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
         A.encode_text(model, clip_tokenizer, ["a"], batch_size=0)
+
+
+def test_encode_text_trims_sorted_batches_without_changing_the_result(model, clip_tokenizer):
+    """Batches of similar length trimmed to their longest caption give the padded-to-77 embeddings, in the input order."""
+    from finetune.anchors import _encode_text, encode_text, tokenize
+
+    captions = ["a cat", "a very long caption about a dog running in a park on a sunny afternoon with two friends", "x",
+                "two birds on a wire at dawn", "a red car"] * 3  # fmt: skip
+    enc = tokenize(clip_tokenizer, captions)
+    with torch.no_grad():
+        out = model.text_model(**enc)
+        ref = torch.nn.functional.normalize(model.text_projection(out.pooler_output), dim=-1)
+    got = encode_text(model, clip_tokenizer, captions, batch_size=4)
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-6
+    emb, hidden, mask = _encode_text(model, clip_tokenizer, captions, 4, "cpu", torch.float32, True)
+    real = enc["attention_mask"].bool()
+    assert torch.equal(mask, real) and hidden.shape == out.last_hidden_state.shape
+    torch.testing.assert_close(hidden, out.last_hidden_state)  # token states keep every padded position

@@ -68,6 +68,10 @@ def test_bench_train_padding_part_runs_tiny_and_trims(capsys):
                 "projected_train_min", "projected_anchors_min", "projected_targets_min", "anchor_captions_per_s"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["trimmed_tokens_per_step"] < result["pad77_tokens_per_step"] == 2 * 4 * 77
+    # --group_by_length steps (one window of 50 steps of the same caption distribution) carry fewer tokens still
+    assert result["grouped_tokens_per_step"] < result["trimmed_tokens_per_step"] and result["length_group_steps"] == 50
+    assert result["projected_paper_recipe_grouped_min"] == pytest.approx(
+        result["projected_grouped_train_min"] + result["projected_anchors_min"] + result["projected_targets_min"])
     assert result["caption_tokens_max"] <= 77 and 15 < result["caption_tokens_mean"] < 25
     # 1000 pairs, 50 held out, tertiles 317/316/317 joining at epochs 1, 2, 3; batch 48: 7 + 14 + 7 x 20 steps
     assert result["recipe_steps"] == 161 and result["recipe_steps_naive"] == 188 and result["recipe"]["finetune"] == "lora"
@@ -101,3 +105,4 @@ def test_gpu_suite_grades_the_padding_and_projection_goals():
     suite = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh").read_text()
     assert 'TRAIN_ARGS=(--size vit-l14 --device cuda --batch_size 256' in suite
     assert '"trim_speedup_over_pad77": (">=", 2.5)' in suite and '"projected_paper_recipe_min": ("<=", 3.0)' in suite
+    assert '"grouped_trim_speedup_over_pad77": (">=", 2.5)' in suite and '"projected_paper_recipe_grouped_min": ("<=", 3.0)' in suite
