@@ -38,7 +38,7 @@ from safer_diffusion.options import DEFAULT_CLIP_MODEL, config_from_dict, config
 
 from .curriculum import CURRICULUM_MODES, check_schedule
 from .data import DATA_FORMATS, parse_column_map
-from .losses import LOSS_CHOICES, SAFE_CLIP_VARIANTS, WEIGHTS_MODES, available_terms, build_loss, check_weights
+from .losses import LOSS_CHOICES, PAIR_FORMS, SAFE_CLIP_VARIANTS, WEIGHTS_MODES, available_terms, build_loss, check_weights
 from .modeling import ATTENTION_CHOICES
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,14 @@ class TrainConfig:
     token_weight: float = option(
         0.0, "Weight of the token-level preservation term on safe captions (what the UNet sees); 0 = off.",
         bounds=(0.0, None), group="method",
+    )
+    pair_margin: float = option(
+        0.0, "Drift budget δ of the paired safe-twin preservation pres_pair (on with `--loss_weights pres_pair=W`, "
+        "docs/METHOD.md §4.7): a twin whose drift is within δ costs nothing.", bounds=(0.0, 1.99), group="method",
+    )
+    pair_form: str = option(
+        "cosine", "The twins' drift in pres_pair: cosine (1 - cos, as pres_txt) or distance (||T(t) - T0(t)|| of the "
+        "normalised embeddings, whose pull does not vanish at small drift).", choices=PAIR_FORMS, group="method",
     )
     curriculum: str = option(
         AUTO, "Easy-to-hard curriculum over pair difficulty cos(T0(t*), T0(t_hat)): tertiles, none, or auto = tertiles for "
@@ -315,7 +323,8 @@ class TrainConfig:
                                  "(caption-only); use `--safe_clip_variant text` (or auto), the text-only analogue.")
         inputs = loss_inputs(self.train_towers, safe_images, unsafe_images)
         loss_fn = build_loss(self.loss, self.loss_weights, self.relative_scale, self.token_weight, weights_mode=self.loss_weights_mode,
-                             renormalize_active=self.renormalize_active, variant=variant if variant != AUTO else "image")  # fmt: skip
+                             renormalize_active=self.renormalize_active, variant=variant if variant != AUTO else "image",
+                             pair_margin=self.pair_margin, pair_form=self.pair_form)  # fmt: skip
         weights = loss_fn.weights_for(inputs)
         runnable = available_terms(self.loss, inputs, variant if self.loss == "safe_clip" else None)
         if not any(weights[name] > 0 for name in runnable) and self.token_weight == 0:
@@ -357,11 +366,12 @@ def loss_inputs(train_towers: str, safe_images: bool, unsafe_images: bool) -> fr
 
     Frozen text embeddings always (``t0``, ``t0_star``, ``t0_hat``); the trained tower's outputs (``t``, ``t_star``;
     ``v``, and ``v_star`` with unsafe images); frozen image embeddings with images (``v0``, ``v0_hat``; ``v0_star``
-    with unsafe images).
+    with unsafe images). With the text tower trained, also the unsafe rows' own safe twins (``t_pair``, ``t0_pair``),
+    which the trainer computes when ``pres_pair`` has a positive weight.
     """
     inputs = {"t0", "t0_star", "t0_hat"}
     if train_towers in ("text", "both"):
-        inputs |= {"t", "t_star"}
+        inputs |= {"t", "t_star", "t_pair", "t0_pair"}
     if train_towers in ("vision", "both") and safe_images:
         inputs |= {"v"} | ({"v_star"} if unsafe_images else set())
     if safe_images:
