@@ -23,7 +23,8 @@ frozen held-out safe + unsafe captions is a safe one; 0 at the start), held-out 
 the unrelated captions' 10-NN overlap, and the weight drift ||ΔW|| of the merged LoRA update. At each matched
 redirection level (``--levels``) every metric is interpolated linearly where the run first reaches that rate;
 the table gives the mean and spread over ``--seeds`` and each method's ratio to Safe-CLIP's. This is a
-benchmark, not a test; the last line is one JSON object.
+benchmark, not a test; the last line is one JSON object. ``--no_base_dropout`` trains without the encoder's own
+dropout (CLIP's text tower has none; with it, every preservation term chases dropout noise: docs/METHOD.md §7.1).
 
 Methods (``--methods``):
 
@@ -33,6 +34,9 @@ Methods (``--methods``):
   preservation rows (``--extra_safe_captions corpus --preserve_extra``, fraction 0.5) and token-level
   preservation (``--token_weight``, default 1). The shipped ``finetune/configs/safer_clip_improved_vit_l14.yaml``
   is ``--token_weight 5 --improved_loss_weights pres_txt=1.5`` (docs/METHOD.md §7.1).
+* ``safer_twins``: ``safer_improved`` plus the paired safe-twin preservation ``pres_pair`` (docs/METHOD.md §4.7): the
+  unsafe rows' own safe captions are preserved in the same step (``--pair_weight``, ``--pair_form``, ``--pair_margin``;
+  ``--pair_tokens`` extends the token term to them). ``safer_twins_only``: the paper recipe plus ``pres_pair`` alone.
 * ``safer_token``, ``safer_corpus``: the two ingredients of ``safer_improved`` alone (ablations).
 * ``safe_clip_text``: the text-only Safe-CLIP baseline (docs/METHOD.md §4.6.2), fixed pair, no curriculum.
 * ``safe_clip_cosine``: the two-cosine form earlier versions trained on caption-only data (reference only).
@@ -100,6 +104,11 @@ class MethodBenchConfig:
     train_batch_size: int = option(16, "Pairs (and preservation captions) per step.", bounds=(2, None))
     learning_rate: float = option(1e-3, "Adam learning rate of the LoRA weights (the same for every method).", bounds=(0.0, None))
     lora_rank: int = option(16, "LoRA rank (alpha = rank).", bounds=(1, None))
+    base_dropout: bool = option(True, "Keep the encoder's own dropout (all-MiniLM-L6-v2: 0.1 on hidden states and attention) "
+                                "while training. `--no_base_dropout` trains without it, as CLIP's text tower (dropout 0) trains: "
+                                "with it, T(t) of an untouched caption differs from its frozen anchor T0(t) at every step.")
+    warmup_steps: int = option(0, "Linear learning-rate warm-up steps (every method; the trainer's `--lr_warmup_steps`).",
+                               bounds=(0, None))
     token_weight: float = option(1.0, "safer_improved's token-level preservation weight.", bounds=(0.0, None))
     improved_loss_weights: dict[str, float] | None = option(
         None, "TERM=WEIGHT items merged into the SaFeR-CLIP weights of safer_improved and its ablations (e.g. pres_txt=1).",
@@ -228,13 +237,14 @@ def make_data(seed: int, n_train: int, n_heldout: int, n_unrelated: int, n_corpu
 class Encoder:
     """A sentence encoder with LoRA adapters: mean-pooled, L2-normalised embeddings; ``frozen()`` disables the adapters."""
 
-    def __init__(self, folder: Path, rank: int, seed: int):
+    def __init__(self, folder: Path, rank: int, seed: int, dropout: bool = True):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModel, AutoTokenizer
 
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        base = AutoModel.from_pretrained(folder, attn_implementation="eager")
+        no_dropout = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        base = AutoModel.from_pretrained(folder, attn_implementation="eager", **no_dropout)
         self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"], bias="none")
         self.model = get_peft_model(base, lora)
@@ -278,7 +288,7 @@ class Encoder:
 def run_method(method: str, seed: int, data: dict, args: MethodBenchConfig) -> list[dict]:
     """Train one method with one seed; return its evaluation trajectory."""
     loss_name, curriculum_mode, loss_kwargs, uses_corpus, uses_tokens, uses_pairs = METHODS[method]
-    enc = Encoder(Path(args.encoder_dir), args.lora_rank, seed)
+    enc = Encoder(Path(args.encoder_dir), args.lora_rank, seed, dropout=args.base_dropout)
     safe = [s for s, _ in data["train"]]
     unsafe = [u for _, u in data["train"]]
     extras = list(data["corpus"]) if uses_corpus else []
@@ -300,6 +310,8 @@ def run_method(method: str, seed: int, data: dict, args: MethodBenchConfig) -> l
     loss_fn = build_loss(loss_name, token_weight=token_weight, **loss_kwargs)
     params = [p for p in enc.model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    warmup = args.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
     B = args.train_batch_size
     extra_rows = int(args.extra_preserve_fraction * B + 0.5) if uses_corpus else 0
     plan = epoch_plan(curriculum, args.steps, B)  # every epoch has >= 1 step; --steps cuts the run
@@ -351,6 +363,7 @@ def run_method(method: str, seed: int, data: dict, args: MethodBenchConfig) -> l
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            scheduler.step()
             step += 1
             if step % args.eval_every == 0 or step == args.steps:
                 trajectory.append(evaluate(step))
@@ -375,7 +388,8 @@ def _settings(args: MethodBenchConfig) -> dict:
             "levels": args.levels, "steps": args.steps, "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate,
             "token_weight": args.token_weight, "extra_preserve_fraction": args.extra_preserve_fraction, "n_train": args.n_train,
             "improved_loss_weights": args.improved_loss_weights, "pair_weight": args.pair_weight, "pair_margin": args.pair_margin,
-            "pair_form": args.pair_form, "pair_tokens": args.pair_tokens, "lora_rank": args.lora_rank}
+            "pair_form": args.pair_form, "pair_tokens": args.pair_tokens, "lora_rank": args.lora_rank,
+            "warmup_steps": args.warmup_steps, "base_dropout": args.base_dropout}
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
