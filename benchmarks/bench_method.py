@@ -32,11 +32,12 @@ Methods (``--methods``):
   nearest-safe targets, rel_tt + uni_txt (0.25 each) + pres_txt (0.5), tertile curriculum.
 * ``safer_improved``: the paper recipe plus the generic safe corpus in the nearest-safe pool and the
   preservation rows (``--extra_safe_captions corpus --preserve_extra``, fraction 0.5) and token-level
-  preservation (``--token_weight``, default 1). The shipped ``finetune/configs/safer_clip_improved_vit_l14.yaml``
-  is ``--token_weight 5 --improved_loss_weights pres_txt=1.5`` (docs/METHOD.md §7.1).
+  preservation (``--token_weight``, default 1).
 * ``safer_twins``: ``safer_improved`` plus the paired safe-twin preservation ``pres_pair`` (docs/METHOD.md §4.7): the
   unsafe rows' own safe captions are preserved in the same step (``--pair_weight``, ``--pair_form``, ``--pair_margin``;
-  ``--pair_tokens`` extends the token term to them). ``safer_twins_only``: the paper recipe plus ``pres_pair`` alone.
+  ``--pair_tokens`` extends the token term to them). The shipped ``finetune/configs/safer_clip_improved_vit_l14.yaml``
+  is ``safer_twins --token_weight 5 --improved_loss_weights pres_txt=1.5 --pair_weight 1`` (docs/METHOD.md §7.1).
+  ``safer_twins_only``: the paper recipe plus ``pres_pair`` (and ``--improved_loss_weights``), no corpus, no token term.
 * ``safer_token``, ``safer_corpus``: the two ingredients of ``safer_improved`` alone (ablations).
 * ``safe_clip_text``: the text-only Safe-CLIP baseline (docs/METHOD.md §4.6.2), fixed pair, no curriculum.
 * ``safe_clip_cosine``: the two-cosine form earlier versions trained on caption-only data (reference only).
