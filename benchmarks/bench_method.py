@@ -23,7 +23,8 @@ frozen held-out safe + unsafe captions is a safe one; 0 at the start), held-out 
 the unrelated captions' 10-NN overlap, and the weight drift ||ΔW|| of the merged LoRA update. At each matched
 redirection level (``--levels``) every metric is interpolated linearly where the run first reaches that rate;
 the table gives the mean and spread over ``--seeds`` and each method's ratio to Safe-CLIP's. This is a
-benchmark, not a test; the last line is one JSON object.
+benchmark, not a test; the last line is one JSON object. ``--no_base_dropout`` trains without the encoder's own
+dropout (CLIP's text tower has none; with it, every preservation term chases dropout noise: docs/METHOD.md §7.1).
 
 Methods (``--methods``):
 
@@ -31,8 +32,12 @@ Methods (``--methods``):
   nearest-safe targets, rel_tt + uni_txt (0.25 each) + pres_txt (0.5), tertile curriculum.
 * ``safer_improved``: the paper recipe plus the generic safe corpus in the nearest-safe pool and the
   preservation rows (``--extra_safe_captions corpus --preserve_extra``, fraction 0.5) and token-level
-  preservation (``--token_weight``, default 1). The shipped ``finetune/configs/safer_clip_improved_vit_l14.yaml``
-  is ``--token_weight 5 --improved_loss_weights pres_txt=1.5`` (docs/METHOD.md §7.1).
+  preservation (``--token_weight``, default 1).
+* ``safer_twins``: ``safer_improved`` plus the paired safe-twin preservation ``pres_pair`` (docs/METHOD.md §4.7): the
+  unsafe rows' own safe captions are preserved in the same step (``--pair_weight``, ``--pair_form``, ``--pair_margin``;
+  ``--pair_tokens`` extends the token term to them). The shipped ``finetune/configs/safer_clip_improved_vit_l14.yaml``
+  is ``safer_twins --token_weight 5 --improved_loss_weights pres_txt=1.5 --pair_weight 1`` (docs/METHOD.md §7.1).
+  ``safer_twins_only``: the paper recipe plus ``pres_pair`` (and ``--improved_loss_weights``), no corpus, no token term.
 * ``safer_token``, ``safer_corpus``: the two ingredients of ``safer_improved`` alone (ablations).
 * ``safe_clip_text``: the text-only Safe-CLIP baseline (docs/METHOD.md §4.6.2), fixed pair, no curriculum.
 * ``safe_clip_cosine``: the two-cosine form earlier versions trained on caption-only data (reference only).
@@ -68,16 +73,21 @@ from safer_diffusion.options import BadInputError, option  # noqa: E402
 
 PROG = "python -m benchmarks.bench_method"
 BASELINE = "safe_clip_text"
-#: method -> (loss, curriculum, loss options, uses the generic corpus, uses token-level preservation)
+#: method -> (loss, curriculum, loss options, uses the generic corpus, uses token-level preservation, preserves the
+#: unsafe rows' own safe twins in the same step: pres_pair)
 METHODS = {
-    "safer_paper": ("safer_clip", "tertiles", {}, False, False),
-    "safer_improved": ("safer_clip", "tertiles", {}, True, True),
-    "safer_token": ("safer_clip", "tertiles", {}, False, True),
-    "safer_corpus": ("safer_clip", "tertiles", {}, True, False),
-    "safe_clip_text": ("safe_clip", "none", {"variant": "text"}, False, False),
+    "safer_paper": ("safer_clip", "tertiles", {}, False, False, False),
+    "safer_improved": ("safer_clip", "tertiles", {}, True, True, False),
+    "safer_twins": ("safer_clip", "tertiles", {}, True, True, True),
+    "safer_twins_only": ("safer_clip", "tertiles", {}, False, False, True),
+    "safer_token": ("safer_clip", "tertiles", {}, False, True, False),
+    "safer_corpus": ("safer_clip", "tertiles", {}, True, False, False),
+    "safe_clip_text": ("safe_clip", "none", {"variant": "text"}, False, False, False),
     "safe_clip_cosine": ("safe_clip", "none", {"variant": "text", "weights": {"pres_txt": 0.1, "redir_txt": 0.1},
-                                               "weights_mode": "replace"}, False, False),
+                                               "weights_mode": "replace"}, False, False, False),
 }
+#: the methods that take --improved_loss_weights
+_IMPROVED = ("safer_improved", "safer_twins", "safer_twins_only", "safer_token", "safer_corpus")
 METRICS = ("heldout_safe_1mcos", "unrelated_1mcos", "unrelated_knn@10", "weight_drift")
 
 
@@ -95,10 +105,21 @@ class MethodBenchConfig:
     train_batch_size: int = option(16, "Pairs (and preservation captions) per step.", bounds=(2, None))
     learning_rate: float = option(1e-3, "Adam learning rate of the LoRA weights (the same for every method).", bounds=(0.0, None))
     lora_rank: int = option(16, "LoRA rank (alpha = rank).", bounds=(1, None))
+    base_dropout: bool = option(True, "Keep the encoder's own dropout (all-MiniLM-L6-v2: 0.1 on hidden states and attention) "
+                                "while training. `--no_base_dropout` trains without it, as CLIP's text tower (dropout 0) trains: "
+                                "with it, T(t) of an untouched caption differs from its frozen anchor T0(t) at every step.")
+    warmup_steps: int = option(0, "Linear learning-rate warm-up steps (every method; the trainer's `--lr_warmup_steps`).",
+                               bounds=(0, None))
     token_weight: float = option(1.0, "safer_improved's token-level preservation weight.", bounds=(0.0, None))
     improved_loss_weights: dict[str, float] | None = option(
         None, "TERM=WEIGHT items merged into the SaFeR-CLIP weights of safer_improved and its ablations (e.g. pres_txt=1).",
         metavar="TERM=WEIGHT")
+    pair_weight: float = option(1.0, "safer_twins' weight of the paired safe-twin preservation pres_pair (docs/METHOD.md §4.7).",
+                                bounds=(0.0, None))
+    pair_margin: float = option(0.0, "safer_twins' drift budget δ of pres_pair.", bounds=(0.0, 1.0))
+    pair_form: str = option("cosine", "safer_twins' drift form of pres_pair: cosine (1 - cos) or distance (||T - T0||).",
+                            choices=("cosine", "distance"))
+    pair_tokens: bool = option(False, "safer_twins: the token-level preservation also covers the safe twins' tokens.")
     extra_preserve_fraction: float = option(0.5, "safer_improved's share of preservation rows from the generic corpus.",
                                             bounds=(0.0, 1.0))
     n_train: int = option(1000, "Training pairs.", bounds=(10, None))
@@ -217,13 +238,14 @@ def make_data(seed: int, n_train: int, n_heldout: int, n_unrelated: int, n_corpu
 class Encoder:
     """A sentence encoder with LoRA adapters: mean-pooled, L2-normalised embeddings; ``frozen()`` disables the adapters."""
 
-    def __init__(self, folder: Path, rank: int, seed: int):
+    def __init__(self, folder: Path, rank: int, seed: int, dropout: bool = True):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModel, AutoTokenizer
 
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        base = AutoModel.from_pretrained(folder, attn_implementation="eager")
+        no_dropout = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        base = AutoModel.from_pretrained(folder, attn_implementation="eager", **no_dropout)
         self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"], bias="none")
         self.model = get_peft_model(base, lora)
@@ -266,8 +288,8 @@ class Encoder:
 # ----------------------------------------------------------------------------- one run
 def run_method(method: str, seed: int, data: dict, args: MethodBenchConfig) -> list[dict]:
     """Train one method with one seed; return its evaluation trajectory."""
-    loss_name, curriculum_mode, loss_kwargs, uses_corpus, uses_tokens = METHODS[method]
-    enc = Encoder(Path(args.encoder_dir), args.lora_rank, seed)
+    loss_name, curriculum_mode, loss_kwargs, uses_corpus, uses_tokens, uses_pairs = METHODS[method]
+    enc = Encoder(Path(args.encoder_dir), args.lora_rank, seed, dropout=args.base_dropout)
     safe = [s for s, _ in data["train"]]
     unsafe = [u for _, u in data["train"]]
     extras = list(data["corpus"]) if uses_corpus else []
@@ -281,11 +303,16 @@ def run_method(method: str, seed: int, data: dict, args: MethodBenchConfig) -> l
         hat, difficulty = torch.arange(n), (t0_unsafe * t0_pool[:n]).sum(-1)
     curriculum = Curriculum(difficulty, mode=curriculum_mode)
     token_weight = args.token_weight if uses_tokens else 0.0
-    if method in ("safer_improved", "safer_token", "safer_corpus") and args.improved_loss_weights:
+    if method in _IMPROVED and args.improved_loss_weights:
         loss_kwargs = {**loss_kwargs, "weights": dict(args.improved_loss_weights)}
+    if uses_pairs:
+        loss_kwargs = {**loss_kwargs, "weights": {**loss_kwargs.get("weights", {}), "pres_pair": args.pair_weight},
+                       "pair_margin": args.pair_margin, "pair_form": args.pair_form}
     loss_fn = build_loss(loss_name, token_weight=token_weight, **loss_kwargs)
     params = [p for p in enc.model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    warmup = args.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
     B = args.train_batch_size
     extra_rows = int(args.extra_preserve_fraction * B + 0.5) if uses_corpus else 0
     plan = epoch_plan(curriculum, args.steps, B)  # every epoch has >= 1 step; --steps cuts the run
@@ -318,19 +345,26 @@ def run_method(method: str, seed: int, data: dict, args: MethodBenchConfig) -> l
         for k in range(plan[epoch - 1]):
             u_idx, s_idx = order_u[k * B : (k + 1) * B], order_s[k * B : (k + 1) * B]
             texts = [pool_text[int(i)] for i in s_idx] + [unsafe[int(i)] for i in u_idx]
+            if uses_pairs:  # the unsafe rows' own safe twins (pool row i < n is pair i's safe caption)
+                texts += [safe[int(i)] for i in u_idx]
+            tok_rows = torch.cat([torch.arange(B), torch.arange(2 * B, 3 * B)]) if uses_pairs and args.pair_tokens else torch.arange(B)
             if token_weight > 0:
                 batch = enc.tokenize(texts)
                 emb, hidden, mask = enc.forward(tokens=True, enc=batch)
                 with torch.no_grad(), enc.model.disable_adapter():  # T0's token states on the same token ids
-                    _, hidden0, _ = enc.forward(tokens=True, enc={k: v[:B] for k, v in batch.items()})
-                extra = {"h": hidden[:B], "h0": hidden0, "token_mask": mask[:B]}
+                    _, hidden0, _ = enc.forward(tokens=True, enc={k: v[tok_rows] for k, v in batch.items()})
+                extra = {"h": hidden[tok_rows], "h0": hidden0, "token_mask": mask[tok_rows]}
             else:
                 emb, extra = enc.forward(texts), {}
-            out = loss_fn(t=emb[:B], t_star=emb[B:], t0=t0_pool[s_idx], t0_star=t0_unsafe[u_idx], t0_hat=t0_pool[hat[u_idx]], **extra)
+            if uses_pairs:
+                extra.update(t_pair=emb[2 * B :], t0_pair=t0_pool[u_idx])
+            out = loss_fn(t=emb[:B], t_star=emb[B : 2 * B], t0=t0_pool[s_idx], t0_star=t0_unsafe[u_idx], t0_hat=t0_pool[hat[u_idx]],
+                          **extra)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            scheduler.step()
             step += 1
             if step % args.eval_every == 0 or step == args.steps:
                 trajectory.append(evaluate(step))
@@ -354,7 +388,9 @@ def _settings(args: MethodBenchConfig) -> dict:
     return {"benchmark": "bench_method", "encoder_dir": args.encoder_dir, "methods": args.methods, "seeds": args.seeds,
             "levels": args.levels, "steps": args.steps, "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate,
             "token_weight": args.token_weight, "extra_preserve_fraction": args.extra_preserve_fraction, "n_train": args.n_train,
-            "improved_loss_weights": args.improved_loss_weights}
+            "improved_loss_weights": args.improved_loss_weights, "pair_weight": args.pair_weight, "pair_margin": args.pair_margin,
+            "pair_form": args.pair_form, "pair_tokens": args.pair_tokens, "lora_rank": args.lora_rank,
+            "warmup_steps": args.warmup_steps, "base_dropout": args.base_dropout}
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:

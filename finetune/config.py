@@ -38,7 +38,16 @@ from safer_diffusion.options import DEFAULT_CLIP_MODEL, config_from_dict, config
 
 from .curriculum import CURRICULUM_MODES, check_schedule
 from .data import DATA_FORMATS, parse_column_map
-from .losses import LOSS_CHOICES, SAFE_CLIP_VARIANTS, TOKEN_LAYERS, WEIGHTS_MODES, available_terms, build_loss, check_weights
+from .losses import (
+    LOSS_CHOICES,
+    PAIR_FORMS,
+    SAFE_CLIP_VARIANTS,
+    TOKEN_LAYERS,
+    WEIGHTS_MODES,
+    available_terms,
+    build_loss,
+    check_weights,
+)
 from .modeling import ATTENTION_CHOICES, TINY_SDXL_BASE
 
 logger = logging.getLogger(__name__)
@@ -173,6 +182,14 @@ class TrainConfig:
         "last", "Token states the token terms read: last (final layer after its layer norm, what SD 1.x reads; default) or "
         "penultimate (hidden_states[-2], no final layer norm: what SDXL reads from both encoders; the SDXL config's value).",
         choices=TOKEN_LAYERS, group="method",
+    )
+    pair_margin: float = option(
+        0.0, "Drift budget δ of the paired safe-twin preservation pres_pair (on with `--loss_weights pres_pair=W`, "
+        "docs/METHOD.md §4.7): a twin whose drift is within δ costs nothing.", bounds=(0.0, 1.99), group="method",
+    )
+    pair_form: str = option(
+        "cosine", "The twins' drift in pres_pair: cosine (1 - cos, as pres_txt) or distance (||T(t) - T0(t)|| of the "
+        "normalised embeddings, whose pull does not vanish at small drift).", choices=PAIR_FORMS, group="method",
     )
     curriculum: str = option(
         AUTO, "Easy-to-hard curriculum over pair difficulty cos(T0(t*), T0(t_hat)): tertiles, none, or auto = tertiles for "
@@ -363,7 +380,8 @@ class TrainConfig:
         inputs = loss_inputs(self.train_towers, safe_images, unsafe_images)
         loss_fn = build_loss(self.loss, self.loss_weights, self.relative_scale, self.token_weight, weights_mode=self.loss_weights_mode,
                              renormalize_active=self.renormalize_active, variant=variant if variant != AUTO else "image",
-                             token_redir_weight=self.token_redir_weight)  # fmt: skip
+                             token_redir_weight=self.token_redir_weight, pair_margin=self.pair_margin,
+                             pair_form=self.pair_form)  # fmt: skip
         weights = loss_fn.weights_for(inputs)
         runnable = available_terms(self.loss, inputs, variant if self.loss == "safe_clip" else None)
         if not any(weights[name] > 0 for name in runnable) and self.token_weight == 0 and self.token_redir_weight == 0:
@@ -405,11 +423,12 @@ def loss_inputs(train_towers: str, safe_images: bool, unsafe_images: bool) -> fr
 
     Frozen text embeddings always (``t0``, ``t0_star``, ``t0_hat``); the trained tower's outputs (``t``, ``t_star``;
     ``v``, and ``v_star`` with unsafe images); frozen image embeddings with images (``v0``, ``v0_hat``; ``v0_star``
-    with unsafe images).
+    with unsafe images). With the text tower trained, also the unsafe rows' own safe twins (``t_pair``, ``t0_pair``),
+    which the trainer computes when ``pres_pair`` has a positive weight.
     """
     inputs = {"t0", "t0_star", "t0_hat"}
     if train_towers in ("text", "both"):
-        inputs |= {"t", "t_star"}
+        inputs |= {"t", "t_star", "t_pair", "t0_pair"}
     if train_towers in ("vision", "both") and safe_images:
         inputs |= {"v"} | ({"v_star"} if unsafe_images else set())
     if safe_images:

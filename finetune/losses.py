@@ -69,6 +69,9 @@ __all__ = [
     "loss_terms",
     "nce_redir_tt_loss",
     "nce_tt_loss",
+    "PAIR_FORMS",
+    "PAIR_TERMS",
+    "pair_pres_loss",
     "pres_cross_loss",
     "pres_img_loss",
     "pres_txt_loss",
@@ -491,14 +494,69 @@ def nce_redir_tt_loss(t_star: Tensor, t0_hat: Tensor, logit_scale: float = DEFAU
     return info_nce(t_star, t0_hat, logit_scale, gather)
 
 
+# ----------------------------------------------------------------------------- paired safe-twin preservation (issue 16 item 6)
+
+
+#: Forms of the twins' drift d_i in :func:`pair_pres_loss`.
+PAIR_FORMS = ("cosine", "distance")
+_DIST_EPS = 1e-8
+
+
+def pair_pres_loss(t_pair: Tensor, t0_pair: Tensor, margin: float = 0.0, form: str = "cosine") -> Tensor:
+    r"""Paired safe-twin preservation (docs/METHOD.md §4.7, project decision, off by default).
+
+    .. math::
+        L_{pres\_pair} = \operatorname{mean}_i\ \max\big(0,\ d_i - \delta\big), \qquad
+        d_i = 1 - \cos(T(t_i), T_0(t_i)) \ \text{(cosine)} \quad\text{or}\quad
+        d_i = \sqrt{2\,[1 - \cos(T(t_i), T_0(t_i))] + \varepsilon} - \sqrt{\varepsilon} \ \text{(distance)}
+
+    where row ``i`` is the **own paired safe caption** ``t_i`` of the batch's unsafe row ``t*_i`` (the minimal-edit
+    safe twin), so the twin is held in place in the same step in which its unsafe caption is redirected: the
+    update has to move what the two captions do *not* share. ``form="distance"`` is the Euclidean distance of the
+    L2-normalised embeddings (ε = 1e-8 keeps the gradient finite at zero drift): unlike ``1 - cos``, which is
+    quadratic in the distance, its pull does not vanish as the drift shrinks, so it holds the twins from the first
+    step. ``δ`` (``margin``, default 0) is a drift budget in the same unit: a twin whose ``d_i`` is within ``δ``
+    costs nothing.
+
+    Args:
+        t_pair (`(B, D)`): ``T(t_i)``, trainable text encoder on the unsafe rows' own paired safe captions.
+        t0_pair (`(B, D)`): ``T0(t_i)``, frozen embeddings of the same captions.
+        margin (`float`, defaults to 0): ``δ`` >= 0, the drift each twin may have without loss.
+        form (`str`, defaults to `"cosine"`): ``"cosine"`` or ``"distance"`` (:data:`PAIR_FORMS`).
+
+    Returns:
+        `Tensor` of shape `()`.
+    """
+    _check_2d(t_pair=t_pair, t0_pair=t0_pair)
+    _check_margin(margin)
+    _check_pair_form(form)
+    drift = 1.0 - _cos(t_pair, t0_pair)
+    if form == "distance":
+        drift = torch.sqrt(2.0 * drift.clamp(min=0.0) + _DIST_EPS) - math.sqrt(_DIST_EPS)
+    return torch.clamp(drift - margin, min=0.0).mean()
+
+
+def _check_pair_form(form: str) -> None:
+    if form not in PAIR_FORMS:
+        raise ValueError(f"`pair_form` must be one of {list(PAIR_FORMS)}, got {form!r}.")
+
+
+def _check_margin(margin: float) -> None:
+    if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and math.isfinite(margin) and 0 <= margin < 2):
+        raise ValueError(f"`pair_margin` must be a finite number in [0, 2), got {margin!r}.")
+
+
 # ----------------------------------------------------------------------------- weights
 
 #: SaFeR-CLIP redirection terms (weighted together as one group).
 REDIRECTION_TERMS = ("rel_img", "rel_txt", "rel_tt", "uni_txt", "uni_img")
 #: SaFeR-CLIP preservation terms (one group). The token term has its own weight (``token_weight``).
 PRESERVATION_TERMS = ("pres_txt", "pres_img", "pres_x")
+#: SaFeR-CLIP terms outside both groups, default weight 0 (on only when named in ``--loss_weights``): the paired
+#: safe-twin preservation (:func:`pair_pres_loss`, docs/METHOD.md §4.7).
+PAIR_TERMS = ("pres_pair",)
 #: Every weighted SaFeR-CLIP term.
-SAFER_CLIP_TERMS = REDIRECTION_TERMS + PRESERVATION_TERMS
+SAFER_CLIP_TERMS = REDIRECTION_TERMS + PRESERVATION_TERMS + PAIR_TERMS
 _TOKEN_TERM = "token_pres"
 _TOKEN_REDIR_TERM = "token_redir"
 #: ``--token_layer``: the text tower's token states the token terms read. ``last``: the final layer after its
@@ -561,6 +619,7 @@ TERM_INPUTS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
         "pres_txt": (("t", "t0"),),
         "pres_img": (("v", "v0"),),
         "pres_x": (("t", "v0"), ("t0", "v")),
+        "pres_pair": (("t_pair", "t0_pair"),),
     },
     "safe_clip": {
         "pres_txt": (("t", "t0"),),
@@ -780,8 +839,11 @@ class _Combiner(nn.Module):
         h0_hat: Tensor | None = None,
         token_mask_star: Tensor | None = None,
         token_mask_hat: Tensor | None = None,
+        t_pair: Tensor | None = None,
+        t0_pair: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        tensors = dict(t=t, t_star=t_star, t0=t0, t0_star=t0_star, t0_hat=t0_hat, v=v, v_star=v_star, v0=v0, v0_star=v0_star, v0_hat=v0_hat)
+        tensors = dict(t=t, t_star=t_star, t0=t0, t0_star=t0_star, t0_hat=t0_hat, v=v, v_star=v_star, v0=v0, v0_star=v0_star, v0_hat=v0_hat,
+                       t_pair=t_pair, t0_pair=t0_pair)  # fmt: skip
         _check_2d(**tensors)
         tensors = self._prepare(tensors)
         available = available_terms(self.loss_name, _present(**tensors), getattr(self, "variant", None))
@@ -825,6 +887,7 @@ class SaferClipLoss(_Combiner):
     ``pres_txt``     :func:`pres_txt_loss`                        t, t0
     ``pres_img``     :func:`pres_img_loss`                        v, v0
     ``pres_x``       :func:`pres_cross_loss`                      (t, v0) and/or (t0, v)
+    ``pres_pair``    :func:`pair_pres_loss` (weight 0 unless named)       t_pair, t0_pair
     ``token_pres``   :func:`token_pres_loss` (only if token_weight > 0)   h, h0, token_mask
     ``token_redir``  :func:`token_redir_loss` (only if token_redir_weight > 0)   h_star, h0_hat, token_mask_star/_hat
     ===============  ===========================================  ==============
@@ -835,7 +898,7 @@ class SaferClipLoss(_Combiner):
     ``pres_txt`` = 0.5. ``weights`` (``--loss_weights``) are merged into these defaults (``weights_mode="merge"``:
     a term named at 0 is off) or replace them (``"replace"``: unnamed terms are off), see
     :func:`resolve_loss_weights`. ``token_pres`` and ``token_redir`` are outside the groups: they are added with ``token_weight`` and
-    ``token_redir_weight``.
+    ``token_redir_weight``; so is ``pres_pair`` (:data:`PAIR_TERMS`), default weight 0, on when ``--loss_weights pres_pair=W`` names it.
 
     Args:
         weights (`dict[str, float]`, *optional*): per-term weights (see above).
@@ -850,6 +913,8 @@ class SaferClipLoss(_Combiner):
         weights_mode (`str`, defaults to `"merge"`): ``"merge"`` or ``"replace"``.
         renormalize_active (`bool`, defaults to False): when a term with a positive weight has no inputs in a call,
             rescale the active terms' weights to the total of the positive weights (False: that share is not trained).
+        pair_margin (`float`, defaults to 0): ``δ``, the drift budget of ``pres_pair`` (:func:`pair_pres_loss`).
+        pair_form (`str`, defaults to `"cosine"`): the twins' drift in ``pres_pair``: ``"cosine"`` or ``"distance"``.
 
     InfoNCE (``pres_x``) uses CLIP's logit scale :data:`DEFAULT_LOGIT_SCALE`.
 
@@ -872,9 +937,13 @@ class SaferClipLoss(_Combiner):
         weights_mode: str = "merge",
         renormalize_active: bool = False,
         token_redir_weight: float = 0.0,
+        pair_margin: float = 0.0,
+        pair_form: str = "cosine",
     ):
         super().__init__()
         _check_scale(scale)
+        _check_margin(pair_margin)
+        _check_pair_form(pair_form)
         if scale >= 10:
             logger.warning("Relative-loss scale s=%s >= 10: docs/METHOD.md evidence says never use s >= 10 (s >= 5 already drifts more than Safe-CLIP).", scale)
         elif scale >= 5:
@@ -888,6 +957,8 @@ class SaferClipLoss(_Combiner):
         self.weights_mode = weights_mode
         self.renormalize_active = bool(renormalize_active)
         self.scale = float(scale)
+        self.pair_margin = float(pair_margin)
+        self.pair_form = pair_form
         self.logit_scale = DEFAULT_LOGIT_SCALE
         self.token_weight = float(token_weight)
         self.token_redir_weight = float(token_redir_weight)
@@ -897,12 +968,13 @@ class SaferClipLoss(_Combiner):
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale}, token_weight={self.token_weight}, weights={self.weights or 'auto'}, "
-                f"weights_mode={self.weights_mode}, renormalize_active={self.renormalize_active}")
+                f"weights_mode={self.weights_mode}, renormalize_active={self.renormalize_active}, pair_margin={self.pair_margin}, "
+                f"pair_form={self.pair_form}")
 
     def _weights(self, available: list[str]) -> dict[str, float]:
         return resolve_loss_weights("safer_clip", self.weights, self.weights_mode, available)
 
-    def _terms(self, t, t_star, t0, t0_star, t0_hat, v, v_star, v0, v0_star, v0_hat) -> dict[str, Callable[[], Tensor]]:
+    def _terms(self, t, t_star, t0, t0_star, t0_hat, v, v_star, v0, v0_star, v0_hat, t_pair=None, t0_pair=None) -> dict[str, Callable[[], Tensor]]:
         s = self.scale
         return {
             "rel_img": lambda: relative_img_loss(v_star, t0_star, t0_hat, s),
@@ -913,6 +985,7 @@ class SaferClipLoss(_Combiner):
             "pres_txt": lambda: pres_txt_loss(t, t0),
             "pres_img": lambda: pres_img_loss(v, v0),
             "pres_x": lambda: pres_cross_loss(t, v0, t0, v, self.logit_scale, self.gather),
+            "pres_pair": lambda: pair_pres_loss(t_pair, t0_pair, self.pair_margin, self.pair_form),
         }
 
 
@@ -1006,7 +1079,7 @@ class SafeClipLoss(_Combiner):
             tensors["v0_hat"] = tensors["v0"]
         return tensors
 
-    def _terms(self, t, t_star, t0, t0_star, t0_hat, v, v_star, v0, v0_star, v0_hat) -> dict[str, Callable[[], Tensor]]:
+    def _terms(self, t, t_star, t0, t0_star, t0_hat, v, v_star, v0, v0_star, v0_hat, t_pair=None, t0_pair=None) -> dict[str, Callable[[], Tensor]]:
         ls, g = self.logit_scale, self.gather
         return {
             "pres_txt": lambda: pres_txt_loss(t, t0),
@@ -1033,12 +1106,16 @@ def build_loss(
     renormalize_active: bool = False,
     variant: str = "image",
     token_redir_weight: float = 0.0,
+    pair_margin: float = 0.0,
+    pair_form: str = "cosine",
 ) -> nn.Module:
-    """The combiner named by ``--loss``: :class:`SaferClipLoss` (uses ``scale``) or :class:`SafeClipLoss` (uses ``variant``)."""
+    """The combiner named by ``--loss``: :class:`SaferClipLoss` (uses ``scale`` and ``pair_margin``) or :class:`SafeClipLoss`
+    (uses ``variant``)."""
     _check_loss(loss)
     w = None if weights is None else dict(weights)
     if loss == "safer_clip":
         return SaferClipLoss(weights=w, scale=scale, token_weight=token_weight, gather=gather, weights_mode=weights_mode,
-                             renormalize_active=renormalize_active, token_redir_weight=token_redir_weight)  # fmt: skip
+                             renormalize_active=renormalize_active, token_redir_weight=token_redir_weight, pair_margin=pair_margin,
+                             pair_form=pair_form)  # fmt: skip
     return SafeClipLoss(weights=w, token_weight=token_weight, gather=gather, variant=variant, weights_mode=weights_mode,
                         renormalize_active=renormalize_active, token_redir_weight=token_redir_weight)  # fmt: skip

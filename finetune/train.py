@@ -335,7 +335,7 @@ def _build_loss(config: TrainConfig, gather):
     return build_loss(config.loss, config.loss_weights, scale=config.relative_scale, token_weight=config.token_weight, gather=gather,
                       weights_mode=config.loss_weights_mode, renormalize_active=config.renormalize_active,
                       variant=config.safe_clip_variant if config.loss == "safe_clip" else "image",
-                      token_redir_weight=config.token_redir_weight)  # fmt: skip
+                      token_redir_weight=config.token_redir_weight, pair_margin=config.pair_margin, pair_form=config.pair_form)  # fmt: skip
 
 
 def sdxl_tower_configs(config: TrainConfig) -> dict[str, TrainConfig]:
@@ -633,6 +633,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
     B = config.train_batch_size
     dev = accelerator.device
     token_pres = config.token_weight > 0
+    # pres_pair (docs/METHOD.md §4.7): the unsafe rows' own safe twins join the trainable forward as a third block of B rows
+    want_pairs = train_text and config.loss == "safer_clip" and (config.loss_weights or {}).get("pres_pair", 0.0) > 0
     last_saved = global_step if resume_path is not None else None
     log_file = open(output_dir / TRAIN_LOG, "a", encoding="utf-8") if main_process else None  # noqa: SIM115
     active_terms: list[str] = []
@@ -656,7 +658,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                 sl = slice(step_in_epoch * global_batch + rank * B, step_in_epoch * global_batch + (rank + 1) * B)
                 u_idx, s_idx = order_u[sl], order_s[sl]
                 hat_idx = target_index[u_idx]
-                ids, mask = _trim(torch.cat([safe_ids[s_idx], unsafe_ids[u_idx]]), torch.cat([safe_mask[s_idx], unsafe_mask[u_idx]]))
+                twin_ids, twin_mask = (safe_ids[u_idx], safe_mask[u_idx]) if want_pairs else (safe_ids[:0], safe_mask[:0])
+                ids, mask = _trim(torch.cat([safe_ids[s_idx], unsafe_ids[u_idx], twin_ids]),
+                                  torch.cat([safe_mask[s_idx], unsafe_mask[u_idx], twin_mask]))  # fmt: skip
                 ids, mask = ids.to(dev), mask.to(dev)
                 terms: dict[str, torch.Tensor | None] = {}
                 pixels = None
@@ -672,7 +676,9 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                         pixel_values=pixels if train_vision else None, output_tokens=want_tokens,
                     )
                     if train_text:
-                        terms["t"], terms["t_star"] = out["text"][:B], out["text"][B:]
+                        terms["t"], terms["t_star"] = out["text"][:B], out["text"][B : 2 * B]
+                        if want_pairs:
+                            terms["t_pair"] = out["text"][2 * B :]
                     if train_vision:
                         terms["v"] = out["image"][:B]
                         terms["v_star"] = out["image"][B:] if out["image"].shape[0] > B else None
@@ -680,6 +686,8 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                         terms["t0"] = anchors_dev["pool_text"][s_idx.to(dev)]
                         terms["t0_star"] = anchors_dev["unsafe_text"][u_idx.to(dev)]
                         terms["t0_hat"] = anchors_dev["pool_text"][hat_idx.to(dev)]
+                        if want_pairs:  # pool rows < n are the pairs' own safe captions
+                            terms["t0_pair"] = anchors_dev["pool_text"][u_idx.to(dev)]
                         if anchors_dev["safe_image"] is not None:
                             terms["v0"] = anchors_dev["safe_image"][s_idx.to(dev)]
                             terms["v0_hat"] = anchors_dev["safe_image"][hat_idx.to(dev)]
@@ -690,11 +698,13 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                             _, h0 = unwrapped.reference_text(ids[:B], mask[:B], output_tokens=True)
                     else:  # Safe-CLIP style: run the frozen reference now (same weights, adapters disabled)
                         ref_ids, ref_mask = _trim(
-                            torch.cat([safe_ids[s_idx], unsafe_ids[u_idx], safe_ids[hat_idx]]),
-                            torch.cat([safe_mask[s_idx], unsafe_mask[u_idx], safe_mask[hat_idx]]),
+                            torch.cat([safe_ids[s_idx], unsafe_ids[u_idx], safe_ids[hat_idx], twin_ids]),
+                            torch.cat([safe_mask[s_idx], unsafe_mask[u_idx], safe_mask[hat_idx], twin_mask]),
                         )
                         ref_text, ref_tokens = unwrapped.reference_text(ref_ids.to(dev), ref_mask.to(dev), output_tokens=token_pres)
-                        terms["t0"], terms["t0_star"], terms["t0_hat"] = ref_text[:B], ref_text[B : 2 * B], ref_text[2 * B :]
+                        terms["t0"], terms["t0_star"], terms["t0_hat"] = ref_text[:B], ref_text[B : 2 * B], ref_text[2 * B : 3 * B]
+                        if want_pairs:
+                            terms["t0_pair"] = ref_text[3 * B :]
                         h0 = ref_tokens[:B, : ids.shape[1]] if token_pres else None
                         if use_images:
                             ref_img = unwrapped.reference_image(pixels)
@@ -709,7 +719,7 @@ def train(config: TrainConfig) -> TrainResult:  # noqa: C901 - a training loop r
                         hat_ids, hat_mask = _trim(safe_ids[hat_idx], safe_mask[hat_idx])
                         hat_ids, hat_mask = hat_ids.to(dev), hat_mask.to(dev)
                         _, h0_hat = unwrapped.reference_text(hat_ids, hat_mask, output_tokens=True)
-                        terms.update(h_star=out["tokens"][B:], h0_hat=h0_hat, token_mask_star=_without_start(mask[B:]),
+                        terms.update(h_star=out["tokens"][B : 2 * B], h0_hat=h0_hat, token_mask_star=_without_start(mask[B : 2 * B]),
                                      token_mask_hat=_without_start(hat_mask))  # fmt: skip
                     result = loss_fn(**terms)
                 loss = result["loss"]

@@ -73,7 +73,7 @@ def test_loss_dependent_defaults_resolved():
     assert (asked.curriculum, asked.safe_clip_variant) == ("tertiles", "text")
     with pytest.raises(ValueError, match=r"`--safe_clip_variant image` needs a safe image for every pair"):
         parse_train_config(["--loss", "safe_clip", "--safe_clip_variant", "image"]).resolve(**CAPTION_ONLY)
-    with pytest.raises(ValueError, match=r"every term that can run in this configuration \(rel_tt, uni_txt, pres_txt\) has weight 0"):
+    with pytest.raises(ValueError, match=r"every term that can run in this configuration \(rel_tt, uni_txt, pres_txt, pres_pair\) has weight 0"):
         parse_train_config(["--loss_weights", "rel_tt=0", "uni_txt=0", "pres_txt=0"]).resolve(**CAPTION_ONLY)
 
 
@@ -85,8 +85,8 @@ def test_named_term_that_cannot_run_is_warned(caplog):
 
 
 def test_loss_inputs_match_the_terms_a_run_computes():
-    assert loss_inputs("text", False, False) == {"t", "t_star", "t0", "t0_star", "t0_hat"}
-    assert loss_inputs("text", True, True) == {"t", "t_star", "t0", "t0_star", "t0_hat", "v0", "v0_hat", "v0_star"}
+    assert loss_inputs("text", False, False) == {"t", "t_star", "t0", "t0_star", "t0_hat", "t_pair", "t0_pair"}
+    assert loss_inputs("text", True, True) == {"t", "t_star", "t0", "t0_star", "t0_hat", "t_pair", "t0_pair", "v0", "v0_hat", "v0_star"}
     assert loss_inputs("vision", True, False) == {"v", "t0", "t0_star", "t0_hat", "v0", "v0_hat"}
     assert L.available_terms("safer_clip", loss_inputs("both", True, True)) == list(L.SAFER_CLIP_TERMS)
 

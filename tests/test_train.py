@@ -39,7 +39,8 @@ def test_bundled_configs_parse_and_paper_recipe():
     assert (baseline.loss, baseline.curriculum, baseline.safe_clip_variant) == ("safe_clip", "none", "auto")
     improved = parse_train_config(["--config", "safer_clip_improved_vit_l14.yaml"])
     assert improved.preserve_extra and improved.token_weight > 0 and improved.extra_safe_captions == ["generic_safe_captions.txt"]
-    assert improved.loss_weights == {"pres_txt": 1.5} and improved.loss_weights_mode == "merge"
+    assert improved.loss_weights == {"pres_txt": 1.5, "pres_pair": 1.0} and improved.loss_weights_mode == "merge"
+    assert paper.resolve(safe_images=False, unsafe_images=False).loss_weights["pres_pair"] == 0.0  # the paper recipe: off
     changed = ("extra_safe_captions", "preserve_extra", "token_weight", "loss_weights", "output_dir")
     assert {k: v for k, v in improved.to_dict().items() if k not in changed} == {k: v for k, v in paper.to_dict().items() if k not in changed}
     assert parse_train_config(["--config", "safer_clip_vit_h14_sd2.yaml"]).model_name_or_path == "open_clip:ViT-H-14:laion2b_s32b_b79k"
