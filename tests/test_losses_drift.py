@@ -79,3 +79,17 @@ def test_trainer_feeds_the_twins_with_anchors_and_with_a_live_reference(tmp_path
     # step 1 starts at T = T0: the twins have no drift, so pres_pair adds nothing to the first loss; the paper recipe is unchanged
     assert pre.losses[0] == pytest.approx(plain.losses[0], abs=1e-5)
     assert plain.active_terms == ["rel_tt", "uni_txt", "pres_txt"] and plain.config.loss_weights["pres_pair"] == 0.0
+
+
+def test_twins_with_both_token_terms(tmp_path):
+    """pres_pair adds a third block of rows to the forward; the token terms still read only their own rows."""
+    from finetune.config import parse_train_config
+    from finetune.train import train
+
+    fast = ["--config", "tiny_cpu.yaml", "--train_batch_size", "8", "--report_to", "none", "--no_eval_at_end", "--max_train_steps", "2"]
+    both = ["--token_weight", "1", "--token_redir_weight", "1"]
+    with_twins = train(parse_train_config([*fast, *both, "--loss_weights", "pres_pair=1", "--output_dir", str(tmp_path / "t")]))
+    without = train(parse_train_config([*fast, *both, "--output_dir", str(tmp_path / "p")]))
+    assert with_twins.active_terms == ["rel_tt", "uni_txt", "pres_txt", "pres_pair", "token_pres", "token_redir"]
+    # step 1 starts at T = T0, where the twins' term is 0: the token terms saw the same rows with and without the twins
+    assert with_twins.losses[0] == pytest.approx(without.losses[0], abs=1e-5)
