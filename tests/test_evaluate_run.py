@@ -221,6 +221,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_pipe, n
 def _readme_evaluate_commands():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("<!-- section:evaluation -->") : text.index("<!-- /section:evaluation -->")]
+    section = re.sub(r"\\\n\s*", " ", section)  # a command continued over lines with `\` is one command
     return [ln.strip() for ln in section.splitlines() if ln.strip().startswith(("safer-diffusion evaluate ", "accelerate launch "))]
 
 
