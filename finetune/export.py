@@ -25,12 +25,13 @@ Exit status of ``python -m finetune.export``: 0 success (the folder's path on st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,11 +317,9 @@ def export(
         train_towers=config.train_towers, finetune=config.finetune, checkpoint=os.fspath(ckpt), config=config.to_dict(),
         metrics=metrics or {},
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with _published_folder(out) as tmp:
         text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         if save_full_clip and not hasattr(clip, "vision_model"):
@@ -331,16 +330,26 @@ def export(
         save_file({"weight": clip.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))
         atomic_write_text(tmp / MODEL_CARD_FILE, _model_card(manifest.to_dict()))
         write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+    logger.info("Exported %s (step %s) to %s", ckpt, state["global_step"], out)
+    return out
+
+
+@contextlib.contextmanager
+def _published_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that replaces ``out`` (absent or empty, checked before) when the block ends
+    without an error, and is removed when it raises: an export folder is there whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        yield tmp
         fsync_dir(tmp)
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            out.rmdir()  # empty (checked before any work)
         os.replace(tmp, out)
         fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("Exported %s (step %s) to %s", ckpt, state["global_step"], out)
-    return out
 
 
 def _export_sdxl(run: Path, config: TrainConfig, out: Path, dtype: str, metrics: dict[str, Any] | str | os.PathLike | None) -> Path:
@@ -373,11 +382,9 @@ def _export_sdxl(run: Path, config: TrainConfig, out: Path, dtype: str, metrics:
         base_models={TEXT_ENCODER_DIR: config1.model_name_or_path, TEXT_ENCODER_2_DIR: config2.model_name_or_path},
         global_steps=steps,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with _published_folder(out) as tmp:
         text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
         text_encoder_2.save_pretrained(tmp / TEXT_ENCODER_2_DIR, safe_serialization=True)
         tok1.save_pretrained(tmp / TOKENIZER_DIR)
@@ -385,14 +392,6 @@ def _export_sdxl(run: Path, config: TrainConfig, out: Path, dtype: str, metrics:
         save_file({"weight": first.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))
         atomic_write_text(tmp / MODEL_CARD_FILE, _sdxl_model_card(manifest.to_dict()))
         write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
-        fsync_dir(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("Exported the SDXL run %s (steps %s) to %s", run, steps, out)
     return out
 
