@@ -106,3 +106,19 @@ def test_gpu_suite_grades_the_padding_and_projection_goals():
     assert 'TRAIN_ARGS=(--size vit-l14 --device cuda --batch_size 256' in suite
     assert '"trim_speedup_over_pad77": (">=", 2.5)' in suite and '"projected_paper_recipe_min": ("<=", 3.0)' in suite
     assert '"grouped_trim_speedup_over_pad77": (">=", 2.5)' in suite and '"projected_paper_recipe_grouped_min": ("<=", 3.0)' in suite
+
+
+def test_run_all_runs_the_sdxl_pipeline_benchmark_at_its_cpu_size(monkeypatch):
+    """`make bench` includes bench_pipeline at the tiny SDXL size; the arguments after `--` come after the run's own."""
+    import subprocess
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"safe_over_vanilla": 1.0}\n')
+
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    result = run_all.run_one("bench_pipeline_sdxl", ["--repeats", "1"])
+    assert calls[0][1:] == ["-m", "benchmarks.bench_pipeline", "--size", "sdxl-tiny", "--repeats", "1"]
+    assert result["result"] == {"safe_over_vanilla": 1.0} and "bench_pipeline_sdxl" in run_all.BENCHMARKS
