@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# ONE command that runs every benchmark at real size on a single H100/H200-class GPU (about 9 min)
-# and writes results.json and results.md into the folder given as its argument.
+# ONE command that runs every benchmark at real size on a single H100/H200-class GPU (about 11 min)
+# and writes results.json and results.md into the folder given as its argument (rewritten after every part, so a run
+# cut short by a time limit still leaves the table of the parts it finished).
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR
 #
@@ -62,6 +63,7 @@ run() {  # name, timeout seconds, command...
   else
     echo "{\"error\": \"$name exited with $rc\"}" > "$OUT/$name.json"; rm -f "$OUT/$name.json.tmp"
   fi
+  summarize > /dev/null
 }
 
 if [[ -n ${SUITE_DRY_RUN:-} ]]; then
@@ -77,20 +79,9 @@ else
   TRAIN_ARGS=(--size vit-l14 --device cuda --batch_size 256 --repeats "$REPEATS")
   EVAL_ARGS=(--size sd15 --device cuda --dtype float16 --num_inference_steps 25 --batch_size 1)
 fi
-if ! skip tests && [[ -z ${SUITE_DRY_RUN:-} ]]; then
-  echo "== GPU tests: pytest --rungpu -m gpu"
-  timeout 240 $PY -m pytest -q -p no:cacheprovider --rungpu -m gpu tests/test_pipeline.py tests/test_compare.py tests/test_train.py 2>&1 | tee "$OUT/gpu_tests.log"
-fi
-skip pipeline || run pipeline 200 $PY -m benchmarks.bench_pipeline "${PIPELINE_ARGS[@]}"
-skip pipeline_sdxl || run pipeline_sdxl 400 $PY -m benchmarks.bench_pipeline "${PIPELINE_SDXL_ARGS[@]}"
-skip compare  || run compare 300  $PY -m benchmarks.bench_compare "${COMPARE_ARGS[@]}"
-skip targets  || run targets 60   $PY -m benchmarks.bench_targets "${TARGETS_ARGS[@]}"
-# train: anchors vs live reference, trimmed vs padded-to-77 batches (paper recipe, LoRA), the projected wall time of the
-# text-only paper recipe (projected_paper_recipe_min), precision / attention backends
-skip train    || run train 300    $PY -m benchmarks.bench_train "${TRAIN_ARGS[@]}"
-skip eval     || run eval 150     $PY -m benchmarks.bench_eval "${EVAL_ARGS[@]}"
-
-echo "== writing $OUT/results.json and $OUT/results.md"
+# results.json / results.md from the parts finished so far: rewritten after every part, so a run cut short (a
+# device call's time limit) still leaves its table.
+summarize() {
 $PY - "$OUT" <<'PYEOF'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -132,3 +123,19 @@ lines += ["", "Environment: `" + json.dumps(res["environment"]) + "`"]
 (out / "results.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
+}
+
+if ! skip tests && [[ -z ${SUITE_DRY_RUN:-} ]]; then
+  echo "== GPU tests: pytest --rungpu -m gpu"
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --rungpu -m gpu tests/test_pipeline.py tests/test_compare.py tests/test_train.py 2>&1 | tee "$OUT/gpu_tests.log"
+fi
+skip pipeline || run pipeline 200 $PY -m benchmarks.bench_pipeline "${PIPELINE_ARGS[@]}"
+skip pipeline_sdxl || run pipeline_sdxl 400 $PY -m benchmarks.bench_pipeline "${PIPELINE_SDXL_ARGS[@]}"
+skip compare  || run compare 300  $PY -m benchmarks.bench_compare "${COMPARE_ARGS[@]}"
+skip targets  || run targets 60   $PY -m benchmarks.bench_targets "${TARGETS_ARGS[@]}"
+# train: anchors vs live reference, trimmed vs padded-to-77 batches (paper recipe, LoRA), the projected wall time of the
+# text-only paper recipe (projected_paper_recipe_min), precision / attention backends
+skip train    || run train 300    $PY -m benchmarks.bench_train "${TRAIN_ARGS[@]}"
+skip eval     || run eval 150     $PY -m benchmarks.bench_eval "${EVAL_ARGS[@]}"
+echo "== $OUT/results.json and $OUT/results.md"
+summarize
