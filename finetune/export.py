@@ -40,17 +40,15 @@ import torch
 
 from safer_diffusion.export_format import (
     CLIP_DIR,
-    MODEL_CARD_FILE,
     SDXL_TEXT_ENCODERS,
     TEXT_ENCODER_2_DIR,
     TEXT_ENCODER_DIR,
-    TEXT_PROJECTION_FILE,
     TOKENIZER_2_DIR,
     TOKENIZER_DIR,
     ExportManifest,
-    write_manifest,
+    write_export_files,
 )
-from safer_diffusion.fileio import atomic_write_text, check_writable_dir, fsync_dir
+from safer_diffusion.fileio import check_writable_dir, fsync_dir
 from safer_diffusion.options import DEPRECATED_DTYPES, DTYPE_CHOICES, MISSING, configure_logging, option, parse_config, run_main
 
 from .checkpoint import merged_clip_from_checkpoint, resolve_checkpoint
@@ -317,19 +315,15 @@ def export(
         train_towers=config.train_towers, finetune=config.finetune, checkpoint=os.fspath(ckpt), config=config.to_dict(),
         metrics=metrics or {},
     )
-    from safetensors.torch import save_file
-
     with _published_folder(out) as tmp:
-        text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
-        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         if save_full_clip and not hasattr(clip, "vision_model"):
             logger.info("%s is a text tower alone: no full CLIPModel to save in %s/.", config.model_name_or_path, CLIP_DIR)
         elif save_full_clip:
             clip.to(torch_dtype).save_pretrained(tmp / CLIP_DIR, safe_serialization=True)
             clip.float()
-        save_file({"weight": clip.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))
-        atomic_write_text(tmp / MODEL_CARD_FILE, _model_card(manifest.to_dict()))
-        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        write_export_files(tmp, text_encoders={TEXT_ENCODER_DIR: text_encoder}, tokenizers={TOKENIZER_DIR: tokenizer},
+                           text_projection=clip.text_projection.weight.to(torch_dtype), model_card=_model_card(manifest.to_dict()),
+                           manifest=manifest)  # fmt: skip
     logger.info("Exported %s (step %s) to %s", ckpt, state["global_step"], out)
     return out
 
@@ -382,16 +376,11 @@ def _export_sdxl(run: Path, config: TrainConfig, out: Path, dtype: str, metrics:
         base_models={TEXT_ENCODER_DIR: config1.model_name_or_path, TEXT_ENCODER_2_DIR: config2.model_name_or_path},
         global_steps=steps,
     )
-    from safetensors.torch import save_file
-
     with _published_folder(out) as tmp:
-        text_encoder.save_pretrained(tmp / TEXT_ENCODER_DIR, safe_serialization=True)
-        text_encoder_2.save_pretrained(tmp / TEXT_ENCODER_2_DIR, safe_serialization=True)
-        tok1.save_pretrained(tmp / TOKENIZER_DIR)
-        tok2.save_pretrained(tmp / TOKENIZER_2_DIR)
-        save_file({"weight": first.text_projection.weight.detach().to(torch_dtype).contiguous()}, str(tmp / TEXT_PROJECTION_FILE))
-        atomic_write_text(tmp / MODEL_CARD_FILE, _sdxl_model_card(manifest.to_dict()))
-        write_manifest(tmp, manifest)  # last: a folder with a manifest is complete
+        write_export_files(tmp, text_encoders={TEXT_ENCODER_DIR: text_encoder, TEXT_ENCODER_2_DIR: text_encoder_2},
+                           tokenizers={TOKENIZER_DIR: tok1, TOKENIZER_2_DIR: tok2},
+                           text_projection=first.text_projection.weight.to(torch_dtype),
+                           model_card=_sdxl_model_card(manifest.to_dict()), manifest=manifest)  # fmt: skip
     logger.info("Exported the SDXL run %s (steps %s) to %s", run, steps, out)
     return out
 

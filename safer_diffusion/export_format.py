@@ -48,6 +48,7 @@ __all__ = [
     "export_text_encoders",
     "is_export_folder",
     "read_manifest",
+    "write_export_files",
     "write_manifest",
 ]
 
@@ -128,6 +129,33 @@ def write_manifest(folder: str | os.PathLike, manifest: ExportManifest) -> Path:
     path = Path(folder) / MANIFEST_FILE
     atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2))
     return path
+
+
+def write_export_files(folder: str | os.PathLike, *, text_encoders: dict[str, Any], tokenizers: dict[str, Any],
+                       text_projection: Any, model_card: str, manifest: ExportManifest) -> Path:
+    """Write the files of an export folder in the contract's layout, the manifest last (a folder with a manifest is complete).
+
+    Args:
+        folder: the (staging) folder.
+        text_encoders: subfolder name (:data:`TEXT_ENCODER_DIR`, :data:`TEXT_ENCODER_2_DIR`) -> a transformers text
+            model, saved with safetensors.
+        tokenizers: subfolder name (:data:`TOKENIZER_DIR`, :data:`TOKENIZER_2_DIR`) -> its tokenizer.
+        text_projection: the first tower's projection weight ``(D, H)`` for :data:`TEXT_PROJECTION_FILE`, or None.
+        model_card: the ``README.md`` text.
+        manifest: the :class:`ExportManifest`.
+    """
+    folder = Path(folder)
+    for name, model in text_encoders.items():
+        model.save_pretrained(folder / name, safe_serialization=True)
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(folder / name)
+    if text_projection is not None:
+        from safetensors.torch import save_file
+
+        save_file({"weight": text_projection.detach().contiguous()}, str(folder / TEXT_PROJECTION_FILE))
+    atomic_write_text(folder / MODEL_CARD_FILE, model_card)
+    write_manifest(folder, manifest)
+    return folder
 
 
 def read_manifest(folder: str | os.PathLike, argument: str = "safe_text_encoder") -> ExportManifest:

@@ -37,15 +37,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .export_format import (
-    MODEL_CARD_FILE,
     SDXL_TEXT_ENCODERS,
     TEXT_ENCODER_2_DIR,
     TEXT_ENCODER_DIR,
-    TEXT_PROJECTION_FILE,
     TOKENIZER_2_DIR,
     TOKENIZER_DIR,
     ExportManifest,
-    write_manifest,
+    write_export_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -487,30 +485,23 @@ def save_tiny_sdxl_export(path: str | os.PathLike, seed: int = 1, hidden_size: i
     manifest listing just those (for tests of incomplete exports).
     """
     import torch
-    from safetensors.torch import save_file
 
     path = Path(path)
     names = tuple(text_encoders) if text_encoders is not None else SDXL_TEXT_ENCODERS
     text_encoder, text_encoder_2 = tiny_sdxl_text_encoders(seed=seed, hidden_size=hidden_size)
+    towers = {TEXT_ENCODER_DIR: (text_encoder, TOKENIZER_DIR, _EOS), TEXT_ENCODER_2_DIR: (text_encoder_2, TOKENIZER_2_DIR, "!")}
+    projection = None
     if TEXT_ENCODER_DIR in names:
-        text_encoder.save_pretrained(path / TEXT_ENCODER_DIR, safe_serialization=True)
-        clip_tokenizer(pad_token=_EOS).save_pretrained(path / TOKENIZER_DIR)
         _seeded(seed + 2000)
-        projection = torch.nn.Linear(hidden_size, text_encoder.config.projection_dim, bias=False)
-        save_file({"weight": projection.weight.detach().contiguous()}, str(path / TEXT_PROJECTION_FILE))
-    if TEXT_ENCODER_2_DIR in names:
-        text_encoder_2.save_pretrained(path / TEXT_ENCODER_2_DIR, safe_serialization=True)
-        clip_tokenizer(pad_token="!").save_pretrained(path / TOKENIZER_2_DIR)
-    first = text_encoder.config
+        projection = torch.nn.Linear(hidden_size, text_encoder.config.projection_dim, bias=False).weight
     manifest = ExportManifest(base_model="tiny", loss="safer_clip", global_step=0, dtype="float32",
-                              text_encoder_num_layers=first.num_hidden_layers, text_encoders=list(names),
+                              text_encoder_num_layers=text_encoder.config.num_hidden_layers, text_encoders=list(names),
                               base_models={name: "tiny" for name in names})  # fmt: skip
-    (path / MODEL_CARD_FILE).write_text(
-        "# Tiny random SDXL text-encoder pair\n\nRandom weights for offline tests and `--tiny` modes; it makes no image "
-        "safer. Load it with `SaferStableDiffusionXLPipeline.from_pretrained(BASE, safe_text_encoder=THIS_FOLDER)`.\n"
-    )
-    write_manifest(path, manifest)  # last, as the real writer does: a folder with a manifest is complete
-    return path
+    card = ("# Tiny random SDXL text-encoder pair\n\nRandom weights for offline tests and `--tiny` modes; it makes no image "
+            "safer. Load it with `SaferStableDiffusionXLPipeline.from_pretrained(BASE, safe_text_encoder=THIS_FOLDER)`.\n")
+    return write_export_files(path, text_encoders={name: towers[name][0] for name in names},
+                              tokenizers={towers[name][1]: clip_tokenizer(pad_token=towers[name][2]) for name in names},
+                              text_projection=projection, model_card=card, manifest=manifest)  # fmt: skip
 
 
 def tiny_pipeline_folders(root: str | os.PathLike | None = None, variant: Literal["sd1", "sd2", "sdxl"] = "sd1") -> tuple[Path, Path]:
